@@ -1,0 +1,92 @@
+//! The command line (see the README and the contract): `-c FILE`, `-t`, `-u`, `-d`, `demo`.
+
+use crate::plugin::Registry;
+use crate::server::{self, RunOptions};
+use crate::upstream::HealthRegistry;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "portico", version, about = "A programmable API gateway on Pingora")]
+struct Cli {
+    /// The config file (YAML).
+    #[arg(short = 'c', long = "conf", value_name = "FILE")]
+    conf: Option<PathBuf>,
+    /// Validate the config and exit: prints `ok`, or each error with its location (exit 1).
+    #[arg(short = 't', long = "test")]
+    test: bool,
+    /// Start as the new process of a zero-downtime upgrade (take the old one's sockets).
+    #[arg(short = 'u', long = "upgrade")]
+    upgrade: bool,
+    /// Run in the background.
+    #[arg(short = 'd', long = "daemon")]
+    daemon: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start two demo upstreams and a gateway in front of them, and print what to try.
+    Demo {
+        /// The gateway's address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// The admin listener's address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+    },
+}
+
+/// Run Portico's command line with this plugin registry (built-ins plus your own).
+pub fn main_with(registry: Registry) -> ExitCode {
+    server::guard_sighup();
+    let cli = Cli::parse();
+    init_logging();
+    if let Some(Command::Demo { listen, admin }) = cli.command {
+        return match crate::demo::run(&listen, &admin, registry) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("portico demo: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(conf) = cli.conf else {
+        eprintln!("portico: give a config file with -c FILE (or try `portico demo`)");
+        return ExitCode::from(2);
+    };
+    if cli.test {
+        return validate(&conf, &registry);
+    }
+    match server::run(RunOptions { config: conf, upgrade: cli.upgrade, daemon: cli.daemon, registry }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portico: the config is not valid:\n{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `portico -t`: compile offline (nothing is fetched) and report.
+fn validate(conf: &std::path::Path, registry: &Registry) -> ExitCode {
+    match crate::config::load_file(conf, registry, &HealthRegistry::default(), true) {
+        Ok(_) => {
+            println!("ok");
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                println!("{e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .try_init();
+}

@@ -1,0 +1,92 @@
+//! Config errors that name their place: `routes[2].plugins[0].jwt: unknown field 'isuer'`.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where in the file: `routes[2].match.path_prefix`, or empty for the whole file.
+    pub location: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(location: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            location: location.into(),
+            message: tidy(&message.into()),
+        }
+    }
+
+    /// A serde_yaml error, whose text already carries the path (`routes[0].match: ...`) and
+    /// usually `at line L column C`. `prefix` locates values parsed on their own (plugin blocks).
+    pub fn from_yaml(prefix: &str, e: &serde_yaml::Error) -> Self {
+        let text = tidy(&e.to_string());
+        // serde_yaml writes "path.to.field: message"; split it so prefixes compose.
+        let (inner, message) = match text.split_once(": ") {
+            Some((p, m)) if looks_like_path(p) => (p.to_string(), m.to_string()),
+            _ => (String::new(), text.clone()),
+        };
+        let location = match (prefix.is_empty(), inner.is_empty()) {
+            (true, _) => inner,
+            (false, true) => prefix.to_string(),
+            (false, false) if inner.starts_with('[') => format!("{prefix}{inner}"),
+            (false, false) => format!("{prefix}.{inner}"),
+        };
+        ConfigError { location, message }
+    }
+}
+
+fn looks_like_path(p: &str) -> bool {
+    !p.is_empty()
+        && !p.contains(' ')
+        && p.chars()
+            .all(|c| c.is_alphanumeric() || "_-.[]*:/".contains(c))
+}
+
+/// serde quotes names with backticks; users read single quotes.
+fn tidy(s: &str) -> String {
+    s.replace('`', "'")
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.location.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.location, self.message)
+        }
+    }
+}
+
+/// Every error found in one file.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    pub fn push(&mut self, location: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError::new(location, message));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        ConfigErrors(vec![e])
+    }
+}

@@ -1,0 +1,12 @@
+//! Config in three stages: [`raw`] (serde, as written) → [`compile`] → an immutable
+//! [`Snapshot`] that request code uses. Every error names its place in the file.
+
+mod compile;
+mod error;
+pub mod raw;
+pub mod units;
+
+pub use compile::{
+    canonical_ip, compile, load_file, ClientIpResolver, Consumers, Limits, Meta, Rewrite, Route, RouteTimeouts, Snapshot,
+};
+pub use error::{ConfigError, ConfigErrors};

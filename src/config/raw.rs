@@ -1,0 +1,421 @@
+//! The config file as written: plain serde structs, `deny_unknown_fields` everywhere.
+//! Nothing here is used by request code; `compile` turns it into a [`crate::Snapshot`].
+
+use super::units::{Dur, Size};
+use serde::{de, Deserialize, Deserializer};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Pingora's own server settings, passed through (keys checked against `ServerConf`).
+    #[serde(default)]
+    pub server: serde_yaml::Mapping,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub client_ip: ClientIp,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub access_log: AccessLog,
+    #[serde(default)]
+    pub admin: Option<Admin>,
+    #[serde(default)]
+    pub redis: Option<Redis>,
+    #[serde(default)]
+    pub consumers: Vec<Consumer>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Upstream>,
+    #[serde(default)]
+    pub trace: Trace,
+    #[serde(default)]
+    pub plugins: Vec<PluginEntry>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub address: String,
+    #[serde(default)]
+    pub http2: bool,
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    pub cert: String,
+    pub key: String,
+    #[serde(default)]
+    pub sni: Vec<SniCert>,
+    #[serde(default)]
+    pub client_ca: Option<String>,
+    #[serde(default)]
+    pub require_client_cert: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SniCert {
+    pub hosts: Vec<String>,
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientIp {
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_request_header_bytes: Size,
+    pub max_request_body_bytes: Size,
+    pub header_timeout: Dur,
+    pub max_connections_per_ip: u32,
+    pub keepalive_requests: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_header_bytes: Size(32 << 10),
+            max_request_body_bytes: Size(10 << 20),
+            header_timeout: Dur::secs(10),
+            max_connections_per_ip: 0,
+            keepalive_requests: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Combined,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLog {
+    pub enabled: bool,
+    pub format: LogFormat,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        AccessLog {
+            enabled: true,
+            format: LogFormat::Json,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redis {
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub url_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consumer {
+    pub name: String,
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    #[serde(default)]
+    pub api_keys_env: Option<String>,
+    #[serde(default)]
+    pub api_key_sha256: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub endpoints: Vec<EndpointSpec>,
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default)]
+    pub hash_on: Option<String>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub preserve_host: bool,
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    #[serde(default)]
+    pub passive: Option<Passive>,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub retries: Option<Retries>,
+}
+
+/// `- 127.0.0.1:9001` or `- { address: 127.0.0.1:9002, weight: 3 }`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointSpec {
+    pub address: String,
+    pub weight: u32,
+}
+
+impl<'de> Deserialize<'de> for EndpointSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            address: String,
+            #[serde(default = "one")]
+            weight: u32,
+        }
+        fn one() -> u32 {
+            1
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Short(String),
+            Full(Full),
+        }
+        match Either::deserialize(d).map_err(|_| {
+            de::Error::custom("an endpoint is `host:port` or `{ address: host:port, weight: N }`")
+        })? {
+            Either::Short(address) => Ok(EndpointSpec { address, weight: 1 }),
+            Either::Full(f) => Ok(EndpointSpec {
+                address: f.address,
+                weight: f.weight,
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    Random,
+    ConsistentHash,
+    LeastRequests,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    #[default]
+    Http1,
+    H2c,
+    H2,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    #[serde(default)]
+    pub sni: Option<String>,
+    #[serde(default)]
+    pub ca: Option<String>,
+    #[serde(default = "yes")]
+    pub verify: bool,
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    #[serde(default)]
+    pub client_key: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub interval: Option<Dur>,
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    #[serde(default)]
+    pub healthy_status: Option<Vec<u16>>,
+    /// Consecutive successes that make an unhealthy endpoint healthy again (default 1).
+    #[serde(default)]
+    pub healthy_threshold: Option<u32>,
+    /// Consecutive failures that make a healthy endpoint unhealthy (default 1).
+    #[serde(default)]
+    pub unhealthy_threshold: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Passive {
+    #[serde(default)]
+    pub consecutive_failures: Option<u32>,
+    #[serde(default)]
+    pub eject_for: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    #[serde(default)]
+    pub connect: Option<Dur>,
+    #[serde(default)]
+    pub read: Option<Dur>,
+    #[serde(default)]
+    pub write: Option<Dur>,
+    #[serde(default)]
+    pub idle: Option<Dur>,
+}
+
+/// `retries: 2` or `retries: { attempts: 2, on: [...], budget: 0.2 }`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retries {
+    pub attempts: u32,
+    pub on: Option<Vec<String>>,
+    pub budget: Option<f64>,
+}
+
+impl<'de> Deserialize<'de> for Retries {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            attempts: u32,
+            #[serde(default)]
+            on: Option<Vec<String>>,
+            #[serde(default)]
+            budget: Option<f64>,
+        }
+        let v = serde_yaml::Value::deserialize(d)?;
+        if let Some(n) = v.as_u64() {
+            return Ok(Retries {
+                attempts: u32::try_from(n).map_err(de::Error::custom)?,
+                on: None,
+                budget: None,
+            });
+        }
+        let f: Full = serde_yaml::from_value(v).map_err(de::Error::custom)?;
+        Ok(Retries {
+            attempts: f.attempts,
+            on: f.on,
+            budget: f.budget,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Trace {
+    pub header: String,
+    pub trust_incoming: bool,
+}
+
+impl Default for Trace {
+    fn default() -> Self {
+        Trace {
+            header: "x-request-id".into(),
+            trust_incoming: true,
+        }
+    }
+}
+
+/// A plugin entry: `- NAME: { config }` or `- NAME`.
+#[derive(Debug, Clone)]
+pub struct PluginEntry {
+    pub name: String,
+    pub config: serde_yaml::Value,
+}
+
+impl<'de> Deserialize<'de> for PluginEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_yaml::Value::deserialize(d)?;
+        match v {
+            serde_yaml::Value::String(name) => Ok(PluginEntry {
+                name,
+                config: serde_yaml::Value::Null,
+            }),
+            serde_yaml::Value::Mapping(m) if m.len() == 1 => {
+                let (k, config) = m.into_iter().next().expect("one entry");
+                let name = k
+                    .as_str()
+                    .ok_or_else(|| de::Error::custom("a plugin name must be a string"))?
+                    .to_string();
+                Ok(PluginEntry { name, config })
+            }
+            _ => Err(de::Error::custom(
+                "a plugin entry is a one-key map `- NAME: { config }` or a bare `- NAME`",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: String,
+    #[serde(default, rename = "match")]
+    pub matcher: Match,
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub rewrite: Option<Rewrite>,
+    #[serde(default)]
+    pub timeouts: Option<Timeouts>,
+    #[serde(default)]
+    pub max_request_body_bytes: Option<Size>,
+    #[serde(default)]
+    pub plugins: Vec<PluginEntry>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    #[serde(default)]
+    pub add_prefix: Option<String>,
+}

@@ -1,0 +1,115 @@
+//! Active health checks: one background service probes every endpoint of the *live* snapshot
+//! at its upstream's interval, so upstreams added by a reload are checked too. Verdicts are
+//! kept in the [`crate::upstream::HealthRegistry`], which outlives snapshots.
+
+use crate::config::raw::CheckKind;
+use crate::shared::Shared;
+use crate::upstream::{EndpointHealth, HealthCheckSpec};
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub struct HealthChecker {
+    pub shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.round(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+impl HealthChecker {
+    /// Start the probes that are due.
+    fn round(&self) {
+        let snap = self.shared.snapshot();
+        for up in snap.upstreams.values() {
+            let Some(spec) = &up.health_check else { continue };
+            for ep in &up.endpoints {
+                {
+                    let mut last = ep.health.last_probe.lock().unwrap();
+                    if last.is_some_and(|t| t.elapsed() < spec.interval) {
+                        continue;
+                    }
+                    *last = Some(Instant::now());
+                }
+                let (spec, health, addr) = (spec.clone(), ep.health.clone(), ep.addr);
+                let host = spec.host.clone().unwrap_or_else(|| ep.address.clone());
+                let label = (up.name.clone(), ep.address.clone());
+                tokio::spawn(async move {
+                    let result = tokio::time::timeout(spec.timeout, probe(addr, &host, &spec)).await;
+                    let ok = matches!(result, Ok(Ok(())));
+                    report(&health, &spec, ok, &label, result);
+                });
+            }
+        }
+    }
+}
+
+fn report(
+    health: &EndpointHealth,
+    spec: &HealthCheckSpec,
+    ok: bool,
+    (upstream, endpoint): &(String, String),
+    result: Result<Result<(), String>, tokio::time::error::Elapsed>,
+) {
+    if health.record_probe(ok, spec.healthy_threshold, spec.unhealthy_threshold) {
+        if ok {
+            log::warn!("upstream {upstream}: endpoint {endpoint} is healthy again");
+        } else {
+            let why = match result {
+                Err(_) => format!("no answer within {:?}", spec.timeout),
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => String::new(),
+            };
+            log::warn!("upstream {upstream}: endpoint {endpoint} is unhealthy: {why}");
+        }
+    }
+}
+
+/// One probe: a TCP connect, or an HTTP GET whose status must be in `healthy_status`.
+pub async fn probe(addr: SocketAddr, host: &str, spec: &HealthCheckSpec) -> Result<(), String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    if spec.kind == CheckKind::Tcp {
+        return Ok(());
+    }
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: portico-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+        spec.path
+    );
+    stream.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !buf.windows(2).any(|w| w == b"\r\n") {
+        let n = stream.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+        if n == 0 || buf.len() > 1024 {
+            return Err("no status line".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&buf);
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .filter(|_| line.starts_with("HTTP/1."))
+        .ok_or_else(|| "malformed status line".to_string())?;
+    if spec.healthy_status.contains(&status) {
+        Ok(())
+    } else {
+        Err(format!("status {status}"))
+    }
+}

@@ -1,0 +1,35 @@
+//! Portico: a programmable API gateway on Pingora.
+//!
+//! The library holds the gateway and its public plugin API; the `portico` binary is a thin
+//! command line over [`cli::main_with`]. To ship your own plugins, build a binary that
+//! registers them and hands the registry to [`cli::main_with`] (see `plugins/` in the repo).
+
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod echo;
+pub mod edge;
+pub mod exchange;
+pub mod health;
+pub mod metrics;
+pub mod plugin;
+pub mod plugins;
+pub mod proxy;
+pub mod respond;
+pub mod route;
+pub mod server;
+pub mod shared;
+pub mod trace;
+pub mod upstream;
+
+pub use config::{ConfigError, ConfigErrors, Snapshot};
+pub use plugin::{
+    BuildContext, Phases, Plugin, PluginKind, Registry, Reply, ReplyBody, RequestState, TraceIds, Verdict,
+};
+/// Re-exported so plugin crates use the same types Portico does.
+pub use pingora::http::{RequestHeader, ResponseHeader};
+pub use {async_trait, bytes, http, serde, serde_yaml};

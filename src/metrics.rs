@@ -1,0 +1,118 @@
+//! Prometheus metrics (the default registry, so Pingora's own metrics show too).
+
+use once_cell::sync::Lazy;
+use prometheus::{
+    register_gauge_vec, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge_vec, Encoder, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
+    TextEncoder,
+};
+
+pub static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "portico_requests_total",
+        "Requests answered, by route, upstream and status",
+        &["route", "upstream", "status"]
+    )
+    .expect("register portico_requests_total")
+});
+
+pub static DURATION: Lazy<HistogramVec> = Lazy::new(|| {
+    register_histogram_vec!(
+        "portico_request_duration_seconds",
+        "Time from request head to the end of the response, by route",
+        &["route"],
+        vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+    )
+    .expect("register portico_request_duration_seconds")
+});
+
+pub static UPSTREAM_HEALTHY: Lazy<IntGaugeVec> = Lazy::new(|| {
+    register_int_gauge_vec!(
+        "portico_upstream_healthy",
+        "1 when the endpoint takes traffic (healthy and not ejected), else 0",
+        &["upstream", "endpoint"]
+    )
+    .expect("register portico_upstream_healthy")
+});
+
+pub static RELOADS: Lazy<IntCounterVec> = Lazy::new(|| {
+    let c = register_int_counter_vec!(
+        "portico_config_reloads_total",
+        "Config reloads, by result (ok | error)",
+        &["result"]
+    )
+    .expect("register portico_config_reloads_total");
+    c.with_label_values(&["ok"]);
+    c.with_label_values(&["error"]);
+    c
+});
+
+pub static CANARY_PERCENT: Lazy<GaugeVec> = Lazy::new(|| {
+    register_gauge_vec!(
+        "portico_canary_percent",
+        "Effective share of a route's traffic sent to its canary",
+        &["route"]
+    )
+    .expect("register portico_canary_percent")
+});
+
+pub static CANARY_ROLLBACKS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "portico_canary_rollbacks_total",
+        "Times a canary's guard cut it to 0%",
+        &["route"]
+    )
+    .expect("register portico_canary_rollbacks_total")
+});
+
+pub static PANICS: Lazy<IntCounter> = Lazy::new(|| {
+    register_int_counter!("portico_panics_total", "Panics caught (each one is a bug)")
+        .expect("register portico_panics_total")
+});
+
+pub static REJECTED_CONNECTIONS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "portico_rejected_connections_total",
+        "Downstream connections closed by an edge limit, by reason",
+        &["reason"]
+    )
+    .expect("register portico_rejected_connections_total")
+});
+
+/// Make every metric exist from the start (so dashboards see zeros, not gaps).
+pub fn init() {
+    Lazy::force(&REQUESTS);
+    Lazy::force(&DURATION);
+    Lazy::force(&UPSTREAM_HEALTHY);
+    Lazy::force(&RELOADS);
+    Lazy::force(&CANARY_PERCENT);
+    Lazy::force(&CANARY_ROLLBACKS);
+    Lazy::force(&PANICS);
+    Lazy::force(&REJECTED_CONNECTIONS);
+}
+
+pub fn upstream_healthy(upstream: &str, endpoint: &str, up: bool) {
+    UPSTREAM_HEALTHY.with_label_values(&[upstream, endpoint]).set(up as i64);
+}
+
+pub fn forget_endpoint(upstream: &str, endpoint: &str) {
+    let _ = UPSTREAM_HEALTHY.remove_label_values(&[upstream, endpoint]);
+}
+
+/// Count panics: Pingora contains a panic to one request task, so without this a bug would
+/// only show as a log line.
+pub fn install_panic_hook() {
+    Lazy::force(&PANICS);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.inc();
+        previous(info);
+    }));
+}
+
+/// The Prometheus text exposition of every registered metric.
+pub fn render() -> Vec<u8> {
+    let mut buf = Vec::with_capacity(16 << 10);
+    let _ = TextEncoder::new().encode(&prometheus::gather(), &mut buf);
+    buf
+}

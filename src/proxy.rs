@@ -1,0 +1,127 @@
+//! The one `ProxyHttp` implementation. Each hook walks the matching plugin chain in a few lines;
+//! the work lives in `exchange.rs` (per-request steps) and the plugins.
+
+use crate::exchange::{self, Ctx};
+use crate::shared::Shared;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::http::{RequestHeader, ResponseHeader};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Gateway {
+    pub shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::new(self.shared.snapshot())
+    }
+
+    /// Trace ids, client address, path normalisation, routing, then the request-phase plugins.
+    /// `Ok(true)` means Portico answered the request itself.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if let Err(reply) = exchange::begin(session, ctx) {
+            exchange::send_reply(session, ctx, reply).await?;
+            return Ok(true);
+        }
+        for entry in ctx.chains().request.clone().iter() {
+            if let crate::plugin::Verdict::Respond(reply) =
+                entry.plugin.request(session.req_header_mut(), &mut ctx.st).await
+            {
+                exchange::send_reply(session, ctx, reply).await?;
+                return Ok(true);
+            }
+        }
+        if let Err(reply) = exchange::choose_upstream(session, ctx) {
+            exchange::send_reply(session, ctx, reply).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        exchange::pick_peer(session, ctx)
+    }
+
+    fn fail_to_connect(&self, _s: &mut Session, _peer: &HttpPeer, ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
+        let retry = exchange::connect_failed(ctx);
+        e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let retry = exchange::proxy_failed(session, ctx, &mut e, client_reused);
+        e.set_retry(retry);
+        e
+    }
+
+    async fn upstream_request_filter(&self, session: &mut Session, req: &mut RequestHeader, ctx: &mut Ctx) -> Result<()> {
+        exchange::prepare_upstream_request(session, req, ctx);
+        for entry in &ctx.chains().upstream_request {
+            entry.plugin.upstream_request(req, &ctx.st);
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        exchange::count_request_body(body, ctx)
+    }
+
+    async fn upstream_response_filter(&self, _s: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+        exchange::upstream_answered(resp.status.as_u16(), ctx);
+        Ok(())
+    }
+
+    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+        exchange::finish_response_head(resp, ctx);
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        for entry in ctx.chains().response_body.clone().iter() {
+            entry.plugin.response_body(body, end_of_stream, &mut ctx.st);
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let error_code = exchange::fail(session, e, ctx).await;
+        FailToProxy { error_code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        exchange::done(session, e, ctx, &self.shared);
+    }
+
+    /// Pingora logs every final error; client disconnects are routine, not errors.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
+        matches!(e.esource(), ErrorSource::Downstream)
+            && matches!(e.etype(), ReadError | WriteError | ConnectionClosed)
+    }
+}

@@ -1,0 +1,395 @@
+//! Request matching: hosts, path prefix / exact path / `{param}` template, methods, headers;
+//! and the path normalisation every route decision (and the upstream) sees.
+
+use http::{HeaderName, HeaderValue, Method};
+
+/// Why a request path is refused before routing (answered 400 `bad_request`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathError {
+    NotAbsolute,
+    BadEscape,
+    EncodedSlash,
+    Forbidden(char),
+    AboveRoot,
+}
+
+impl PathError {
+    pub fn message(&self) -> String {
+        match self {
+            PathError::NotAbsolute => "the request path must start with '/'".into(),
+            PathError::BadEscape => "the request path has a malformed percent-escape".into(),
+            PathError::EncodedSlash => "an encoded slash (%2F) or backslash (%5C) is not allowed in the path".into(),
+            PathError::Forbidden(c) => format!("the character {:?} is not allowed in the path", c),
+            PathError::AboveRoot => "the path climbs above '/' with '..'".into(),
+        }
+    }
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Normalise a request path (no query): percent-decode unreserved characters, upper-case the
+/// remaining escapes, merge `//`, resolve `.` and `..`. Encoded slashes and backslashes, NUL and
+/// other control characters, and `..` above the root are refused: the path a route decision saw
+/// is exactly the path the upstream receives.
+pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+    let bytes = raw.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(PathError::NotAbsolute);
+    }
+    // Fast path: nothing to decode and no dot or empty segments.
+    if !raw.contains(['%', '\\'])
+        && !raw.contains("//")
+        && !raw.contains("/.")
+        && !bytes.iter().any(|b| b.is_ascii_control() || *b == b' ')
+    {
+        return Ok(raw.to_string());
+    }
+    let mut decoded = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let (h, l) = match (bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+                (Some(h), Some(l)) => (h, l),
+                _ => return Err(PathError::BadEscape),
+            };
+            let v = h << 4 | l;
+            match v {
+                b'/' | b'\\' => return Err(PathError::EncodedSlash),
+                0..=0x1f | 0x7f => return Err(PathError::Forbidden(v as char)),
+                v if is_unreserved(v) => decoded.push(v as char),
+                v => {
+                    decoded.push('%');
+                    decoded.push(char::from_digit((v >> 4) as u32, 16).unwrap().to_ascii_uppercase());
+                    decoded.push(char::from_digit((v & 15) as u32, 16).unwrap().to_ascii_uppercase());
+                }
+            }
+            i += 3;
+            continue;
+        }
+        if b == b'\\' || b == b' ' || b.is_ascii_control() {
+            return Err(PathError::Forbidden(b as char));
+        }
+        // Multi-byte UTF-8 arrives percent-encoded from conforming clients; pass raw bytes through.
+        let ch_len = utf8_len(b);
+        decoded.push_str(std::str::from_utf8(&bytes[i..(i + ch_len).min(bytes.len())]).map_err(|_| PathError::BadEscape)?);
+        i += ch_len;
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    for seg in decoded.split('/').skip(1) {
+        trailing_slash = false;
+        match seg {
+            "" => trailing_slash = true,
+            "." => trailing_slash = true,
+            ".." => {
+                if out.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+                trailing_slash = true;
+            }
+            s => out.push(s),
+        }
+    }
+    let mut path = String::with_capacity(decoded.len());
+    for s in &out {
+        path.push('/');
+        path.push_str(s);
+    }
+    if trailing_slash || path.is_empty() {
+        path.push('/');
+    }
+    Ok(path)
+}
+
+fn utf8_len(b: u8) -> usize {
+    match b {
+        0x00..=0x7f => 1,
+        0xc0..=0xdf => 2,
+        0xe0..=0xef => 3,
+        _ => 4,
+    }
+}
+
+/// A host pattern: `api.example.com` or `*.example.org` (any depth of subdomain, not the bare
+/// domain). Stored lower-case.
+#[derive(Debug, Clone)]
+pub enum HostPattern {
+    Exact(String),
+    /// The suffix including the leading dot: `.example.org`.
+    Wildcard(String),
+}
+
+impl HostPattern {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim().to_ascii_lowercase();
+        if s.is_empty() {
+            return Err("a host must not be empty".into());
+        }
+        if let Some(rest) = s.strip_prefix("*.") {
+            if rest.is_empty() || rest.contains('*') {
+                return Err(format!("bad wildcard host '{s}': use '*.example.com'"));
+            }
+            return Ok(HostPattern::Wildcard(format!(".{rest}")));
+        }
+        if s.contains('*') || s.contains('/') {
+            return Err(format!("bad host '{s}': a wildcard is only allowed as a leading '*.'"));
+        }
+        Ok(HostPattern::Exact(strip_port(&s).to_string()))
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
+        }
+    }
+}
+
+/// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return match host.find(']') {
+            Some(i) => &host[..=i],
+            None => host,
+        };
+    }
+    match host.rfind(':') {
+        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+        _ => host,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Segment {
+    Literal(String),
+    Param(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Any,
+    /// Segment-aware: `/users` matches `/users` and `/users/7`, not `/usersX`.
+    Prefix(String),
+    Exact(String),
+    Template(Vec<Segment>),
+}
+
+impl PathMatch {
+    pub fn prefix(p: &str) -> Result<Self, String> {
+        check_config_path(p)?;
+        if p == "/" {
+            return Ok(PathMatch::Any);
+        }
+        Ok(PathMatch::Prefix(p.trim_end_matches('/').to_string()))
+    }
+
+    pub fn path(p: &str) -> Result<Self, String> {
+        check_config_path(p)?;
+        if !p.contains('{') {
+            return Ok(PathMatch::Exact(p.to_string()));
+        }
+        let mut segs = Vec::new();
+        let mut names = Vec::new();
+        for s in p.split('/').skip(1) {
+            if let Some(name) = s.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(format!("bad template parameter '{s}' in '{p}': use {{name}} with letters, digits or '_'"));
+                }
+                if names.contains(&name) {
+                    return Err(format!("parameter '{name}' appears twice in '{p}'"));
+                }
+                names.push(name);
+                segs.push(Segment::Param(name.to_string()));
+            } else if s.contains('{') || s.contains('}') {
+                return Err(format!("bad template segment '{s}' in '{p}': a parameter fills a whole segment"));
+            } else {
+                segs.push(Segment::Literal(s.to_string()));
+            }
+        }
+        Ok(PathMatch::Template(segs))
+    }
+
+    /// The template's parameter names (for plugins that refer to `{params}`).
+    pub fn params(&self) -> Vec<String> {
+        match self {
+            PathMatch::Template(segs) => segs
+                .iter()
+                .filter_map(|s| match s {
+                    Segment::Param(n) => Some(n.clone()),
+                    _ => None,
+                })
+                .collect(),
+            _ => vec![],
+        }
+    }
+
+    fn matches(&self, path: &str, params: &mut Vec<(String, String)>) -> bool {
+        match self {
+            PathMatch::Any => true,
+            PathMatch::Prefix(p) => {
+                path.starts_with(p.as_str()) && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/')
+            }
+            PathMatch::Exact(p) => path == p,
+            PathMatch::Template(segs) => {
+                let mut parts = path.split('/').skip(1);
+                for seg in segs {
+                    let Some(part) = parts.next() else { return false };
+                    match seg {
+                        Segment::Literal(l) if l == part => {}
+                        Segment::Literal(_) => return false,
+                        Segment::Param(_) if part.is_empty() => return false,
+                        Segment::Param(n) => params.push((n.clone(), part.to_string())),
+                    }
+                }
+                parts.next().is_none()
+            }
+        }
+    }
+}
+
+/// A path written in the config must already be in normal form, or it could never match.
+fn check_config_path(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') {
+        return Err(format!("'{p}' must start with '/'"));
+    }
+    let probe = p.replace(['{', '}'], "");
+    match normalize_path(&probe) {
+        Ok(n) if n == probe => Ok(()),
+        Ok(n) => Err(format!("'{p}' is not in normal form (it would match as '{n}')")),
+        Err(e) => Err(format!("'{p}': {}", e.message())),
+    }
+}
+
+/// A compiled `match:` block.
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    pub hosts: Vec<HostPattern>,
+    pub path: PathMatch,
+    pub methods: Vec<Method>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// What routing looks at, computed once per request.
+pub struct RequestKey<'a> {
+    /// Lower-case, without port.
+    pub host: &'a str,
+    /// Normalised.
+    pub path: &'a str,
+    pub method: &'a Method,
+    pub headers: &'a http::HeaderMap,
+}
+
+impl Matcher {
+    pub fn matches(&self, req: &RequestKey<'_>, params: &mut Vec<(String, String)>) -> bool {
+        if !self.hosts.is_empty() && !self.hosts.iter().any(|h| h.matches(req.host)) {
+            return false;
+        }
+        if !self.methods.is_empty() && !self.methods.contains(req.method) {
+            return false;
+        }
+        for (name, value) in &self.headers {
+            if !req.headers.get_all(name).iter().any(|v| v == value) {
+                return false;
+            }
+        }
+        params.clear();
+        self.path.matches(req.path, params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises() {
+        let ok = |a: &str, b: &str| assert_eq!(normalize_path(a).unwrap(), b, "{a}");
+        ok("/", "/");
+        ok("/users/7", "/users/7");
+        ok("//admin", "/admin");
+        ok("/./admin", "/admin");
+        ok("/x/../admin", "/admin");
+        ok("/%61dmin", "/admin");
+        ok("/a/%2e%2e/admin", "/admin");
+        ok("/a/b/..", "/a/");
+        ok("/a/./", "/a/");
+        ok("/a%7eb", "/a~b");
+        ok("/a%3bb", "/a%3Bb");
+        ok("/%252f", "/%252f");
+        ok("/users/", "/users/");
+        let bad = |a: &str| assert!(normalize_path(a).is_err(), "{a}");
+        bad("/%2fadmin");
+        bad("/a%2Fb");
+        bad("/%5cadmin");
+        bad("/a\\b");
+        bad("/..");
+        bad("/a/../../b");
+        bad("/%2e%2e/x");
+        bad("/a%00");
+        bad("/a%zz");
+        bad("/a%2");
+        bad("admin");
+        bad("*");
+    }
+
+    fn key<'a>(path: &'a str, host: &'a str, m: &'a Method, h: &'a http::HeaderMap) -> RequestKey<'a> {
+        RequestKey { host, path, method: m, headers: h }
+    }
+
+    #[test]
+    fn prefix_is_segment_aware() {
+        let p = PathMatch::prefix("/users").unwrap();
+        let mut params = vec![];
+        assert!(p.matches("/users", &mut params));
+        assert!(p.matches("/users/7", &mut params));
+        assert!(!p.matches("/usersX", &mut params));
+        assert!(!p.matches("/Users", &mut params));
+        assert!(PathMatch::prefix("/").unwrap().matches("/anything", &mut params));
+    }
+
+    #[test]
+    fn templates_capture_params() {
+        let p = PathMatch::path("/profile/{id}/posts/{post}").unwrap();
+        let mut params = vec![];
+        assert!(p.matches("/profile/42/posts/9", &mut params));
+        assert_eq!(params, vec![("id".into(), "42".into()), ("post".into(), "9".into())]);
+        params.clear();
+        assert!(!p.matches("/profile/42/posts", &mut params));
+        params.clear();
+        assert!(!p.matches("/profile//posts/9", &mut params));
+        assert!(PathMatch::path("/a/{x").is_err());
+        assert!(PathMatch::path("/a/{x}{y}").is_err());
+        assert!(PathMatch::path("/a/{x}/{x}").is_err());
+        assert!(PathMatch::prefix("/a//b").is_err());
+    }
+
+    #[test]
+    fn hosts_and_methods() {
+        let h = http::HeaderMap::new();
+        let m = Matcher {
+            hosts: vec![HostPattern::parse("API.example.com").unwrap(), HostPattern::parse("*.example.org").unwrap()],
+            path: PathMatch::Any,
+            methods: vec![Method::GET],
+            headers: vec![],
+        };
+        let mut p = vec![];
+        assert!(m.matches(&key("/", "api.example.com", &Method::GET, &h), &mut p));
+        assert!(m.matches(&key("/", "a.b.example.org", &Method::GET, &h), &mut p));
+        assert!(!m.matches(&key("/", "example.org", &Method::GET, &h), &mut p));
+        assert!(!m.matches(&key("/", "api.example.com", &Method::POST, &h), &mut p));
+        assert_eq!(strip_port("a.com:80"), "a.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+    }
+}

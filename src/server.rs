@@ -1,0 +1,119 @@
+//! Assemble and run the Pingora server: proxy listeners, admin, health checks, SIGHUP reload.
+
+use crate::admin::AdminApp;
+use crate::edge::{EdgeApp, ProxyService};
+use crate::health::HealthChecker;
+use crate::plugin::Registry;
+use crate::proxy::Gateway;
+use crate::shared::Shared;
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::apps::HttpServerOptions;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service as Listening;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub struct RunOptions {
+    pub config: PathBuf,
+    /// Take the listening sockets from a running Portico (`-u`).
+    pub upgrade: bool,
+    pub daemon: bool,
+    pub registry: Registry,
+}
+
+/// Make SIGHUP harmless from the first instant: its default action kills the process, and the
+/// reload service only installs its own handler once the server runs.
+pub fn guard_sighup() {
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGHUP, flag);
+}
+
+/// Run the gateway until it is told to stop. Returns an error only if the config is bad.
+pub fn run(opts: RunOptions) -> Result<(), String> {
+    crate::metrics::init();
+    crate::metrics::install_panic_hook();
+    let shared = Shared::load(&opts.config, opts.registry).map_err(|e| e.to_string())?;
+    let snap = shared.snapshot();
+    let conf: ServerConf = serde_yaml::from_value(serde_yaml::Value::Mapping(snap.server.clone()))
+        .map_err(|e| format!("server: {e}"))?;
+    let mut args = vec!["portico"];
+    if opts.upgrade {
+        args.push("-u");
+    }
+    if opts.daemon {
+        args.push("-d");
+    }
+    let mut server = Server::new_with_opt_and_conf(Some(Opt::parse_from_args(args)), conf);
+    server.bootstrap();
+    add_services(&mut server, &shared);
+    log::info!(
+        "portico {} serving {} with {} route(s)",
+        env!("CARGO_PKG_VERSION"),
+        snap.listeners.iter().map(|l| l.address.as_str()).collect::<Vec<_>>().join(", "),
+        snap.routes.len()
+    );
+    server.run_forever();
+}
+
+fn add_services(server: &mut Server, shared: &Arc<Shared>) {
+    let snap = shared.snapshot();
+    // One proxy service per protocol setting (h2c is a per-service option in Pingora).
+    for h2c in [false, true] {
+        let addresses: Vec<String> =
+            snap.listeners.iter().filter(|l| l.http2 == h2c).map(|l| l.address.clone()).collect();
+        if addresses.is_empty() {
+            continue;
+        }
+        let mut proxy = pingora::proxy::http_proxy(&server.configuration, Gateway { shared: shared.clone() });
+        let mut options = HttpServerOptions::default();
+        options.h2c = h2c;
+        options.keepalive_request_limit = Some(snap.limits.keepalive_requests);
+        proxy.server_options = Some(options);
+        let name = if h2c { "proxy h2c" } else { "proxy" };
+        let mut svc = Listening::new(name.to_string(), EdgeApp::new(proxy));
+        for a in &addresses {
+            svc.add_tcp(a);
+        }
+        server.add_service(ProxyService::new(svc, addresses, shared.clone()));
+    }
+    if let Some(admin) = &snap.admin {
+        let mut svc = Listening::new("admin".to_string(), HttpServer::new_app(AdminApp { shared: shared.clone() }));
+        svc.add_tcp(&admin.address);
+        svc.threads = Some(1);
+        server.add_service(svc);
+    }
+    server.add_service(background_service("health checks", HealthChecker { shared: shared.clone() }));
+    server.add_service(background_service("sighup reload", ReloadOnSighup { shared: shared.clone() }));
+}
+
+/// SIGHUP → reload (validate → compile → swap; a bad file keeps the old config).
+pub struct ReloadOnSighup {
+    pub shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for ReloadOnSighup {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP, reload by signal is off: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    log::info!("SIGHUP: reloading {}", self.shared.config_path.display());
+                    let shared = self.shared.clone();
+                    let _ = tokio::task::spawn_blocking(move || shared.reload()).await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Trace ids: every request gets one in its first phase (contract § Trace ids).
+
+use crate::plugin::TraceIds;
+use http::HeaderMap;
+use std::fmt::Write;
+
+/// The `trace:` block, compiled.
+#[derive(Debug, Clone)]
+pub struct TraceConfig {
+    /// Lower-case header name for the request id (default `x-request-id`).
+    pub header: http::HeaderName,
+    /// Keep a well-formed incoming request id and W3C `traceparent`.
+    pub trust_incoming: bool,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut s = String::with_capacity(bytes * 2);
+    loop {
+        s.clear();
+        let mut left = bytes;
+        while left > 0 {
+            let n: u64 = rand::random();
+            let take = left.min(8);
+            for b in &n.to_le_bytes()[..take] {
+                let _ = write!(s, "{b:02x}");
+            }
+            left -= take;
+        }
+        // All-zero ids are invalid in W3C trace context.
+        if s.bytes().any(|b| b != b'0') {
+            return s;
+        }
+    }
+}
+
+fn is_lower_hex(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A valid W3C `traceparent`, as (trace-id, flags).
+pub fn parse_traceparent(v: &str) -> Option<(String, String)> {
+    let v = v.trim();
+    let parts: Vec<&str> = v.split('-').collect();
+    if parts.len() < 4 {
+        return None;
+    }
+    let (version, trace_id, parent, flags) = (parts[0], parts[1], parts[2], parts[3]);
+    let ok = version.len() == 2
+        && is_lower_hex(version)
+        && version != "ff"
+        && (version != "00" || parts.len() == 4)
+        && trace_id.len() == 32
+        && is_lower_hex(trace_id)
+        && trace_id.bytes().any(|b| b != b'0')
+        && parent.len() == 16
+        && is_lower_hex(parent)
+        && parent.bytes().any(|b| b != b'0')
+        && flags.len() == 2
+        && is_lower_hex(flags);
+    ok.then(|| {
+        // Only the sampled bit is defined for version 00; forward that alone.
+        let sampled = u8::from_str_radix(flags, 16).unwrap_or(0) & 1;
+        (trace_id.to_string(), format!("{sampled:02x}"))
+    })
+}
+
+/// A well-formed incoming request id: 1–128 characters of `A-Za-z0-9._:-`.
+pub fn valid_request_id(v: &[u8]) -> bool {
+    (1..=128).contains(&v.len())
+        && v.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+impl TraceConfig {
+    /// The ids for a request with these headers.
+    pub fn ids_for(&self, headers: &HeaderMap) -> TraceIds {
+        let mut incoming_trace = None;
+        let mut incoming_id = None;
+        if self.trust_incoming {
+            // A repeated header is ambiguous: trust neither copy.
+            let mut tp = headers.get_all("traceparent").iter();
+            if let (Some(v), None) = (tp.next(), tp.next()) {
+                incoming_trace = v.to_str().ok().and_then(parse_traceparent);
+            }
+            let mut rid = headers.get_all(&self.header).iter();
+            if let (Some(v), None) = (rid.next(), rid.next()) {
+                if valid_request_id(v.as_bytes()) {
+                    incoming_id = v.to_str().ok().map(str::to_string);
+                }
+            }
+        }
+        let (trace_id, flags) = incoming_trace.unwrap_or_else(|| (random_hex(16), "01".to_string()));
+        let request_id = incoming_id.unwrap_or_else(|| trace_id.clone());
+        TraceIds {
+            request_id,
+            trace_id,
+            span_id: random_hex(8),
+            flags,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> TraceConfig {
+        TraceConfig {
+            header: http::HeaderName::from_static("x-request-id"),
+            trust_incoming: true,
+        }
+    }
+
+    #[test]
+    fn fresh_ids() {
+        let ids = cfg().ids_for(&HeaderMap::new());
+        assert_eq!(ids.trace_id.len(), 32);
+        assert_eq!(ids.span_id.len(), 16);
+        assert_eq!(ids.request_id, ids.trace_id);
+        assert!(parse_traceparent(&ids.traceparent()).is_some());
+    }
+
+    #[test]
+    fn keeps_valid_incoming() {
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
+        h.insert("x-request-id", "abc-123".parse().unwrap());
+        let ids = cfg().ids_for(&h);
+        assert_eq!(ids.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(ids.span_id, "00f067aa0ba902b7");
+        assert_eq!(ids.request_id, "abc-123");
+    }
+
+    #[test]
+    fn replaces_malformed() {
+        for bad in [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "junk",
+        ] {
+            assert!(parse_traceparent(bad).is_none(), "{bad}");
+        }
+        assert!(!valid_request_id(b""));
+        assert!(!valid_request_id(&[b'a'; 129]));
+        assert!(!valid_request_id(b"a\r\nb"));
+        assert!(!valid_request_id(b"a b"));
+        assert!(valid_request_id(b"A-z_0.9:x"));
+    }
+}
