@@ -78,6 +78,7 @@ impl Drop for EchoServer {
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
+        let _ = stream.set_nodelay(true);
         let state = state.clone();
         tokio::spawn(async move {
             let _ = serve(stream, state).await;
@@ -180,17 +181,17 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> io::Result<()> {
             });
             (status, v.to_string())
         };
-        let resp = format!(
+        let mut resp = format!(
             "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-echo-service: {}\r\n{}\r\n",
             reason(status),
             payload.len(),
             state.name,
             if close { "connection: close\r\n" } else { "" }
         );
-        stream.write_all(resp.as_bytes()).await?;
         if method != "HEAD" {
-            stream.write_all(payload.as_bytes()).await?;
+            resp.push_str(&payload);
         }
+        stream.write_all(resp.as_bytes()).await?;
         if close {
             return Ok(());
         }

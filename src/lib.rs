@@ -23,6 +23,7 @@ pub mod respond;
 pub mod route;
 pub mod server;
 pub mod shared;
+pub mod testing;
 pub mod trace;
 pub mod upstream;
 

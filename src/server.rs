@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service as Listening;
 use std::path::PathBuf;
@@ -31,8 +31,21 @@ pub fn guard_sighup() {
     let _ = signal_hook::flag::register(signal_hook::consts::SIGHUP, flag);
 }
 
-/// Run the gateway until it is told to stop. Returns an error only if the config is bad.
+/// Run the gateway until a signal stops the process. Returns only if the config is bad.
 pub fn run(opts: RunOptions) -> Result<(), String> {
+    let server = build(opts)?;
+    server.run_forever();
+}
+
+/// Run the gateway in this process until `shutdown` says so (for embedding and tests; no
+/// process signals are taken over except SIGHUP for reload).
+pub fn run_until(opts: RunOptions, shutdown: Box<dyn ShutdownSignalWatch>) -> Result<(), String> {
+    let server = build(opts)?;
+    server.run(RunArgs { shutdown_signal: shutdown });
+    Ok(())
+}
+
+fn build(opts: RunOptions) -> Result<Server, String> {
     crate::metrics::init();
     crate::metrics::install_panic_hook();
     let shared = Shared::load(&opts.config, opts.registry).map_err(|e| e.to_string())?;
@@ -55,7 +68,7 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
         snap.listeners.iter().map(|l| l.address.as_str()).collect::<Vec<_>>().join(", "),
         snap.routes.len()
     );
-    server.run_forever();
+    Ok(server)
 }
 
 fn add_services(server: &mut Server, shared: &Arc<Shared>) {

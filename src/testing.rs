@@ -1,0 +1,403 @@
+//! Helpers for testing Portico, and plugins built on it, against real sockets: a raw HTTP/1.1
+//! client, free ports, temp dirs, and a Portico process with its logs.
+//! Readiness is always polled, never slept for.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port nothing listens on right now (bound and released; a tiny race, fine on loopback).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// `127.0.0.1:<free port>`.
+pub fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// Poll `f` until it returns `Some`, or panic after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "portico-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.file(name);
+        std::fs::write(&p, text).expect("write temp file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).to_string()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.text()))
+    }
+}
+
+/// A request for [`send`].
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: Vec<(&'a str, String)>,
+    pub body: Option<Vec<u8>>,
+    /// Source address to connect from (e.g. 127.0.0.7).
+    pub from: Option<IpAddr>,
+}
+
+impl<'a> Request<'a> {
+    pub fn get(path: &'a str) -> Self {
+        Request { method: "GET", path, headers: Vec::new(), body: None, from: None }
+    }
+    pub fn new(method: &'a str, path: &'a str) -> Self {
+        Request { method, ..Request::get(path) }
+    }
+    pub fn header(mut self, k: &'a str, v: impl Into<String>) -> Self {
+        self.headers.push((k, v.into()));
+        self
+    }
+    pub fn body(mut self, b: impl Into<Vec<u8>>) -> Self {
+        self.body = Some(b.into());
+        self
+    }
+    pub fn from_ip(mut self, ip: &str) -> Self {
+        self.from = Some(ip.parse().expect("ip"));
+        self
+    }
+    /// Send it on a fresh connection (`Connection: close`).
+    pub fn send(&self, addr: &str) -> std::io::Result<Response> {
+        send(addr, self)
+    }
+}
+
+/// Connect to `addr`, from `from` when given.
+pub fn connect(addr: &str, from: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let target: SocketAddr = addr.parse().map_err(|_| std::io::Error::other("bad addr"))?;
+    let stream = match from {
+        None => TcpStream::connect_timeout(&target, Duration::from_secs(5))?,
+        Some(ip) => {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.bind(&SocketAddr::new(ip, 0).into())?;
+            s.connect_timeout(&target.into(), Duration::from_secs(5))?;
+            s.into()
+        }
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Send one request on a fresh connection and read the whole response.
+pub fn send(addr: &str, req: &Request<'_>) -> std::io::Result<Response> {
+    let mut stream = connect(addr, req.from)?;
+    let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.path);
+    if !req.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("host: {addr}\r\n"));
+    }
+    for (k, v) in &req.headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = &req.body {
+        if !req.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding")) {
+            head.push_str(&format!("content-length: {}\r\n", b.len()));
+        }
+    }
+    head.push_str("connection: close\r\n\r\n");
+    let mut bytes = head.into_bytes();
+    if let Some(b) = &req.body {
+        bytes.extend_from_slice(b);
+    }
+    stream.write_all(&bytes)?;
+    read_response(&mut stream, req.method == "HEAD")
+}
+
+/// `GET path` with no extra headers.
+pub fn get(addr: &str, path: &str) -> std::io::Result<Response> {
+    Request::get(path).send(addr)
+}
+
+/// Write raw bytes, then read until the peer closes (or `timeout`). For framing tests.
+pub fn raw(addr: &str, bytes: &[u8], timeout: Duration) -> std::io::Result<Vec<u8>> {
+    let mut stream = connect(addr, None)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(bytes)?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Read one response from a stream (content-length, chunked, or until close).
+pub fn read_response(stream: &mut TcpStream, head_only: bool) -> std::io::Result<Response> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before a response"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = buf[head_end..].to_vec();
+    let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    if head_only || status == 204 || status == 304 || (100..200).contains(&status) {
+        return Ok(Response { status, headers, body: Vec::new() });
+    }
+    if let Some(len) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        while body.len() < len {
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        body.truncate(len);
+    } else if find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+        loop {
+            if let Some(decoded) = dechunk(&body) {
+                body = decoded;
+                break;
+            }
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "chunked body cut short"));
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        loop {
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    }
+    Ok(Response { status, headers, body })
+}
+
+/// Decode a complete chunked body, or `None` if more bytes are needed.
+fn dechunk(b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        let line_end = b[i..].windows(2).position(|w| w == b"\r\n")? + i;
+        let size = usize::from_str_radix(std::str::from_utf8(&b[i..line_end]).ok()?.split(';').next()?.trim(), 16).ok()?;
+        i = line_end + 2;
+        if size == 0 {
+            return b[i..].windows(2).position(|w| w == b"\r\n").map(|_| out);
+        }
+        if b.len() < i + size + 2 {
+            return None;
+        }
+        out.extend_from_slice(&b[i..i + size]);
+        i += size + 2;
+    }
+}
+
+/// A Portico process started from a binary, with stdout (access log) and stderr captured.
+pub struct Portico {
+    child: Option<Child>,
+    pub dir: TempDir,
+    pub config: PathBuf,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Portico {
+    /// Write `yaml` to a temp file and start `bin -c FILE` (plus `extra` arguments).
+    pub fn start(bin: &str, yaml: &str, extra: &[&str]) -> Portico {
+        let dir = TempDir::new("gw");
+        let config = dir.write("portico.yaml", yaml);
+        Self::start_in(bin, dir, config, extra)
+    }
+
+    /// Start `bin -c config` with logs in `dir`.
+    pub fn start_in(bin: &str, dir: TempDir, config: PathBuf, extra: &[&str]) -> Portico {
+        let n: u32 = rand::random();
+        let stdout = dir.file(&format!("stdout-{n}.log"));
+        let stderr = dir.file(&format!("stderr-{n}.log"));
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&config)
+            .args(extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("start portico");
+        Portico { child: Some(child), dir, config, stdout, stderr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Wait until the admin listener says every proxy listener is serving.
+    pub fn wait_ready(&mut self, admin: &str) -> &mut Self {
+        let what = format!("portico at {admin} to be ready");
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = get(admin, "/healthz") {
+                if r.status == 200 {
+                    return self;
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("portico exited ({status}) before it was ready:\n{}", self.logs());
+            }
+            if Instant::now() > end {
+                panic!("timed out waiting for {what}:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Send a signal by name (`HUP`, `QUIT`, `TERM`, `INT`).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status();
+        assert!(ok.is_ok_and(|s| s.success()), "kill -{name} failed");
+    }
+
+    /// Replace the config file's text (then signal HUP or POST /reload).
+    pub fn rewrite_config(&self, yaml: &str) {
+        let tmp = self.config.with_extension("tmp");
+        std::fs::write(&tmp, yaml).expect("write config");
+        std::fs::rename(&tmp, &self.config).expect("replace config");
+    }
+
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn logs(&self) -> String {
+        format!("--- stdout ---\n{}\n--- stderr ---\n{}", self.stdout_text(), self.stderr_text())
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Wait for the process to exit by itself; its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                return s.code();
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Portico {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-INT").arg(c.id().to_string()).status();
+            let end = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A metric's value in Prometheus text (the sum over series whose labels contain `labels`).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -1,0 +1,78 @@
+//! Shared harness: a Portico process on free ports with the test's config body.
+#![allow(dead_code)]
+
+pub use portico::echo::EchoServer;
+pub use portico::testing::*;
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_portico");
+
+/// A running gateway: its proxy address, admin address, and process.
+pub struct Gw {
+    pub p: Portico,
+    pub addr: String,
+    pub admin: String,
+}
+
+/// The parts every test config shares: fast shutdown, private pid and upgrade socket files.
+pub fn head(dir: &std::path::Path, addr: &str, admin: &str) -> String {
+    format!(
+        "server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n  pid_file: {d}/portico.pid\n  upgrade_sock: {d}/upgrade.sock\nlisteners:\n  - address: {addr}\nadmin:\n  address: {admin}\n",
+        d = dir.display()
+    )
+}
+
+impl Gw {
+    /// Start a gateway whose config is `head` + `body`, and wait until it serves.
+    pub fn start(body: &str) -> Gw {
+        let (addr, admin) = (free_addr(), free_addr());
+        let dir = TempDir::new("gw");
+        let config = dir.write("portico.yaml", &format!("{}{body}", head(dir.path(), &addr, &admin)));
+        let mut p = Portico::start_in(BIN, dir, config, &[]);
+        p.wait_ready(&admin);
+        Gw { p, addr, admin }
+    }
+
+    /// The full config text for a new `body` (same listeners and files).
+    pub fn config(&self, body: &str) -> String {
+        format!("{}{body}", head(self.p.dir.path(), &self.addr, &self.admin))
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        get(&self.addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.p.logs()))
+    }
+
+    pub fn send(&self, req: Request<'_>) -> Response {
+        req.send(&self.addr).unwrap_or_else(|e| panic!("{} {}: {e}\n{}", req.method, req.path, self.p.logs()))
+    }
+
+    pub fn metrics(&self) -> String {
+        get(&self.admin, "/metrics").expect("metrics").text()
+    }
+
+    /// The active config's hash (changes when a reload takes effect).
+    pub fn config_hash(&self) -> String {
+        get(&self.admin, "/config").expect("config").json()["hash"].as_str().unwrap().to_string()
+    }
+
+    /// Rewrite the config, send SIGHUP, and wait until the new one is live.
+    pub fn reload(&self, body: &str) {
+        let before = self.config_hash();
+        self.p.rewrite_config(&self.config(body));
+        self.p.signal("HUP");
+        wait_for("the reload to take effect", Duration::from_secs(10), || {
+            (self.config_hash() != before).then_some(())
+        });
+    }
+}
+
+/// The echo JSON a request produced upstream.
+pub fn echoed(r: &Response) -> serde_json::Value {
+    assert_eq!(r.status, 200, "expected 200, got {} {}", r.status, r.text());
+    r.json()
+}
+
+/// Which echo service answered.
+pub fn service(r: &Response) -> String {
+    r.header("x-echo-service").unwrap_or("").to_string()
+}

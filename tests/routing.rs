@@ -1,0 +1,105 @@
+//! Acceptance [1/9] #1: routing by host, prefix, exact path, template, method and header; what
+//! the upstream receives; 404 JSON with the trace id.
+
+mod common;
+use common::*;
+
+#[test]
+fn routes_rewrite_and_forward_what_the_contract_says() {
+    let (a, b, c) = (EchoServer::start("a").unwrap(), EchoServer::start("b").unwrap(), EchoServer::start("c").unwrap());
+    let gw = Gw::start(&format!(
+        r#"
+upstreams:
+  a: {{ endpoints: ["{a}"] }}
+  b: {{ endpoints: ["{b}"], host: b.internal }}
+  c: {{ endpoints: ["{c}"], preserve_host: true }}
+routes:
+  - name: by-host
+    match: {{ hosts: [api.example.com, "*.example.org"] }}
+    upstream: b
+  - name: users
+    match: {{ path_prefix: /users }}
+    upstream: a
+    rewrite: {{ strip_prefix: /users, add_prefix: /v1/users }}
+  - name: exact
+    match: {{ path: /exact }}
+    upstream: a
+  - name: template
+    match: {{ path: "/profile/{{id}}" }}
+    upstream: c
+  - name: posts
+    match: {{ path_prefix: /posts, methods: [POST] }}
+    upstream: b
+  - name: tenant
+    match: {{ path_prefix: /tenant, headers: {{ x-tenant: acme }} }}
+    upstream: c
+"#,
+        a = a.addr,
+        b = b.addr,
+        c = c.addr
+    ));
+
+    // Prefix + rewrite; Host defaults to the endpoint's address; X-Forwarded-*.
+    let r = gw.send(Request::get("/users/7?x=1").header("x-forwarded-for", "6.6.6.6").header("forwarded", "for=6.6.6.6"));
+    assert_eq!(service(&r), "a");
+    let e = echoed(&r);
+    assert_eq!(e["path"], "/v1/users/7");
+    assert_eq!(e["query"], "x=1");
+    assert_eq!(e["headers"]["host"], a.addr.to_string());
+    assert_eq!(e["headers"]["x-forwarded-for"], "127.0.0.1", "a client's own X-Forwarded-For is replaced");
+    assert!(e["headers"].get("forwarded").is_none());
+    assert_eq!(e["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(e["headers"]["x-forwarded-host"], gw.addr);
+
+    // The upstream receives the normalised path the route decision saw.
+    for (raw, want) in [("//users/./7", "/v1/users/7"), ("/users/x/../8", "/v1/users/8"), ("/%75sers/9", "/v1/users/9")] {
+        assert_eq!(echoed(&gw.get(raw))["path"], want, "{raw}");
+    }
+    assert_eq!(gw.get("/users").json()["path"], "/v1/users");
+    assert_eq!(gw.get("/usersX").status, 404, "prefixes are segment-aware");
+
+    // Exact path.
+    assert_eq!(echoed(&gw.get("/exact"))["path"], "/exact");
+    assert_eq!(gw.get("/exact/more").status, 404);
+
+    // Template; preserve_host sends the client's Host.
+    let r = gw.send(Request::get("/profile/42").header("host", "shop.test"));
+    assert_eq!(service(&r), "c");
+    assert_eq!(echoed(&r)["headers"]["host"], "shop.test");
+    assert_eq!(gw.get("/profile/42/x").status, 404);
+
+    // Method.
+    let r = gw.send(Request::new("POST", "/posts").body("hello"));
+    assert_eq!(service(&r), "b");
+    let e = echoed(&r);
+    assert_eq!(e["headers"]["host"], "b.internal");
+    assert_eq!(e["body"], "hello");
+    assert_eq!(gw.get("/posts").status, 404);
+
+    // Header.
+    assert_eq!(service(&gw.send(Request::get("/tenant/x").header("x-tenant", "acme"))), "c");
+    assert_eq!(gw.send(Request::get("/tenant/x").header("x-tenant", "other")).status, 404);
+
+    // Hosts: exact (port ignored, case-insensitive) and wildcard.
+    for host in ["api.example.com", "API.Example.com:8080", "a.b.example.org"] {
+        assert_eq!(service(&gw.send(Request::get("/anything").header("host", host))), "b", "{host}");
+    }
+    assert_eq!(gw.send(Request::get("/anything").header("host", "example.org")).status, 404);
+
+    // No route: JSON with the trace id the client also got.
+    let r = gw.get("/nowhere");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let body = r.json();
+    assert_eq!(body["error"], "no_route");
+    assert_eq!(body["trace_id"].as_str(), r.header("x-request-id"));
+    assert!(!body["message"].as_str().unwrap().is_empty());
+
+    // Paths that cannot be normalised safely.
+    for bad in ["/users%2F7", "/users/%2e%2e/%2e%2e/etc", "/..", "/a%5cb"] {
+        let r = gw.get(bad);
+        assert_eq!(r.status, 400, "{bad}");
+        assert_eq!(r.json()["error"], "bad_request", "{bad}");
+    }
+    assert_eq!(a.requests() + b.requests() + c.requests(), 12, "nothing else reached an upstream");
+}
