@@ -287,7 +287,7 @@ pub fn compile(
     // Upstreams.
     let mut upstreams = HashMap::new();
     for (name, u) in &raw.upstreams {
-        if let Some(up) = compile_upstream(name, u, health, &mut errs) {
+        if let Some(up) = compile_upstream(name, u, health, offline, &mut errs) {
             upstreams.insert(name.clone(), Arc::new(up));
         }
     }
@@ -603,7 +603,13 @@ fn compile_match(m: &raw::Match, loc: &str, errs: &mut ConfigErrors) -> Option<M
     ok.then_some(Matcher { hosts, path, methods, headers })
 }
 
-fn compile_upstream(name: &str, u: &raw::Upstream, health: &HealthRegistry, errs: &mut ConfigErrors) -> Option<Upstream> {
+fn compile_upstream(
+    name: &str,
+    u: &raw::Upstream,
+    health: &HealthRegistry,
+    offline: bool,
+    errs: &mut ConfigErrors,
+) -> Option<Upstream> {
     let loc = format!("upstreams.{name}");
     let before = errs.0.len();
     if u.endpoints.is_empty() {
@@ -616,7 +622,7 @@ fn compile_upstream(name: &str, u: &raw::Upstream, health: &HealthRegistry, errs
         if e.weight == 0 || e.weight > 1000 {
             errs.push(format!("{eloc}.weight"), "weight must be between 1 and 1000");
         }
-        let addr = match resolve(&e.address) {
+        let addr = match resolve(&e.address, offline) {
             Ok(a) => a,
             Err(msg) => {
                 errs.push(eloc, msg);
@@ -777,8 +783,8 @@ fn parse_hash_on(s: &str) -> Result<HashOn, String> {
 }
 
 /// Resolve `host:port` once, at load: Pingora's `HttpPeer::new` panics on a name that does
-/// not resolve, so no name ever reaches it.
-fn resolve(address: &str) -> Result<SocketAddr, String> {
+/// not resolve, so no name ever reaches it. Offline (`portico -t`) checks the syntax only.
+fn resolve(address: &str, offline: bool) -> Result<SocketAddr, String> {
     if let Ok(a) = address.parse::<SocketAddr>() {
         return Ok(a);
     }
@@ -787,6 +793,10 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("'{address}' is not host:port"))?;
     if host.is_empty() || port.parse::<u16>().is_err() {
         return Err(format!("'{address}' is not host:port"));
+    }
+    if offline {
+        let port = port.parse::<u16>().unwrap_or(0);
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
     }
     match address.to_socket_addrs() {
         Ok(mut addrs) => addrs
@@ -896,8 +906,13 @@ mod tests {
 
     #[test]
     fn unresolvable_host_is_a_config_error() {
-        let e = errors("listeners: [{address: 127.0.0.1:1}]\nupstreams:\n  a: {endpoints: [no-such-host.invalid:80]}\n");
+        let yaml = "listeners: [{address: 127.0.0.1:1}]\nupstreams:\n  a: {endpoints: [no-such-host.invalid:80]}\n";
+        let e = compile(yaml, Path::new("t.yaml"), &Registry::builtin(), &HealthRegistry::default(), false)
+            .err()
+            .expect("an unresolvable name is an error at load")
+            .to_string();
         assert!(e.contains("upstreams.a.endpoints[0]"), "{e}");
+        assert!(check(yaml).is_ok(), "-t checks syntax only, offline");
     }
 
     #[test]

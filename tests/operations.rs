@@ -1,0 +1,180 @@
+//! Acceptance [1/9] #5–#7: SIGHUP reload (good, broken, under load), binary upgrade with no
+//! failed request, /metrics and /healthz.
+
+mod common;
+use common::*;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn body_to(upstream_addr: &str, extra_route: &str) -> String {
+    format!(
+        "upstreams:\n  u: {{ endpoints: [\"{upstream_addr}\"] }}\nroutes:\n  - {{ name: main, upstream: u, match: {{ path_prefix: /a }} }}\n{extra_route}"
+    )
+}
+
+/// Requests in a loop on fresh connections until stopped; (ok, failed, first failure).
+fn hammer(addr: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(usize, usize, Option<String>)> {
+    std::thread::spawn(move || {
+        let (mut ok, mut failed, mut first) = (0, 0, None);
+        while !stop.load(Ordering::Relaxed) {
+            match get(&addr, "/a") {
+                Ok(r) if r.status == 200 => ok += 1,
+                Ok(r) => {
+                    failed += 1;
+                    first.get_or_insert(format!("{} {}", r.status, r.text()));
+                }
+                Err(e) => {
+                    failed += 1;
+                    first.get_or_insert(e.to_string());
+                }
+            }
+        }
+        (ok, failed, first)
+    })
+}
+
+#[test]
+fn sighup_reload_good_bad_and_under_load() {
+    let (a, b) = (EchoServer::start("a").unwrap(), EchoServer::start("b").unwrap());
+    let (a_addr, b_addr) = (a.addr.to_string(), b.addr.to_string());
+    let mut gw = Gw::start(&body_to(&a_addr, ""));
+    assert_eq!(service(&gw.get("/a")), "a");
+
+    // A changed route: new requests follow it.
+    gw.reload(&body_to(&b_addr, ""));
+    assert_eq!(service(&gw.get("/a")), "b");
+
+    // A broken file: the old config keeps serving, the error is counted.
+    let errors_before = metric(&gw.metrics(), "portico_config_reloads_total", &[("result", "error")]);
+    gw.p.rewrite_config(&gw.config("routes: [ { name: x, upstream: nowhere } ]\n"));
+    gw.p.signal("HUP");
+    wait_for("the failed reload to be counted", Duration::from_secs(10), || {
+        (metric(&gw.metrics(), "portico_config_reloads_total", &[("result", "error")]) > errors_before).then_some(())
+    });
+    assert_eq!(service(&gw.get("/a")), "b");
+    assert!(gw.p.alive());
+
+    // The same through the admin endpoint: 400 with the located errors.
+    let r = Request::new("POST", "/reload").send(&gw.admin).unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("routes[0].upstream"), "{}", r.text());
+
+    // Requests running across several reloads see no failure.
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..3).map(|_| hammer(gw.addr.clone(), stop.clone())).collect();
+    for i in 0..6 {
+        let target = if i % 2 == 0 { &a_addr } else { &b_addr };
+        gw.reload(&body_to(target, &format!("  - {{ name: extra{i}, upstream: u, match: {{ path_prefix: /x{i} }} }}\n")));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, 0);
+    for c in clients {
+        let (o, f, first) = c.join().unwrap();
+        ok += o;
+        failed += f;
+        assert_eq!(f, 0, "first failure: {first:?}");
+    }
+    assert_eq!(failed, 0);
+    assert!(ok > 20, "only {ok} requests ran");
+    // A change to the listeners is reported, not applied.
+    let before = gw.config_hash();
+    let text = gw.config(&body_to(&a_addr, "")).replace(&format!("address: {}", gw.addr), "address: 127.0.0.1:1");
+    gw.p.rewrite_config(&text);
+    let r = Request::new("POST", "/reload").send(&gw.admin).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["not_applied"][0], "listeners");
+    assert_ne!(gw.config_hash(), before);
+    assert_eq!(gw.get("/a").status, 200, "still serving on the old listener");
+}
+
+#[test]
+fn binary_upgrade_drops_nothing() {
+    let up = EchoServer::start("up").unwrap();
+    let mut gw = Gw::start(&body_to(&up.addr.to_string(), ""));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..2).map(|_| hammer(gw.addr.clone(), stop.clone())).collect();
+    let served_before = Arc::new(AtomicUsize::new(up.requests() as usize));
+
+    // The safe order: validate, start the new process with -u, then SIGQUIT the old one.
+    let out = std::process::Command::new(BIN).arg("-t").arg("-c").arg(&gw.p.config).output().unwrap();
+    assert!(out.status.success());
+    let dir = TempDir::new("upgrade");
+    let mut next = Portico::start_in(BIN, dir, gw.p.config.clone(), &["-u"]);
+    let sock = gw.p.dir.file("upgrade.sock");
+    wait_for("the new process to wait on the upgrade socket", Duration::from_secs(10), || sock.exists().then_some(()));
+    gw.p.signal("QUIT");
+    let code = gw.p.wait_exit(Duration::from_secs(30));
+    assert!(code.is_some(), "the old process should exit after handing over:\n{}", gw.p.logs());
+    next.wait_ready(&gw.admin);
+    // Traffic keeps flowing through the new process alone.
+    let mark = up.requests();
+    wait_for("requests served by the new process", Duration::from_secs(10), || (up.requests() > mark + 20).then_some(()));
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let (ok, failed, first) = c.join().unwrap();
+        assert_eq!(failed, 0, "first failure: {first:?}\nold:\n{}\nnew:\n{}", gw.p.logs(), next.logs());
+        total += ok;
+    }
+    assert!(total > 50, "{total}");
+    assert!(up.requests() as usize > served_before.load(Ordering::Relaxed));
+}
+
+#[test]
+fn metrics_and_healthz() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&body_to(&up.addr.to_string(), ""));
+    for _ in 0..7 {
+        assert_eq!(gw.get("/a").status, 200);
+    }
+    gw.get("/nope");
+    let text = gw.metrics();
+    // Every sample line is `name{labels} value`.
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line}"));
+        assert!(value.parse::<f64>().is_ok(), "bad value in {line}");
+        let name = series.split('{').next().unwrap();
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name in {line}");
+        if series.contains('{') {
+            assert!(series.ends_with('}'), "bad labels in {line}");
+        }
+    }
+    assert_eq!(metric(&text, "portico_requests_total", &[("route", "main"), ("upstream", "u"), ("status", "200")]), 7.0);
+    assert_eq!(metric(&text, "portico_requests_total", &[("route", "none"), ("status", "404")]), 1.0);
+    assert!(metric(&text, "portico_request_duration_seconds_count", &[("route", "main")]) >= 7.0);
+    assert_eq!(metric(&text, "portico_upstream_healthy", &[("upstream", "u")]), 1.0);
+    assert_eq!(metric(&text, "portico_panics_total", &[]), 0.0);
+    for name in ["portico_config_reloads_total", "portico_panics_total", "portico_upstream_healthy"] {
+        assert!(text.contains(name), "{name} missing");
+    }
+    let r = get(&gw.admin, "/healthz").unwrap();
+    assert_eq!((r.status, r.text().trim()), (200, "ok"));
+    let cfg = get(&gw.admin, "/config").unwrap().json();
+    assert_eq!(cfg["hash"].as_str().unwrap().len(), 64);
+    assert!(cfg["path"].as_str().unwrap().ends_with("portico.yaml"));
+    assert!(cfg["loaded_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(get(&gw.admin, "/nope").unwrap().status, 404);
+}
+
+#[test]
+fn healthz_is_503_while_a_proxy_listener_is_down() {
+    let up = EchoServer::start("up").unwrap();
+    // Hold the second listener's port so Pingora cannot bind it.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap().to_string();
+    let (addr, admin) = (free_addr(), free_addr());
+    let dir = TempDir::new("down");
+    let yaml = format!("{}{}", head(dir.path(), &addr, &admin), body_to(&up.addr.to_string(), ""))
+        .replace("admin:\n", &format!("  - address: {taken}\n    http2: true\nadmin:\n"));
+    let config = dir.write("portico.yaml", &yaml);
+    let p = Portico::start_in(BIN, dir, config, &[]);
+    let r = wait_for("the admin listener", Duration::from_secs(20), || get(&admin, "/healthz").ok());
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains(&taken), "{}", r.text());
+    // The listener that could bind still serves; healthz stays 503 while the other is down.
+    wait_for("the free listener", Duration::from_secs(20), || get(&addr, "/a").ok().filter(|r| r.status == 200));
+    assert_eq!(get(&admin, "/healthz").unwrap().status, 503);
+    drop(p);
+    drop(squatter);
+}
