@@ -37,6 +37,13 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: String,
     },
+    /// Run a standalone echo service (the demo's upstream), e.g. for docker-compose.
+    Echo {
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "echo")]
+        name: String,
+    },
 }
 
 /// Run Portico's command line with this plugin registry (built-ins plus your own).
@@ -49,6 +56,20 @@ pub fn main_with(registry: Registry) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("portico demo: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Command::Echo { listen, name }) = cli.command {
+        return match crate::echo::EchoServer::start_on(listen, &name) {
+            Ok(server) => {
+                println!("echo service {name:?} on http://{}", server.addr);
+                loop {
+                    std::thread::park();
+                }
+            }
+            Err(e) => {
+                eprintln!("portico echo: cannot listen on {listen}: {e}");
                 ExitCode::FAILURE
             }
         };

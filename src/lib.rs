@@ -33,4 +33,4 @@ pub use plugin::{
 };
 /// Re-exported so plugin crates use the same types Portico does.
 pub use pingora::http::{RequestHeader, ResponseHeader};
-pub use {async_trait, bytes, http, serde, serde_yaml};
+pub use {async_trait, bytes, http, pingora, serde, serde_yaml};
