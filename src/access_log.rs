@@ -80,7 +80,11 @@ impl AccessLog {
             .to_string(),
             LogFormat::Combined => {
                 let header = |n: &str| {
-                    req.headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("-").replace('"', "%22")
+                    req.headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .replace('"', "%22")
                 };
                 format!(
                     "{} - {} [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" trace_id={} route={} upstream={} duration_ms={:.3}",

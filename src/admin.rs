@@ -42,7 +42,11 @@ impl ServeHttp for AdminApp {
                 if down.is_empty() {
                     respond(200, "text/plain", "ok\n")
                 } else {
-                    respond(503, "text/plain", format!("listeners not serving: {}\n", down.join(", ")))
+                    respond(
+                        503,
+                        "text/plain",
+                        format!("listeners not serving: {}\n", down.join(", ")),
+                    )
                 }
             }
             ("GET", "/metrics") => respond(200, "text/plain; version=0.0.4", crate::metrics::render()),
@@ -74,13 +78,20 @@ impl ServeHttp for AdminApp {
                             "errors": errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
                         }),
                     ),
-                    Err(_) => json(500, serde_json::json!({ "result": "error", "errors": ["reload panicked"] })),
+                    Err(_) => json(
+                        500,
+                        serde_json::json!({ "result": "error", "errors": ["reload panicked"] }),
+                    ),
                 }
             }
-            (_, "/healthz" | "/metrics" | "/config" | "/reload") => {
-                json(405, serde_json::json!({ "error": "method_not_allowed", "message": format!("{method} is not allowed on {path}") }))
-            }
-            _ => json(404, serde_json::json!({ "error": "not_found", "message": format!("no admin endpoint {path}") })),
+            (_, "/healthz" | "/metrics" | "/config" | "/reload") => json(
+                405,
+                serde_json::json!({ "error": "method_not_allowed", "message": format!("{method} is not allowed on {path}") }),
+            ),
+            _ => json(
+                404,
+                serde_json::json!({ "error": "not_found", "message": format!("no admin endpoint {path}") }),
+            ),
         }
     }
 }

@@ -81,7 +81,12 @@ pub fn main_with(registry: Registry) -> ExitCode {
     if cli.test {
         return validate(&conf, &registry);
     }
-    match server::run(RunOptions { config: conf, upgrade: cli.upgrade, daemon: cli.daemon, registry }) {
+    match server::run(RunOptions {
+        config: conf,
+        upgrade: cli.upgrade,
+        daemon: cli.daemon,
+        registry,
+    }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("portico: the config is not valid:\n{e}");

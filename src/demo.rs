@@ -106,5 +106,10 @@ pub fn run(listen: &str, admin: &str, registry: Registry) -> Result<(), String> 
     // The echo services live as long as the process.
     std::mem::forget(v1);
     std::mem::forget(v2);
-    server::run(RunOptions { config: path, upgrade: false, daemon: false, registry })
+    server::run(RunOptions {
+        config: path,
+        upgrade: false,
+        daemon: false,
+        registry,
+    })
 }

@@ -43,17 +43,26 @@ impl EchoServer {
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
-        std::thread::Builder::new().name(format!("echo-{name}")).spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            rt.block_on(async move {
-                let listener = TcpListener::from_std(std_listener).expect("listener");
-                tokio::select! {
-                    _ = accept_loop(listener, st) => {}
-                    _ = stopped => {}
-                }
-            });
-        })?;
-        Ok(EchoServer { addr, state, stop: Some(stop) })
+        std::thread::Builder::new()
+            .name(format!("echo-{name}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let listener = TcpListener::from_std(std_listener).expect("listener");
+                    tokio::select! {
+                        _ = accept_loop(listener, st) => {}
+                        _ = stopped => {}
+                    }
+                });
+            })?;
+        Ok(EchoServer {
+            addr,
+            state,
+            stop: Some(stop),
+        })
     }
 
     /// The status `GET /healthz` answers from now on.
@@ -77,7 +86,9 @@ impl Drop for EchoServer {
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         tokio::spawn(async move {
@@ -109,7 +120,9 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> io::Result<()> {
         let mut headers = [httparse::EMPTY_HEADER; 128];
         let mut req = httparse::Request::new(&mut headers);
         if req.parse(&buf[..head_len]).is_err() {
-            stream.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await?;
+            stream
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await?;
             return Ok(());
         }
         let method = req.method.unwrap_or("").to_string();
@@ -160,16 +173,26 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> io::Result<()> {
             None => (target.clone(), String::new()),
         };
         let param = |k: &str| {
-            query.split('&').filter_map(|kv| kv.split_once('=')).find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+            query
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
         };
         let (status, payload) = if path == "/healthz" && method == "GET" {
-            (state.health.load(Ordering::Relaxed), format!("{{\"service\":{:?}}}", state.name))
+            (
+                state.health.load(Ordering::Relaxed),
+                format!("{{\"service\":{:?}}}", state.name),
+            )
         } else {
             state.requests.fetch_add(1, Ordering::Relaxed);
             if let Some(ms) = param("delay_ms").and_then(|v| v.parse::<u64>().ok()) {
                 tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
             }
-            let status = param("status").and_then(|v| v.parse::<u16>().ok()).filter(|s| (200..600).contains(s)).unwrap_or(200);
+            let status = param("status")
+                .and_then(|v| v.parse::<u16>().ok())
+                .filter(|s| (200..600).contains(s))
+                .unwrap_or(200);
             let v = serde_json::json!({
                 "service": state.name,
                 "method": method,
@@ -247,5 +270,8 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 fn reason(status: u16) -> &'static str {
-    http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Status")
+    http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Status")
 }

@@ -17,26 +17,59 @@ use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::listening::Service as Listening;
 use pingora::services::{Service as ServiceTrait, ServiceReadyNotifier, ServiceWithDependents};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub struct EdgeApp {
     proxy: Arc<HttpProxy<Gateway>>,
+    shared: Arc<Shared>,
+    /// Connections accepted whose first bytes have not arrived yet.
+    awaiting_first_bytes: AtomicUsize,
 }
 
+/// How long shutdown waits for just-accepted connections to send their request.
+const FIRST_BYTES_DRAIN: Duration = Duration::from_secs(2);
+
 impl EdgeApp {
-    pub fn new(proxy: HttpProxy<Gateway>) -> Self {
-        EdgeApp { proxy: Arc::new(proxy) }
+    pub fn new(proxy: HttpProxy<Gateway>, shared: Arc<Shared>) -> Self {
+        EdgeApp {
+            proxy: Arc::new(proxy),
+            shared,
+            awaiting_first_bytes: AtomicUsize::new(0),
+        }
     }
 }
 
 #[async_trait]
 impl ServerApp for EdgeApp {
-    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        ServerApp::process_new(&self.proxy, stream, shutdown).await
+    async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        // Wait for the connection's first bytes before handing it to the proxy. At shutdown
+        // (an upgrade's hand-over, or SIGTERM) Pingora drops every connection still waiting for
+        // a request head, so a client that had just connected would lose its request. Knowing
+        // which connections have not spoken yet lets `cleanup` wait for them. A connection
+        // that says nothing within `header_timeout` is closed.
+        let header_timeout = self.shared.snapshot().limits.header_timeout;
+        self.awaiting_first_bytes.fetch_add(1, Ordering::AcqRel);
+        let first = tokio::time::timeout(header_timeout, stream.try_peek(&mut [0u8; 1])).await;
+        self.awaiting_first_bytes.fetch_sub(1, Ordering::AcqRel);
+        match first {
+            Ok(Ok(_)) => ServerApp::process_new(&self.proxy, stream, shutdown).await,
+            Ok(Err(_)) => None,
+            Err(_) => {
+                crate::metrics::REJECTED_CONNECTIONS
+                    .with_label_values(&["header_timeout"])
+                    .inc();
+                None
+            }
+        }
     }
 
     async fn cleanup(&self) {
+        let end = tokio::time::Instant::now() + FIRST_BYTES_DRAIN;
+        while self.awaiting_first_bytes.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         ServerApp::cleanup(&*self.proxy).await;
     }
 }
@@ -70,7 +103,9 @@ impl ServiceWithDependents for ProxyService {
         ready_notifier: ServiceReadyNotifier,
     ) {
         ready_notifier.notify_ready();
-        let Some(mut inner) = self.inner.take() else { return };
+        let Some(mut inner) = self.inner.take() else {
+            return;
+        };
         let states = &self.shared.listeners;
         for a in &self.addresses {
             states.set_serving(a, true);
@@ -116,7 +151,7 @@ impl ServiceWithDependents for ProxyService {
     }
 
     fn threads(&self) -> Option<usize> {
-        self.inner.as_ref().and_then(|s| ServiceTrait::threads(s))
+        self.inner.as_ref().and_then(ServiceTrait::threads)
     }
 
     fn listen_addresses(&self) -> Option<Vec<String>> {

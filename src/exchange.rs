@@ -93,9 +93,9 @@ fn request_host(req: &RequestHeader) -> Result<String, Reply> {
         .map(|h| h.to_str().map_err(|_| bad_request("the Host header is not valid")))
         .transpose()?;
     match (req.uri.authority().map(|a| a.as_str()), header) {
-        (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => {
-            Err(bad_request("the request target's authority and the Host header disagree"))
-        }
+        (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => Err(bad_request(
+            "the request target's authority and the Host header disagree",
+        )),
         (Some(a), _) => Ok(a.to_string()),
         (None, Some(h)) => Ok(h.to_string()),
         (None, None) if req.version == http::Version::HTTP_10 => Ok(String::new()),
@@ -138,7 +138,13 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
         .iter()
         .find(|r| r.matcher.matches(&key, &mut params))
         .cloned()
-        .ok_or_else(|| Reply::error(404, "no_route", format!("no route matches {} {}", req.method, ctx.st.path)))?;
+        .ok_or_else(|| {
+            Reply::error(
+                404,
+                "no_route",
+                format!("no route matches {} {}", req.method, ctx.st.path),
+            )
+        })?;
     ctx.st.params = params;
     ctx.st.route = route.name.clone();
     ctx.body_limit = route.max_request_body_bytes;
@@ -150,7 +156,11 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
 }
 
 fn too_large(limit: u64) -> Reply {
-    Reply::error(413, "payload_too_large", format!("the request body is larger than {limit} bytes"))
+    Reply::error(
+        413,
+        "payload_too_large",
+        format!("the request body is larger than {limit} bytes"),
+    )
 }
 
 /// After the request plugins: the upstream (a select plugin may have named another) and the
@@ -208,7 +218,9 @@ fn retries_left(ctx: &Ctx, up: &Upstream) -> bool {
 
 /// A connection to the endpoint failed: count it, and say whether to try another.
 pub fn connect_failed(ctx: &mut Ctx) -> bool {
-    let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) else { return false };
+    let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) else {
+        return false;
+    };
     up.record_failure(i);
     up.retries.on_connect_failure && retries_left(ctx, &up)
 }
@@ -216,7 +228,9 @@ pub fn connect_failed(ctx: &mut Ctx) -> bool {
 /// The exchange failed after connecting. Only idempotent requests whose body is still
 /// replayable, and whose response has not started, are retried.
 pub fn proxy_failed(session: &mut Session, ctx: &mut Ctx, e: &mut Error, upstream_reused: bool) -> bool {
-    let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) else { return false };
+    let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) else {
+        return false;
+    };
     let replayable = session.req_header().method.is_idempotent()
         && !session.as_ref().retry_buffer_truncated()
         && session.response_written().is_none();
@@ -266,12 +280,13 @@ pub fn prepare_upstream_request(session: &Session, req: &mut RequestHeader, ctx:
         }
     }
     let up = ctx.upstream.as_ref().expect("upstream chosen");
-    let original_host: Option<HeaderValue> = session
-        .req_header()
-        .headers
-        .get(HOST)
-        .cloned()
-        .or_else(|| session.req_header().uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let original_host: Option<HeaderValue> = session.req_header().headers.get(HOST).cloned().or_else(|| {
+        session
+            .req_header()
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
 
     // X-Forwarded-For: a trusted proxy's list is extended; anyone else's is replaced.
     let prior_xff = ctx
@@ -279,7 +294,12 @@ pub fn prepare_upstream_request(session: &Session, req: &mut RequestHeader, ctx:
         .client_ip
         .is_trusted(ctx.peer_ip)
         .then(|| {
-            let v: Vec<&str> = req.headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+            let v: Vec<&str> = req
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
             v.join(", ")
         })
         .filter(|s| !s.is_empty());
@@ -308,7 +328,10 @@ pub fn prepare_upstream_request(session: &Session, req: &mut RequestHeader, ctx:
     let host = if up.preserve_host {
         original_host
     } else {
-        let h = up.host.as_deref().unwrap_or_else(|| &up.endpoints[ctx.endpoint.unwrap_or(0)].address);
+        let h = up
+            .host
+            .as_deref()
+            .unwrap_or_else(|| &up.endpoints[ctx.endpoint.unwrap_or(0)].address);
         HeaderValue::from_str(h).ok()
     };
     if let Some(h) = host {
@@ -365,14 +388,20 @@ fn classify(e: &Error) -> (u16, &'static str, &'static str) {
             ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout => {
                 (504, "upstream_timeout", "the upstream did not answer in time")
             }
-            _ => (502, "upstream_unavailable", "the upstream could not be reached or failed"),
+            _ => (
+                502,
+                "upstream_unavailable",
+                "the upstream could not be reached or failed",
+            ),
         },
         ErrorSource::Downstream => match e.etype() {
             ReadError | WriteError | ConnectionClosed => (0, "", ""),
             ReadTimedout => (408, "request_timeout", "the request did not arrive in time"),
             _ => (400, "bad_request", "the request could not be read"),
         },
-        ErrorSource::Internal | ErrorSource::Unset => (500, "internal_error", "the gateway failed to handle the request"),
+        ErrorSource::Internal | ErrorSource::Unset => {
+            (500, "internal_error", "the gateway failed to handle the request")
+        }
     }
 }
 
@@ -386,7 +415,11 @@ pub fn by_status(code: u16) -> (u16, &'static str, &'static str) {
         413 => (413, "payload_too_large", "the request body is too large"),
         429 => (429, "rate_limited", "too many requests"),
         431 => (431, "request_header_too_large", "the request head is too large"),
-        502 | 503 => (code, "upstream_unavailable", "the upstream could not be reached or failed"),
+        502 | 503 => (
+            code,
+            "upstream_unavailable",
+            "the upstream could not be reached or failed",
+        ),
         504 => (504, "upstream_timeout", "the upstream did not answer in time"),
         c if c >= 500 => (c, "internal_error", "the gateway failed to handle the request"),
         c => (c, "bad_request", "the request could not be handled"),
@@ -412,7 +445,9 @@ pub fn done(session: &Session, e: Option<&Error>, ctx: &mut Ctx, shared: &Shared
     let status = session.response_written().map(|h| h.status.as_u16()).unwrap_or(0);
     let route = if ctx.st.route.is_empty() { "none" } else { &ctx.st.route };
     let upstream = ctx.upstream.as_ref().map(|u| u.name.as_str()).unwrap_or("none");
-    crate::metrics::REQUESTS.with_label_values(&[route, upstream, &status.to_string()]).inc();
+    crate::metrics::REQUESTS
+        .with_label_values(&[route, upstream, &status.to_string()])
+        .inc();
     crate::metrics::DURATION
         .with_label_values(&[route])
         .observe(ctx.st.started.elapsed().as_secs_f64());
@@ -420,8 +455,12 @@ pub fn done(session: &Session, e: Option<&Error>, ctx: &mut Ctx, shared: &Shared
         entry.plugin.log(&ctx.st, status);
     }
     if let Some(format) = ctx.snap.access_log {
-        let endpoint = ctx.endpoint.and_then(|i| ctx.upstream.as_ref().map(|u| u.endpoints[i].address.as_str()));
-        shared.access_log.write(format, session, ctx, status, upstream, endpoint, e);
+        let endpoint = ctx
+            .endpoint
+            .and_then(|i| ctx.upstream.as_ref().map(|u| u.endpoints[i].address.as_str()));
+        shared
+            .access_log
+            .write(format, session, ctx, status, upstream, endpoint, e);
     }
     ctx.in_flight = None;
 }

@@ -37,7 +37,9 @@ impl HealthChecker {
     fn round(&self) {
         let snap = self.shared.snapshot();
         for up in snap.upstreams.values() {
-            let Some(spec) = &up.health_check else { continue };
+            let Some(spec) = &up.health_check else {
+                continue;
+            };
             for ep in &up.endpoints {
                 {
                     let mut last = ep.health.last_probe.lock().unwrap();
@@ -90,7 +92,10 @@ pub async fn probe(addr: SocketAddr, host: &str, spec: &HealthCheckSpec) -> Resu
         "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: portico-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
         spec.path
     );
-    stream.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];
     while !buf.windows(2).any(|w| w == b"\r\n") {

@@ -28,9 +28,9 @@ pub mod trace;
 pub mod upstream;
 
 pub use config::{ConfigError, ConfigErrors, Snapshot};
+/// Re-exported so plugin crates use the same types Portico does.
+pub use pingora::http::{RequestHeader, ResponseHeader};
 pub use plugin::{
     BuildContext, Phases, Plugin, PluginKind, Registry, Reply, ReplyBody, RequestState, TraceIds, Verdict,
 };
-/// Re-exported so plugin crates use the same types Portico does.
-pub use pingora::http::{RequestHeader, ResponseHeader};
 pub use {async_trait, bytes, http, pingora, serde, serde_yaml};

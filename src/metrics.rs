@@ -2,9 +2,8 @@
 
 use once_cell::sync::Lazy;
 use prometheus::{
-    register_gauge_vec, register_histogram_vec, register_int_counter, register_int_counter_vec,
-    register_int_gauge_vec, Encoder, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
-    TextEncoder,
+    register_gauge_vec, register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge_vec,
+    Encoder, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, TextEncoder,
 };
 
 pub static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {

@@ -145,9 +145,15 @@ impl RequestState {
 pub enum ReplyBody {
     /// The contract's JSON error (`{"error", "message", "trace_id"}`), or a gRPC status for
     /// gRPC requests. The core fills in the trace id.
-    Error { code: &'static str, message: String },
+    Error {
+        code: &'static str,
+        message: String,
+    },
     /// Any other body, with its content type.
-    Data { content_type: &'static str, bytes: Bytes },
+    Data {
+        content_type: &'static str,
+        bytes: Bytes,
+    },
     Empty,
 }
 
@@ -273,7 +279,10 @@ impl BuildContext {
             }
             // Name an unknown field in the message, located at its parent (as serde_yaml does).
             if message.starts_with("unknown field") {
-                path = path.rsplit_once('.').map(|(parent, _)| parent.to_string()).unwrap_or_default();
+                path = path
+                    .rsplit_once('.')
+                    .map(|(parent, _)| parent.to_string())
+                    .unwrap_or_default();
             }
             ConfigError::new(path, message)
         })
@@ -292,8 +301,7 @@ impl BuildContext {
 
 /// Builds a plugin from its YAML block. Errors are located relative to the block
 /// (`issuer`, `keys[1]`); the core prefixes `routes[N].plugins[M].NAME`.
-pub type Factory =
-    Arc<dyn Fn(&serde_yaml::Value, &BuildContext) -> Result<Arc<dyn Plugin>, ConfigError> + Send + Sync>;
+pub type Factory = Arc<dyn Fn(&serde_yaml::Value, &BuildContext) -> Result<Arc<dyn Plugin>, ConfigError> + Send + Sync>;
 
 /// Plugins by name. [`Registry::builtin`] has Portico's own; add yours with [`Registry::register`].
 #[derive(Clone, Default)]
@@ -371,7 +379,11 @@ impl Chains {
     pub fn build(mut entries: Vec<Entry>) -> Self {
         entries.sort_by_key(|e| e.kind); // stable: keeps global-before-route and file order
         let pick = |p: Phases| -> Vec<Entry> {
-            entries.iter().filter(|e| e.plugin.phases().contains(p)).cloned().collect()
+            entries
+                .iter()
+                .filter(|e| e.plugin.phases().contains(p))
+                .cloned()
+                .collect()
         };
         Chains {
             request: pick(Phases::REQUEST),

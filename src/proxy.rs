@@ -5,9 +5,9 @@ use crate::exchange::{self, Ctx};
 use crate::shared::Shared;
 use async_trait::async_trait;
 use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
-use pingora::http::{RequestHeader, ResponseHeader};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,7 +69,12 @@ impl ProxyHttp for Gateway {
         e
     }
 
-    async fn upstream_request_filter(&self, session: &mut Session, req: &mut RequestHeader, ctx: &mut Ctx) -> Result<()> {
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
         exchange::prepare_upstream_request(session, req, ctx);
         for entry in &ctx.chains().upstream_request {
             entry.plugin.upstream_request(req, &ctx.st);
@@ -112,7 +117,10 @@ impl ProxyHttp for Gateway {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let error_code = exchange::fail(session, e, ctx).await;
-        FailToProxy { error_code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
@@ -121,7 +129,6 @@ impl ProxyHttp for Gateway {
 
     /// Pingora logs every final error; client disconnects are routine, not errors.
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
-        matches!(e.esource(), ErrorSource::Downstream)
-            && matches!(e.etype(), ReadError | WriteError | ConnectionClosed)
+        matches!(e.esource(), ErrorSource::Downstream) && matches!(e.etype(), ReadError | WriteError | ConnectionClosed)
     }
 }

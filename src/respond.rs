@@ -8,15 +8,15 @@ use pingora::http::ResponseHeader;
 /// gRPC status for a gateway error code (the client sees why, in gRPC's own terms).
 fn grpc_status(code: &str, http: u16) -> u32 {
     match code {
-        "bad_request" => 3,                                   // INVALID_ARGUMENT
-        "no_route" => 12,                                     // UNIMPLEMENTED
-        "unauthorized" | "invalid_token" => 16,               // UNAUTHENTICATED
+        "bad_request" => 3,                                              // INVALID_ARGUMENT
+        "no_route" => 12,                                                // UNIMPLEMENTED
+        "unauthorized" | "invalid_token" => 16,                          // UNAUTHENTICATED
         "forbidden" | "insufficient_scope" | "service_not_allowed" => 7, // PERMISSION_DENIED
         "rate_limited" | "quota_exceeded" | "payload_too_large" | "request_header_too_large" => 8, // RESOURCE_EXHAUSTED
-        "request_timeout" | "upstream_timeout" => 4,          // DEADLINE_EXCEEDED
-        "upstream_unavailable" => 14,                         // UNAVAILABLE
-        _ if http >= 500 => 13,                               // INTERNAL
-        _ => 2,                                               // UNKNOWN
+        "request_timeout" | "upstream_timeout" => 4,                     // DEADLINE_EXCEEDED
+        "upstream_unavailable" => 14,                                    // UNAVAILABLE
+        _ if http >= 500 => 13,                                          // INTERNAL
+        _ => 2,                                                          // UNKNOWN
     }
 }
 
@@ -29,20 +29,24 @@ pub fn is_grpc(req: &pingora::http::RequestHeader) -> bool {
 
 /// The JSON error body: `{"error", "message", "trace_id"}`.
 pub fn error_json(code: &str, message: &str, trace_id: &str) -> Bytes {
-    Bytes::from(
-        serde_json::json!({ "error": code, "message": message, "trace_id": trace_id }).to_string(),
-    )
+    Bytes::from(serde_json::json!({ "error": code, "message": message, "trace_id": trace_id }).to_string())
 }
 
 /// The head and body of a reply, before response-phase plugins run on the head.
 pub fn render(reply: &Reply, st: &RequestState, grpc: bool) -> (ResponseHeader, Bytes) {
     let (status, content_type, body, grpc_trailers) = match &reply.body {
-        ReplyBody::Error { code, message } if grpc => {
-            (200, "application/grpc", Bytes::new(), Some((grpc_status(code, reply.status), message.as_str())))
-        }
-        ReplyBody::Error { code, message } => {
-            (reply.status, "application/json", error_json(code, message, &st.trace.request_id), None)
-        }
+        ReplyBody::Error { code, message } if grpc => (
+            200,
+            "application/grpc",
+            Bytes::new(),
+            Some((grpc_status(code, reply.status), message.as_str())),
+        ),
+        ReplyBody::Error { code, message } => (
+            reply.status,
+            "application/json",
+            error_json(code, message, &st.trace.request_id),
+            None,
+        ),
         ReplyBody::Data { content_type, bytes } => (reply.status, *content_type, bytes.clone(), None),
         ReplyBody::Empty => (reply.status, "", Bytes::new(), None),
     };

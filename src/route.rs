@@ -60,7 +60,10 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     while i < bytes.len() {
         let b = bytes[i];
         if b == b'%' {
-            let (h, l) = match (bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            let (h, l) = match (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            ) {
                 (Some(h), Some(l)) => (h, l),
                 _ => return Err(PathError::BadEscape),
             };
@@ -83,7 +86,8 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
         }
         // Multi-byte UTF-8 arrives percent-encoded from conforming clients; pass raw bytes through.
         let ch_len = utf8_len(b);
-        decoded.push_str(std::str::from_utf8(&bytes[i..(i + ch_len).min(bytes.len())]).map_err(|_| PathError::BadEscape)?);
+        decoded
+            .push_str(std::str::from_utf8(&bytes[i..(i + ch_len).min(bytes.len())]).map_err(|_| PathError::BadEscape)?);
         i += ch_len;
     }
     let mut out: Vec<&str> = Vec::new();
@@ -205,7 +209,9 @@ impl PathMatch {
         for s in p.split('/').skip(1) {
             if let Some(name) = s.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
                 if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    return Err(format!("bad template parameter '{s}' in '{p}': use {{name}} with letters, digits or '_'"));
+                    return Err(format!(
+                        "bad template parameter '{s}' in '{p}': use {{name}} with letters, digits or '_'"
+                    ));
                 }
                 if names.contains(&name) {
                     return Err(format!("parameter '{name}' appears twice in '{p}'"));
@@ -213,7 +219,9 @@ impl PathMatch {
                 names.push(name);
                 segs.push(Segment::Param(name.to_string()));
             } else if s.contains('{') || s.contains('}') {
-                return Err(format!("bad template segment '{s}' in '{p}': a parameter fills a whole segment"));
+                return Err(format!(
+                    "bad template segment '{s}' in '{p}': a parameter fills a whole segment"
+                ));
             } else {
                 segs.push(Segment::Literal(s.to_string()));
             }
@@ -245,7 +253,9 @@ impl PathMatch {
             PathMatch::Template(segs) => {
                 let mut parts = path.split('/').skip(1);
                 for seg in segs {
-                    let Some(part) = parts.next() else { return false };
+                    let Some(part) = parts.next() else {
+                        return false;
+                    };
                     match seg {
                         Segment::Literal(l) if l == part => {}
                         Segment::Literal(_) => return false,
@@ -345,7 +355,12 @@ mod tests {
     }
 
     fn key<'a>(path: &'a str, host: &'a str, m: &'a Method, h: &'a http::HeaderMap) -> RequestKey<'a> {
-        RequestKey { host, path, method: m, headers: h }
+        RequestKey {
+            host,
+            path,
+            method: m,
+            headers: h,
+        }
     }
 
     #[test]
@@ -379,7 +394,10 @@ mod tests {
     fn hosts_and_methods() {
         let h = http::HeaderMap::new();
         let m = Matcher {
-            hosts: vec![HostPattern::parse("API.example.com").unwrap(), HostPattern::parse("*.example.org").unwrap()],
+            hosts: vec![
+                HostPattern::parse("API.example.com").unwrap(),
+                HostPattern::parse("*.example.org").unwrap(),
+            ],
             path: PathMatch::Any,
             methods: vec![Method::GET],
             headers: vec![],

@@ -41,7 +41,9 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
 /// process signals are taken over except SIGHUP for reload).
 pub fn run_until(opts: RunOptions, shutdown: Box<dyn ShutdownSignalWatch>) -> Result<(), String> {
     let server = build(opts)?;
-    server.run(RunArgs { shutdown_signal: shutdown });
+    server.run(RunArgs {
+        shutdown_signal: shutdown,
+    });
     Ok(())
 }
 
@@ -50,8 +52,8 @@ fn build(opts: RunOptions) -> Result<Server, String> {
     crate::metrics::install_panic_hook();
     let shared = Shared::load(&opts.config, opts.registry).map_err(|e| e.to_string())?;
     let snap = shared.snapshot();
-    let conf: ServerConf = serde_yaml::from_value(serde_yaml::Value::Mapping(snap.server.clone()))
-        .map_err(|e| format!("server: {e}"))?;
+    let conf: ServerConf =
+        serde_yaml::from_value(serde_yaml::Value::Mapping(snap.server.clone())).map_err(|e| format!("server: {e}"))?;
     let mut args = vec!["portico"];
     if opts.upgrade {
         args.push("-u");
@@ -65,7 +67,11 @@ fn build(opts: RunOptions) -> Result<Server, String> {
     log::info!(
         "portico {} serving {} with {} route(s)",
         env!("CARGO_PKG_VERSION"),
-        snap.listeners.iter().map(|l| l.address.as_str()).collect::<Vec<_>>().join(", "),
+        snap.listeners
+            .iter()
+            .map(|l| l.address.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
         snap.routes.len()
     );
     Ok(server)
@@ -75,8 +81,12 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
     let snap = shared.snapshot();
     // One proxy service per protocol setting (h2c is a per-service option in Pingora).
     for h2c in [false, true] {
-        let addresses: Vec<String> =
-            snap.listeners.iter().filter(|l| l.http2 == h2c).map(|l| l.address.clone()).collect();
+        let addresses: Vec<String> = snap
+            .listeners
+            .iter()
+            .filter(|l| l.http2 == h2c)
+            .map(|l| l.address.clone())
+            .collect();
         if addresses.is_empty() {
             continue;
         }
@@ -86,20 +96,29 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
         options.keepalive_request_limit = Some(snap.limits.keepalive_requests);
         proxy.server_options = Some(options);
         let name = if h2c { "proxy h2c" } else { "proxy" };
-        let mut svc = Listening::new(name.to_string(), EdgeApp::new(proxy));
+        let mut svc = Listening::new(name.to_string(), EdgeApp::new(proxy, shared.clone()));
         for a in &addresses {
             svc.add_tcp(a);
         }
         server.add_service(ProxyService::new(svc, addresses, shared.clone()));
     }
     if let Some(admin) = &snap.admin {
-        let mut svc = Listening::new("admin".to_string(), HttpServer::new_app(AdminApp { shared: shared.clone() }));
+        let mut svc = Listening::new(
+            "admin".to_string(),
+            HttpServer::new_app(AdminApp { shared: shared.clone() }),
+        );
         svc.add_tcp(&admin.address);
         svc.threads = Some(1);
         server.add_service(svc);
     }
-    server.add_service(background_service("health checks", HealthChecker { shared: shared.clone() }));
-    server.add_service(background_service("sighup reload", ReloadOnSighup { shared: shared.clone() }));
+    server.add_service(background_service(
+        "health checks",
+        HealthChecker { shared: shared.clone() },
+    ));
+    server.add_service(background_service(
+        "sighup reload",
+        ReloadOnSighup { shared: shared.clone() },
+    ));
 }
 
 /// SIGHUP → reload (validate → compile → swap; a bad file keeps the old config).

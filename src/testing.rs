@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 /// A port nothing listens on right now (bound and released; a tiny race, fine on loopback).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// `127.0.0.1:<free port>`.
@@ -75,14 +78,16 @@ pub struct Response {
 impl Response {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).to_string()
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.text()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.text()))
     }
 }
 
@@ -99,10 +104,19 @@ pub struct Request<'a> {
 
 impl<'a> Request<'a> {
     pub fn get(path: &'a str) -> Self {
-        Request { method: "GET", path, headers: Vec::new(), body: None, from: None }
+        Request {
+            method: "GET",
+            path,
+            headers: Vec::new(),
+            body: None,
+            from: None,
+        }
     }
     pub fn new(method: &'a str, path: &'a str) -> Self {
-        Request { method, ..Request::get(path) }
+        Request {
+            method,
+            ..Request::get(path)
+        }
     }
     pub fn header(mut self, k: &'a str, v: impl Into<String>) -> Self {
         self.headers.push((k, v.into()));
@@ -150,7 +164,11 @@ pub fn send(addr: &str, req: &Request<'_>) -> std::io::Result<Response> {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     if let Some(b) = &req.body {
-        if !req.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding")) {
+        if !req
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"))
+        {
             head.push_str(&format!("content-length: {}\r\n", b.len()));
         }
     }
@@ -197,7 +215,10 @@ pub fn read_response(stream: &mut TcpStream, head_only: bool) -> std::io::Result
         }
         let n = stream.read(&mut chunk)?;
         if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before a response"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before a response",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     };
@@ -216,7 +237,11 @@ pub fn read_response(stream: &mut TcpStream, head_only: bool) -> std::io::Result
     let mut body = buf[head_end..].to_vec();
     let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     if head_only || status == 204 || status == 304 || (100..200).contains(&status) {
-        return Ok(Response { status, headers, body: Vec::new() });
+        return Ok(Response {
+            status,
+            headers,
+            body: Vec::new(),
+        });
     }
     if let Some(len) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
         while body.len() < len {
@@ -235,7 +260,10 @@ pub fn read_response(stream: &mut TcpStream, head_only: bool) -> std::io::Result
             }
             let n = stream.read(&mut chunk)?;
             if n == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "chunked body cut short"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "chunked body cut short",
+                ));
             }
             body.extend_from_slice(&chunk[..n]);
         }
@@ -257,7 +285,8 @@ fn dechunk(b: &[u8]) -> Option<Vec<u8>> {
     let mut i = 0;
     loop {
         let line_end = b[i..].windows(2).position(|w| w == b"\r\n")? + i;
-        let size = usize::from_str_radix(std::str::from_utf8(&b[i..line_end]).ok()?.split(';').next()?.trim(), 16).ok()?;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&b[i..line_end]).ok()?.split(';').next()?.trim(), 16).ok()?;
         i = line_end + 2;
         if size == 0 {
             return b[i..].windows(2).position(|w| w == b"\r\n").map(|_| out);
@@ -302,7 +331,13 @@ impl Portico {
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
             .expect("start portico");
-        Portico { child: Some(child), dir, config, stdout, stderr }
+        Portico {
+            child: Some(child),
+            dir,
+            config,
+            stdout,
+            stderr,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -331,7 +366,10 @@ impl Portico {
 
     /// Send a signal by name (`HUP`, `QUIT`, `TERM`, `INT`).
     pub fn signal(&self, name: &str) {
-        let ok = Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status();
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status();
         assert!(ok.is_ok_and(|s| s.success()), "kill -{name} failed");
     }
 
@@ -351,12 +389,18 @@ impl Portico {
     }
 
     pub fn logs(&self) -> String {
-        format!("--- stdout ---\n{}\n--- stderr ---\n{}", self.stdout_text(), self.stderr_text())
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout_text(),
+            self.stderr_text()
+        )
     }
 
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// Wait for the process to exit by itself; its exit code.

@@ -67,7 +67,8 @@ pub fn parse_traceparent(v: &str) -> Option<(String, String)> {
 /// A well-formed incoming request id: 1–128 characters of `A-Za-z0-9._:-`.
 pub fn valid_request_id(v: &[u8]) -> bool {
     (1..=128).contains(&v.len())
-        && v.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        && v.iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 impl TraceConfig {
@@ -122,7 +123,12 @@ mod tests {
     #[test]
     fn keeps_valid_incoming() {
         let mut h = HeaderMap::new();
-        h.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
+        h.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
         h.insert("x-request-id", "abc-123".parse().unwrap());
         let ids = cfg().ids_for(&h);
         assert_eq!(ids.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");

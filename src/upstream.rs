@@ -117,7 +117,9 @@ impl HealthRegistry {
     pub fn retain(&self, live: &HashMap<String, Arc<Upstream>>) {
         let mut map = self.map.lock().unwrap();
         map.retain(|(u, a), _| {
-            let keep = live.get(u).is_some_and(|up| up.endpoints.iter().any(|e| &e.address == a));
+            let keep = live
+                .get(u)
+                .is_some_and(|up| up.endpoints.iter().any(|e| &e.address == a));
             if !keep {
                 metrics::forget_endpoint(u, a);
             }
@@ -275,7 +277,9 @@ impl Upstream {
             Balance::RoundRobin => {
                 let len = self.rr_order.len();
                 let start = self.rr_next.fetch_add(1, Ordering::Relaxed);
-                (0..len).map(|k| self.rr_order[(start + k) % len] as usize).find(|&i| ok(i))
+                (0..len)
+                    .map(|k| self.rr_order[(start + k) % len] as usize)
+                    .find(|&i| ok(i))
             }
             Balance::Random => {
                 let total = *self.cumulative.last().unwrap_or(&0);
@@ -311,13 +315,10 @@ impl Upstream {
             }
             Balance::LeastRequests => {
                 let start = rand::random::<usize>() % n;
-                (0..n)
-                    .map(|k| (start + k) % n)
-                    .filter(|&i| ok(i))
-                    .min_by_key(|&i| {
-                        let e = &self.endpoints[i];
-                        (e.health.in_flight() as u64 * 1_000_000) / e.weight.max(1) as u64
-                    })
+                (0..n).map(|k| (start + k) % n).filter(|&i| ok(i)).min_by_key(|&i| {
+                    let e = &self.endpoints[i];
+                    (e.health.in_flight() as u64 * 1_000_000) / e.weight.max(1) as u64
+                })
             }
         }
     }
@@ -346,12 +347,22 @@ impl Upstream {
         let n = h.passive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= p.consecutive_failures && !h.is_ejected() {
             // Never eject the last usable endpoint.
-            let others = self.endpoints.iter().enumerate().any(|(j, e)| j != i && e.health.usable());
+            let others = self
+                .endpoints
+                .iter()
+                .enumerate()
+                .any(|(j, e)| j != i && e.health.usable());
             if others {
-                h.ejected_until_ms.store(now_ms() + p.eject_for.as_millis() as u64, Ordering::Relaxed);
+                h.ejected_until_ms
+                    .store(now_ms() + p.eject_for.as_millis() as u64, Ordering::Relaxed);
                 h.passive_failures.store(0, Ordering::Relaxed);
                 h.publish();
-                log::warn!("upstream {}: endpoint {} ejected for {:?} after {n} failures", self.name, self.endpoints[i].address, p.eject_for);
+                log::warn!(
+                    "upstream {}: endpoint {} ejected for {:?} after {n} failures",
+                    self.name,
+                    self.endpoints[i].address,
+                    p.eject_for
+                );
             }
         }
     }
@@ -376,7 +387,9 @@ impl Upstream {
             HashOn::Ip => from_ip(),
             HashOn::Path => path.as_bytes().to_vec(),
             HashOn::Header(h) => headers.get(h).map(|v| v.as_bytes().to_vec()).unwrap_or_else(from_ip),
-            HashOn::Cookie(name) => cookie(headers, name).map(|v| v.as_bytes().to_vec()).unwrap_or_else(from_ip),
+            HashOn::Cookie(name) => cookie(headers, name)
+                .map(|v| v.as_bytes().to_vec())
+                .unwrap_or_else(from_ip),
         }
     }
 }
@@ -410,7 +423,11 @@ fn smooth_weighted_order(weights: &[u64]) -> Vec<u16> {
     let total: i64 = w.iter().sum();
     if total > 1 << 16 {
         // Too long to unroll: fall back to blocks in proportion (still exact over a cycle).
-        return w.iter().enumerate().flat_map(|(i, &k)| std::iter::repeat_n(i as u16, k as usize)).collect();
+        return w
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &k)| std::iter::repeat_n(i as u16, k as usize))
+            .collect();
     }
     let mut current = vec![0i64; w.len()];
     let mut order = Vec::with_capacity(total as usize);
@@ -471,9 +488,16 @@ mod tests {
             None,
             false,
             None,
-            Some(PassiveSpec { consecutive_failures: 2, eject_for: Duration::from_secs(30) }),
+            Some(PassiveSpec {
+                consecutive_failures: 2,
+                eject_for: Duration::from_secs(30),
+            }),
             Timeouts::default(),
-            RetryPolicy { attempts: 1, on_connect_failure: true, on_reset: false },
+            RetryPolicy {
+                attempts: 1,
+                on_connect_failure: true,
+                on_reset: false,
+            },
         )
     }
 
@@ -497,7 +521,11 @@ mod tests {
         for _ in 0..10 {
             assert_ne!(u.select(None, &[]), Some(0));
         }
-        assert_eq!(u.select(None, &[1, 2]), Some(0), "all others tried: try the unhealthy one");
+        assert_eq!(
+            u.select(None, &[1, 2]),
+            Some(0),
+            "all others tried: try the unhealthy one"
+        );
         assert_eq!(u.select(None, &[0, 1, 2]), None);
         u.endpoints[0].health.record_probe(true, 1, 1);
         assert!((0..30).any(|_| u.select(None, &[]) == Some(0)));
@@ -510,8 +538,9 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(u.select(Some(b"user-1"), &[]), Some(a));
         }
-        let spread: std::collections::HashSet<_> =
-            (0..200).map(|k| u.select(Some(format!("user-{k}").as_bytes()), &[]).unwrap()).collect();
+        let spread: std::collections::HashSet<_> = (0..200)
+            .map(|k| u.select(Some(format!("user-{k}").as_bytes()), &[]).unwrap())
+            .collect();
         assert_eq!(spread.len(), 4);
     }
 

@@ -17,7 +17,11 @@ fn spread(gw: &Gw, path: &str, n: usize) -> HashMap<String, usize> {
 }
 
 fn healthy(gw: &Gw, upstream: &str, endpoint: &str) -> f64 {
-    metric(&gw.metrics(), "portico_upstream_healthy", &[("upstream", upstream), ("endpoint", endpoint)])
+    metric(
+        &gw.metrics(),
+        "portico_upstream_healthy",
+        &[("upstream", upstream), ("endpoint", endpoint)],
+    )
 }
 
 #[test]
@@ -57,11 +61,15 @@ routes:
     // An endpoint failing its health check stops getting traffic, and comes back.
     let e1_addr = e1.addr.to_string();
     e1.set_health(503);
-    wait_for("e1 to be marked unhealthy", Duration::from_secs(10), || (healthy(&gw, "checked", &e1_addr) == 0.0).then_some(()));
+    wait_for("e1 to be marked unhealthy", Duration::from_secs(10), || {
+        (healthy(&gw, "checked", &e1_addr) == 0.0).then_some(())
+    });
     let m = spread(&gw, "/h", 40);
     assert_eq!(m.get("e1"), None, "{m:?}");
     e1.set_health(200);
-    wait_for("e1 to be healthy again", Duration::from_secs(10), || (healthy(&gw, "checked", &e1_addr) == 1.0).then_some(()));
+    wait_for("e1 to be healthy again", Duration::from_secs(10), || {
+        (healthy(&gw, "checked", &e1_addr) == 1.0).then_some(())
+    });
     let m = spread(&gw, "/h", 40);
     assert!(m.get("e1").copied().unwrap_or(0) >= 10, "{m:?}");
 
@@ -71,7 +79,10 @@ routes:
     // Without retries, the dead endpoint's turns fail with the contract's 502.
     let statuses: Vec<u16> = (0..20).map(|_| gw.get("/n").status).collect();
     let failed = statuses.iter().filter(|s| **s == 502).count();
-    assert!(failed >= 5 && statuses.iter().all(|s| *s == 200 || *s == 502), "{statuses:?}");
+    assert!(
+        failed >= 5 && statuses.iter().all(|s| *s == 200 || *s == 502),
+        "{statuses:?}"
+    );
     let r = gw.get("/n");
     let r = if r.status == 502 { r } else { gw.get("/n") };
     assert_eq!(r.json()["error"], "upstream_unavailable");
@@ -86,7 +97,9 @@ routes:
     let route = "  - { name: added, upstream: added, match: { path_prefix: /added } }\n";
     gw.reload(&format!("{}{route}", body.replacen("upstreams:\n", &added, 1)));
     let n1_addr = n1.addr.to_string();
-    wait_for("n1 to be marked unhealthy", Duration::from_secs(10), || (healthy(&gw, "added", &n1_addr) == 0.0).then_some(()));
+    wait_for("n1 to be marked unhealthy", Duration::from_secs(10), || {
+        (healthy(&gw, "added", &n1_addr) == 0.0).then_some(())
+    });
     let m = spread(&gw, "/added", 30);
     assert_eq!(m.get("n2"), Some(&30), "{m:?}");
     assert_eq!(n1.requests(), 0);

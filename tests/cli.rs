@@ -8,8 +8,17 @@ use std::process::Command;
 fn check(yaml: &str) -> (i32, String) {
     let dir = TempDir::new("cli");
     let path = dir.write("c.yaml", yaml);
-    let out = Command::new(BIN).arg("-t").arg("-c").arg(&path).output().expect("run portico -t");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .arg("-t")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .expect("run portico -t");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -44,10 +53,16 @@ fn rejects_bad_configs_with_locations() {
         "{BASE}routes:\n  - {{ name: r, upstream: x }}\n  - {{ name: r, upstream: y }}\n"
     ));
     assert_eq!(code, 1);
-    assert!(out.contains("routes[0].upstream") && out.contains("routes[1].upstream") && out.contains("routes[1].name"), "{out}");
+    assert!(
+        out.contains("routes[0].upstream") && out.contains("routes[1].upstream") && out.contains("routes[1].name"),
+        "{out}"
+    );
     // Bad YAML and a missing file.
     assert_eq!(check("listeners: [").0, 1);
-    let out = Command::new(BIN).args(["-t", "-c", "/nonexistent/portico.yaml"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["-t", "-c", "/nonexistent/portico.yaml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
 
@@ -61,7 +76,12 @@ fn accepts_every_file_in_conf() {
             continue;
         }
         let out = Command::new(BIN).arg("-t").arg("-c").arg(&path).output().unwrap();
-        assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
         n += 1;
     }

@@ -38,7 +38,11 @@ fn demo_answers_the_commands_it_prints() {
     assert!(commands.len() >= 10, "too few commands in:\n{printed}");
     for cmd in &commands {
         assert!(cmd.starts_with("curl "), "{cmd}");
-        let out = Command::new("sh").arg("-c").arg(format!("{cmd} --max-time 10")).output().unwrap();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{cmd} --max-time 10"))
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{cmd} failed: {text}");
         assert!(!text.trim().is_empty(), "{cmd} printed nothing");
@@ -47,12 +51,18 @@ fn demo_answers_the_commands_it_prints() {
     // What the walkthrough promises.
     let users = get(&listen, "/users/7").unwrap();
     assert_eq!(echoed(&users)["path"], "/v1/users/7");
-    let traced = Request::get("/users/1").header("x-request-id", "demo-123").send(&listen).unwrap();
+    let traced = Request::get("/users/1")
+        .header("x-request-id", "demo-123")
+        .send(&listen)
+        .unwrap();
     assert_eq!(traced.header("x-request-id"), Some("demo-123"));
     let missing = get(&listen, "/nowhere").unwrap();
     assert_eq!(missing.status, 404);
     assert_eq!(missing.json()["trace_id"].as_str(), missing.header("x-request-id"));
-    let mediated = Request::get("/headers").header("x-secret", "hunter2").send(&listen).unwrap();
+    let mediated = Request::get("/headers")
+        .header("x-secret", "hunter2")
+        .send(&listen)
+        .unwrap();
     let e = echoed(&mediated);
     assert!(e["headers"].get("x-secret").is_none());
     assert_eq!(e["headers"]["x-client-ip"], "127.0.0.1");

@@ -65,7 +65,10 @@ fn sighup_reload_good_bad_and_under_load() {
     let clients: Vec<_> = (0..3).map(|_| hammer(gw.addr.clone(), stop.clone())).collect();
     for i in 0..6 {
         let target = if i % 2 == 0 { &a_addr } else { &b_addr };
-        gw.reload(&body_to(target, &format!("  - {{ name: extra{i}, upstream: u, match: {{ path_prefix: /x{i} }} }}\n")));
+        gw.reload(&body_to(
+            target,
+            &format!("  - {{ name: extra{i}, upstream: u, match: {{ path_prefix: /x{i} }} }}\n"),
+        ));
     }
     stop.store(true, Ordering::Relaxed);
     let (mut ok, mut failed) = (0, 0);
@@ -79,7 +82,9 @@ fn sighup_reload_good_bad_and_under_load() {
     assert!(ok > 20, "only {ok} requests ran");
     // A change to the listeners is reported, not applied.
     let before = gw.config_hash();
-    let text = gw.config(&body_to(&a_addr, "")).replace(&format!("address: {}", gw.addr), "address: 127.0.0.1:1");
+    let text = gw
+        .config(&body_to(&a_addr, ""))
+        .replace(&format!("address: {}", gw.addr), "address: 127.0.0.1:1");
     gw.p.rewrite_config(&text);
     let r = Request::new("POST", "/reload").send(&gw.admin).unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
@@ -91,30 +96,52 @@ fn sighup_reload_good_bad_and_under_load() {
 #[test]
 fn binary_upgrade_drops_nothing() {
     let up = EchoServer::start("up").unwrap();
-    let mut gw = Gw::start(&body_to(&up.addr.to_string(), ""));
+    // In-flight requests finish within the old process's grace period.
+    let mut gw = Gw::start_with_grace(&body_to(&up.addr.to_string(), ""), 2);
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..2).map(|_| hammer(gw.addr.clone(), stop.clone())).collect();
     let served_before = Arc::new(AtomicUsize::new(up.requests() as usize));
 
     // The safe order: validate, start the new process with -u, then SIGQUIT the old one.
-    let out = std::process::Command::new(BIN).arg("-t").arg("-c").arg(&gw.p.config).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("-t")
+        .arg("-c")
+        .arg(&gw.p.config)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let dir = TempDir::new("upgrade");
     let mut next = Portico::start_in(BIN, dir, gw.p.config.clone(), &["-u"]);
     let sock = gw.p.dir.file("upgrade.sock");
-    wait_for("the new process to wait on the upgrade socket", Duration::from_secs(10), || sock.exists().then_some(()));
+    wait_for(
+        "the new process to wait on the upgrade socket",
+        Duration::from_secs(10),
+        || sock.exists().then_some(()),
+    );
     gw.p.signal("QUIT");
     let code = gw.p.wait_exit(Duration::from_secs(30));
-    assert!(code.is_some(), "the old process should exit after handing over:\n{}", gw.p.logs());
+    assert!(
+        code.is_some(),
+        "the old process should exit after handing over:\n{}",
+        gw.p.logs()
+    );
     next.wait_ready(&gw.admin);
     // Traffic keeps flowing through the new process alone.
     let mark = up.requests();
-    wait_for("requests served by the new process", Duration::from_secs(10), || (up.requests() > mark + 20).then_some(()));
+    wait_for("requests served by the new process", Duration::from_secs(10), || {
+        (up.requests() > mark + 20).then_some(())
+    });
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
     for c in clients {
         let (ok, failed, first) = c.join().unwrap();
-        assert_eq!(failed, 0, "first failure: {first:?}\nold:\n{}\nnew:\n{}", gw.p.logs(), next.logs());
+        assert_eq!(
+            failed,
+            0,
+            "first failure: {first:?}\nold:\n{}\nnew:\n{}",
+            gw.p.logs(),
+            next.logs()
+        );
         total += ok;
     }
     assert!(total > 50, "{total}");
@@ -135,17 +162,34 @@ fn metrics_and_healthz() {
         let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line}"));
         assert!(value.parse::<f64>().is_ok(), "bad value in {line}");
         let name = series.split('{').next().unwrap();
-        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name in {line}");
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad name in {line}"
+        );
         if series.contains('{') {
             assert!(series.ends_with('}'), "bad labels in {line}");
         }
     }
-    assert_eq!(metric(&text, "portico_requests_total", &[("route", "main"), ("upstream", "u"), ("status", "200")]), 7.0);
-    assert_eq!(metric(&text, "portico_requests_total", &[("route", "none"), ("status", "404")]), 1.0);
+    assert_eq!(
+        metric(
+            &text,
+            "portico_requests_total",
+            &[("route", "main"), ("upstream", "u"), ("status", "200")]
+        ),
+        7.0
+    );
+    assert_eq!(
+        metric(&text, "portico_requests_total", &[("route", "none"), ("status", "404")]),
+        1.0
+    );
     assert!(metric(&text, "portico_request_duration_seconds_count", &[("route", "main")]) >= 7.0);
     assert_eq!(metric(&text, "portico_upstream_healthy", &[("upstream", "u")]), 1.0);
     assert_eq!(metric(&text, "portico_panics_total", &[]), 0.0);
-    for name in ["portico_config_reloads_total", "portico_panics_total", "portico_upstream_healthy"] {
+    for name in [
+        "portico_config_reloads_total",
+        "portico_panics_total",
+        "portico_upstream_healthy",
+    ] {
         assert!(text.contains(name), "{name} missing");
     }
     let r = get(&gw.admin, "/healthz").unwrap();
@@ -165,15 +209,23 @@ fn healthz_is_503_while_a_proxy_listener_is_down() {
     let taken = squatter.local_addr().unwrap().to_string();
     let (addr, admin) = (free_addr(), free_addr());
     let dir = TempDir::new("down");
-    let yaml = format!("{}{}", head(dir.path(), &addr, &admin), body_to(&up.addr.to_string(), ""))
-        .replace("admin:\n", &format!("  - address: {taken}\n    http2: true\nadmin:\n"));
+    let yaml = format!(
+        "{}{}",
+        head(dir.path(), &addr, &admin),
+        body_to(&up.addr.to_string(), "")
+    )
+    .replace("admin:\n", &format!("  - address: {taken}\n    http2: true\nadmin:\n"));
     let config = dir.write("portico.yaml", &yaml);
     let p = Portico::start_in(BIN, dir, config, &[]);
-    let r = wait_for("the admin listener", Duration::from_secs(20), || get(&admin, "/healthz").ok());
+    let r = wait_for("the admin listener", Duration::from_secs(20), || {
+        get(&admin, "/healthz").ok()
+    });
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains(&taken), "{}", r.text());
     // The listener that could bind still serves; healthz stays 503 while the other is down.
-    wait_for("the free listener", Duration::from_secs(20), || get(&addr, "/a").ok().filter(|r| r.status == 200));
+    wait_for("the free listener", Duration::from_secs(20), || {
+        get(&addr, "/a").ok().filter(|r| r.status == 200)
+    });
     assert_eq!(get(&admin, "/healthz").unwrap().status, 503);
     drop(p);
     drop(squatter);

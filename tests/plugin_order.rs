@@ -6,9 +6,9 @@ mod common;
 use common::*;
 use portico::async_trait::async_trait;
 use portico::config::ConfigError;
+use portico::pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use portico::server::{run_until, RunOptions};
 use portico::{BuildContext, Phases, Plugin, PluginKind, Registry, RequestHeader, RequestState, Verdict};
-use portico::pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -110,7 +110,12 @@ routes:
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let server = std::thread::spawn(move || {
         run_until(
-            RunOptions { config, upgrade: false, daemon: false, registry },
+            RunOptions {
+                config,
+                upgrade: false,
+                daemon: false,
+                registry,
+            },
             Box::new(Stop(tokio::sync::Mutex::new(rx))),
         )
     });

@@ -6,7 +6,11 @@ use common::*;
 
 #[test]
 fn routes_rewrite_and_forward_what_the_contract_says() {
-    let (a, b, c) = (EchoServer::start("a").unwrap(), EchoServer::start("b").unwrap(), EchoServer::start("c").unwrap());
+    let (a, b, c) = (
+        EchoServer::start("a").unwrap(),
+        EchoServer::start("b").unwrap(),
+        EchoServer::start("c").unwrap(),
+    );
     let gw = Gw::start(&format!(
         r#"
 upstreams:
@@ -40,19 +44,30 @@ routes:
     ));
 
     // Prefix + rewrite; Host defaults to the endpoint's address; X-Forwarded-*.
-    let r = gw.send(Request::get("/users/7?x=1").header("x-forwarded-for", "6.6.6.6").header("forwarded", "for=6.6.6.6"));
+    let r = gw.send(
+        Request::get("/users/7?x=1")
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("forwarded", "for=6.6.6.6"),
+    );
     assert_eq!(service(&r), "a");
     let e = echoed(&r);
     assert_eq!(e["path"], "/v1/users/7");
     assert_eq!(e["query"], "x=1");
     assert_eq!(e["headers"]["host"], a.addr.to_string());
-    assert_eq!(e["headers"]["x-forwarded-for"], "127.0.0.1", "a client's own X-Forwarded-For is replaced");
+    assert_eq!(
+        e["headers"]["x-forwarded-for"], "127.0.0.1",
+        "a client's own X-Forwarded-For is replaced"
+    );
     assert!(e["headers"].get("forwarded").is_none());
     assert_eq!(e["headers"]["x-forwarded-proto"], "http");
     assert_eq!(e["headers"]["x-forwarded-host"], gw.addr);
 
     // The upstream receives the normalised path the route decision saw.
-    for (raw, want) in [("//users/./7", "/v1/users/7"), ("/users/x/../8", "/v1/users/8"), ("/%75sers/9", "/v1/users/9")] {
+    for (raw, want) in [
+        ("//users/./7", "/v1/users/7"),
+        ("/users/x/../8", "/v1/users/8"),
+        ("/%75sers/9", "/v1/users/9"),
+    ] {
         assert_eq!(echoed(&gw.get(raw))["path"], want, "{raw}");
     }
     assert_eq!(gw.get("/users").json()["path"], "/v1/users");
@@ -77,14 +92,27 @@ routes:
     assert_eq!(gw.get("/posts").status, 404);
 
     // Header.
-    assert_eq!(service(&gw.send(Request::get("/tenant/x").header("x-tenant", "acme"))), "c");
-    assert_eq!(gw.send(Request::get("/tenant/x").header("x-tenant", "other")).status, 404);
+    assert_eq!(
+        service(&gw.send(Request::get("/tenant/x").header("x-tenant", "acme"))),
+        "c"
+    );
+    assert_eq!(
+        gw.send(Request::get("/tenant/x").header("x-tenant", "other")).status,
+        404
+    );
 
     // Hosts: exact (port ignored, case-insensitive) and wildcard.
     for host in ["api.example.com", "API.Example.com:8080", "a.b.example.org"] {
-        assert_eq!(service(&gw.send(Request::get("/anything").header("host", host))), "b", "{host}");
+        assert_eq!(
+            service(&gw.send(Request::get("/anything").header("host", host))),
+            "b",
+            "{host}"
+        );
     }
-    assert_eq!(gw.send(Request::get("/anything").header("host", "example.org")).status, 404);
+    assert_eq!(
+        gw.send(Request::get("/anything").header("host", "example.org")).status,
+        404
+    );
 
     // No route: JSON with the trace id the client also got.
     let r = gw.get("/nowhere");
@@ -101,5 +129,9 @@ routes:
         assert_eq!(r.status, 400, "{bad}");
         assert_eq!(r.json()["error"], "bad_request", "{bad}");
     }
-    assert_eq!(a.requests() + b.requests() + c.requests(), 12, "nothing else reached an upstream");
+    assert_eq!(
+        a.requests() + b.requests() + c.requests(),
+        12,
+        "nothing else reached an upstream"
+    );
 }

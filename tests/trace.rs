@@ -84,7 +84,10 @@ fn trace_ids_everywhere() {
     assert_eq!(r.json()["trace_id"], "err-trace-1");
     assert_eq!(r.header("x-request-id"), Some("err-trace-1"));
     let line = wait_for("the access log line", Duration::from_secs(5), || {
-        gw.p.stdout_text().lines().find(|l| l.contains("err-trace-1")).map(str::to_string)
+        gw.p.stdout_text()
+            .lines()
+            .find(|l| l.contains("err-trace-1"))
+            .map(str::to_string)
     });
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["trace_id"], "err-trace-1");

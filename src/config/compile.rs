@@ -89,7 +89,11 @@ impl Rewrite {
         match &self.add_prefix {
             Some(prefix) if rest.is_empty() => prefix.clone(),
             Some(prefix) => {
-                let rest = if rest.starts_with('/') { rest.to_string() } else { format!("/{rest}") };
+                let rest = if rest.starts_with('/') {
+                    rest.to_string()
+                } else {
+                    format!("/{rest}")
+                };
                 format!("{}{}", prefix.trim_end_matches('/'), rest)
             }
             None if rest.is_empty() => "/".to_string(),
@@ -163,7 +167,9 @@ impl ClientIpResolver {
             .collect();
         for hop in values.iter().rev().flat_map(|v| v.rsplit(',')) {
             let hop = hop.trim();
-            let Some(ip) = parse_forwarded_ip(hop) else { break };
+            let Some(ip) = parse_forwarded_ip(hop) else {
+                break;
+            };
             client = ip;
             if !self.is_trusted(ip) {
                 break;
@@ -188,10 +194,10 @@ pub fn load_file(
     health: &HealthRegistry,
     offline: bool,
 ) -> Result<Snapshot, ConfigErrors> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
-    let text = String::from_utf8(bytes)
-        .map_err(|_| ConfigError::new("", format!("{} is not UTF-8", path.display())))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| ConfigError::new("", format!("{} is not UTF-8", path.display())))?;
     compile(&text, path, registry, health, offline)
 }
 
@@ -242,9 +248,10 @@ pub fn compile(
     }
     if let Some(a) = &raw.admin {
         match a.address.parse::<SocketAddr>() {
-            Ok(addr) if seen_addrs.contains(&addr) => {
-                errs.push("admin.address", "the admin listener must not share a port with proxied traffic")
-            }
+            Ok(addr) if seen_addrs.contains(&addr) => errs.push(
+                "admin.address",
+                "the admin listener must not share a port with proxied traffic",
+            ),
             Ok(_) => {}
             Err(_) => errs.push("admin.address", format!("'{}' is not ip:port", a.address)),
         }
@@ -270,7 +277,10 @@ pub fn compile(
             trust_incoming: raw.trace.trust_incoming,
         },
         Err(_) => {
-            errs.push("trace.header", format!("'{}' is not a valid header name", raw.trace.header));
+            errs.push(
+                "trace.header",
+                format!("'{}' is not a valid header name", raw.trace.header),
+            );
             TraceConfig {
                 header: HeaderName::from_static("x-request-id"),
                 trust_incoming: raw.trace.trust_incoming,
@@ -278,9 +288,10 @@ pub fn compile(
         }
     };
 
-    let redis_url = raw.redis.as_ref().and_then(|r| {
-        secret("redis", r.url.as_deref(), r.url_env.as_deref(), "url", &mut errs)
-    });
+    let redis_url = raw
+        .redis
+        .as_ref()
+        .and_then(|r| secret("redis", r.url.as_deref(), r.url_env.as_deref(), "url", &mut errs));
 
     let consumers = Arc::new(compile_consumers(&raw.consumers, &mut errs));
 
@@ -343,8 +354,11 @@ pub fn compile(
                 None => {}
             }
         }
-        let mut all: Vec<Entry> =
-            global_entries.iter().filter(|g| !replaced.contains(&g.name)).cloned().collect();
+        let mut all: Vec<Entry> = global_entries
+            .iter()
+            .filter(|g| !replaced.contains(&g.name))
+            .cloned()
+            .collect();
         all.extend(entries);
         let chains = Chains::build(all);
         let answers = chains.all.iter().any(|e| e.kind == PluginKind::Answer);
@@ -372,7 +386,10 @@ pub fn compile(
             for (field, v) in [("strip_prefix", &rw.strip_prefix), ("add_prefix", &rw.add_prefix)] {
                 if let Some(v) = v {
                     if !v.starts_with('/') || crate::route::normalize_path(v).ok().as_deref() != Some(v.as_str()) {
-                        errs.push(format!("{loc}.rewrite.{field}"), format!("'{v}' must be a normalised path starting with '/'"));
+                        errs.push(
+                            format!("{loc}.rewrite.{field}"),
+                            format!("'{v}' must be a normalised path starting with '/'"),
+                        );
                     }
                 }
             }
@@ -397,7 +414,10 @@ pub fn compile(
                 idle: t.idle.map(|d| d.0),
             })
             .unwrap_or_default();
-        let max_body = r.max_request_body_bytes.map(|s| s.0).unwrap_or(limits.max_request_body_bytes);
+        let max_body = r
+            .max_request_body_bytes
+            .map(|s| s.0)
+            .unwrap_or(limits.max_request_body_bytes);
 
         if let Some(matcher) = matcher {
             routes.push(Arc::new(Route {
@@ -447,7 +467,10 @@ fn secret(loc: &str, inline: Option<&str>, env: Option<&str>, field: &str, errs:
         (None, Some(var)) => match std::env::var(var) {
             Ok(v) if !v.is_empty() => Some(v),
             _ => {
-                errs.push(format!("{loc}.{field}_env"), format!("environment variable '{var}' is not set"));
+                errs.push(
+                    format!("{loc}.{field}_env"),
+                    format!("environment variable '{var}' is not set"),
+                );
                 None
             }
         },
@@ -473,7 +496,10 @@ fn check_server(server: &serde_yaml::Mapping, errs: &mut ConfigErrors) -> serde_
             names.sort();
             errs.push(
                 "server",
-                format!("unknown field '{key}', expected one of Pingora's server settings: {}", names.join(", ")),
+                format!(
+                    "unknown field '{key}', expected one of Pingora's server settings: {}",
+                    names.join(", ")
+                ),
             );
             continue;
         }
@@ -498,7 +524,10 @@ fn check_server(server: &serde_yaml::Mapping, errs: &mut ConfigErrors) -> serde_
 
 fn check_limits(l: &raw::Limits, errs: &mut ConfigErrors) -> Limits {
     if l.max_request_header_bytes.0 < 1024 || l.max_request_header_bytes.0 > 1 << 20 {
-        errs.push("limits.max_request_header_bytes", "must be between 1KiB and 1MiB (Pingora's own ceiling)");
+        errs.push(
+            "limits.max_request_header_bytes",
+            "must be between 1KiB and 1MiB (Pingora's own ceiling)",
+        );
     }
     if l.header_timeout.0 < Duration::from_millis(100) {
         errs.push("limits.header_timeout", "must be at least 100ms");
@@ -525,24 +554,40 @@ fn compile_consumers(list: &[raw::Consumer], errs: &mut ConfigErrors) -> Consume
             errs.push(format!("{loc}.name"), format!("duplicate consumer '{}'", con.name));
         }
         c.names.push(con.name.clone());
-        let mut keys: Vec<[u8; 32]> = con.api_keys.iter().map(|k| Sha256::digest(k.as_bytes()).into()).collect();
+        let mut keys: Vec<[u8; 32]> = con
+            .api_keys
+            .iter()
+            .map(|k| Sha256::digest(k.as_bytes()).into())
+            .collect();
         if let Some(var) = &con.api_keys_env {
             match std::env::var(var) {
                 Ok(v) => keys.extend(
-                    v.split(',').map(str::trim).filter(|k| !k.is_empty()).map(|k| -> [u8; 32] { Sha256::digest(k.as_bytes()).into() }),
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|k| !k.is_empty())
+                        .map(|k| -> [u8; 32] { Sha256::digest(k.as_bytes()).into() }),
                 ),
-                Err(_) => errs.push(format!("{loc}.api_keys_env"), format!("environment variable '{var}' is not set")),
+                Err(_) => errs.push(
+                    format!("{loc}.api_keys_env"),
+                    format!("environment variable '{var}' is not set"),
+                ),
             }
         }
         for (j, h) in con.api_key_sha256.iter().enumerate() {
             match hex::decode(h.trim()).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()) {
                 Some(d) => keys.push(d),
-                None => errs.push(format!("{loc}.api_key_sha256[{j}]"), "must be 64 hex digits (a SHA-256)"),
+                None => errs.push(
+                    format!("{loc}.api_key_sha256[{j}]"),
+                    "must be 64 hex digits (a SHA-256)",
+                ),
             }
         }
         for k in keys {
             if let Some(other) = c.by_key_sha256.insert(k, con.name.clone()) {
-                errs.push(format!("{loc}"), format!("an API key of '{}' is also a key of '{other}'", con.name));
+                errs.push(
+                    loc.to_string(),
+                    format!("an API key of '{}' is also a key of '{other}'", con.name),
+                );
             }
         }
     }
@@ -592,7 +637,10 @@ fn compile_match(m: &raw::Match, loc: &str, errs: &mut ConfigErrors) -> Option<M
     }
     let mut headers = Vec::new();
     for (k, v) in &m.headers {
-        match (HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()), HeaderValue::from_str(v)) {
+        match (
+            HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
             (Ok(k), Ok(v)) => headers.push((k, v)),
             _ => {
                 errs.push(format!("{loc}.headers.{k}"), "not a valid header name and value");
@@ -600,7 +648,12 @@ fn compile_match(m: &raw::Match, loc: &str, errs: &mut ConfigErrors) -> Option<M
             }
         }
     }
-    ok.then_some(Matcher { hosts, path, methods, headers })
+    ok.then_some(Matcher {
+        hosts,
+        path,
+        methods,
+        headers,
+    })
 }
 
 fn compile_upstream(
@@ -646,16 +699,25 @@ fn compile_upstream(
             HashOn::Ip
         }),
         (Some(_), _) => {
-            errs.push(format!("{loc}.hash_on"), "'hash_on' only applies to 'balance: consistent_hash'");
+            errs.push(
+                format!("{loc}.hash_on"),
+                "'hash_on' only applies to 'balance: consistent_hash'",
+            );
             HashOn::Ip
         }
         (None, _) => HashOn::Ip,
     };
     if u.tls.is_some() {
-        errs.push(format!("{loc}.tls"), "TLS to upstreams is not available in this build yet (see the README's roadmap)");
+        errs.push(
+            format!("{loc}.tls"),
+            "TLS to upstreams is not available in this build yet (see the README's roadmap)",
+        );
     }
     if u.protocol == Protocol::H2 {
-        errs.push(format!("{loc}.protocol"), "'h2' needs TLS to the upstream; use 'h2c' for plaintext HTTP/2");
+        errs.push(
+            format!("{loc}.protocol"),
+            "'h2' needs TLS to the upstream; use 'h2c' for plaintext HTTP/2",
+        );
     }
     if let Some(h) = &u.host {
         if HeaderValue::from_str(h).is_err() || h.is_empty() {
@@ -669,18 +731,27 @@ fn compile_upstream(
             errs.push(format!("{loc}.health_check.interval"), "must be at least 100ms");
         }
         if timeout > interval {
-            errs.push(format!("{loc}.health_check.timeout"), "must not be longer than the interval");
+            errs.push(
+                format!("{loc}.health_check.timeout"),
+                "must not be longer than the interval",
+            );
         }
         let path = h.path.clone().unwrap_or_else(|| "/".into());
         if h.kind == CheckKind::Tcp && (h.path.is_some() || h.healthy_status.is_some()) {
-            errs.push(format!("{loc}.health_check"), "'path' and 'healthy_status' apply to 'kind: http' only");
+            errs.push(
+                format!("{loc}.health_check"),
+                "'path' and 'healthy_status' apply to 'kind: http' only",
+            );
         }
         if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
             errs.push(format!("{loc}.health_check.path"), "must be a path starting with '/'");
         }
         let healthy_status = h.healthy_status.clone().unwrap_or_else(|| vec![200]);
         if healthy_status.is_empty() || healthy_status.iter().any(|s| !(100..=599).contains(s)) {
-            errs.push(format!("{loc}.health_check.healthy_status"), "a non-empty list of HTTP status codes");
+            errs.push(
+                format!("{loc}.health_check.healthy_status"),
+                "a non-empty list of HTTP status codes",
+            );
         }
         let th = |v: Option<u32>, f: &str, errs: &mut ConfigErrors| {
             let v = v.unwrap_or(1);
@@ -718,22 +789,37 @@ fn compile_upstream(
         write: t.write.map(|x| x.0).unwrap_or(d.write),
         idle: t.idle.map(|x| x.0).unwrap_or(d.idle),
     };
-    for (f, v) in [("connect", timeouts.connect), ("read", timeouts.read), ("write", timeouts.write)] {
+    for (f, v) in [
+        ("connect", timeouts.connect),
+        ("read", timeouts.read),
+        ("write", timeouts.write),
+    ] {
         if v.is_zero() {
             errs.push(format!("{loc}.timeouts.{f}"), "must be more than 0");
         }
     }
     let retries = match &u.retries {
-        None => RetryPolicy { attempts: 1, on_connect_failure: true, on_reset: false },
+        None => RetryPolicy {
+            attempts: 1,
+            on_connect_failure: true,
+            on_reset: false,
+        },
         Some(r) => {
             if r.attempts > 10 {
                 errs.push(format!("{loc}.retries.attempts"), "at most 10");
             }
             if r.budget.is_some() {
-                errs.push(format!("{loc}.retries.budget"), "retry budgets are not available in this build yet (see the README's roadmap)");
+                errs.push(
+                    format!("{loc}.retries.budget"),
+                    "retry budgets are not available in this build yet (see the README's roadmap)",
+                );
             }
             let on = r.on.clone().unwrap_or_else(|| vec!["connect_failure".into()]);
-            let mut p = RetryPolicy { attempts: r.attempts, on_connect_failure: false, on_reset: false };
+            let mut p = RetryPolicy {
+                attempts: r.attempts,
+                on_connect_failure: false,
+                on_reset: false,
+            };
             for (i, cond) in on.iter().enumerate() {
                 match cond.as_str() {
                     "connect_failure" => p.on_connect_failure = true,
@@ -852,7 +938,10 @@ fn build_plugin(
                 (false, true) => format!("{ploc}{}", e.location),
                 (false, false) => format!("{ploc}.{}", e.location),
             };
-            errs.0.push(ConfigError { location, message: e.message });
+            errs.0.push(ConfigError {
+                location,
+                message: e.message,
+            });
             None
         }
     }
@@ -863,7 +952,13 @@ mod tests {
     use super::*;
 
     fn check(yaml: &str) -> Result<Snapshot, ConfigErrors> {
-        compile(yaml, Path::new("test.yaml"), &Registry::builtin(), &HealthRegistry::default(), true)
+        compile(
+            yaml,
+            Path::new("test.yaml"),
+            &Registry::builtin(),
+            &HealthRegistry::default(),
+            true,
+        )
     }
 
     fn errors(yaml: &str) -> String {
@@ -884,44 +979,70 @@ mod tests {
 
     #[test]
     fn errors_are_located() {
-        let e = errors(&format!("{BASE}routes:\n  - {{name: r, upstream: a, match: {{path_prefx: /x}}}}\n"));
+        let e = errors(&format!(
+            "{BASE}routes:\n  - {{name: r, upstream: a, match: {{path_prefx: /x}}}}\n"
+        ));
         assert!(e.contains("routes[0].match: unknown field 'path_prefx'"), "{e}");
         let e = errors(&format!("{BASE}routes:\n  - {{name: r, upstream: b}}\n"));
         assert!(e.contains("routes[0].upstream: no upstream named 'b'"), "{e}");
-        let e = errors(&format!("{BASE}routes:\n  - {{name: r, upstream: a}}\n  - {{name: r, upstream: a}}\n"));
+        let e = errors(&format!(
+            "{BASE}routes:\n  - {{name: r, upstream: a}}\n  - {{name: r, upstream: a}}\n"
+        ));
         assert!(e.contains("routes[1].name: duplicate route name 'r'"), "{e}");
-        let e = errors(&format!("{BASE}routes:\n  - {{name: r, upstream: a, plugins: [nope: {{}}]}}\n"));
+        let e = errors(&format!(
+            "{BASE}routes:\n  - {{name: r, upstream: a, plugins: [nope: {{}}]}}\n"
+        ));
         assert!(e.contains("routes[0].plugins[0]: unknown plugin 'nope'"), "{e}");
-        let e = errors(&format!("{BASE}client_ip: {{trusted_proxies: [10.0.0.0/33]}}\nroutes: []\n"));
+        let e = errors(&format!(
+            "{BASE}client_ip: {{trusted_proxies: [10.0.0.0/33]}}\nroutes: []\n"
+        ));
         assert!(e.contains("client_ip.trusted_proxies[0]"), "{e}");
         let e = errors(&format!("{BASE}limits: {{header_timeout: fast}}\nroutes: []\n"));
-        assert!(e.contains("limits.header_timeout") && e.contains("invalid duration"), "{e}");
+        assert!(
+            e.contains("limits.header_timeout") && e.contains("invalid duration"),
+            "{e}"
+        );
         let e = errors(&format!("{BASE}server: {{thread: 2}}\nroutes: []\n"));
         assert!(e.contains("server: unknown field 'thread'"), "{e}");
         let e = errors(&format!(
             "{BASE}routes:\n  - {{name: r, upstream: a, plugins: [headers: {{request: {{sett: {{}}}}}}]}}\n"
         ));
-        assert!(e.contains("routes[0].plugins[0].headers.request: unknown field 'sett'"), "{e}");
+        assert!(
+            e.contains("routes[0].plugins[0].headers.request: unknown field 'sett'"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unresolvable_host_is_a_config_error() {
         let yaml = "listeners: [{address: 127.0.0.1:1}]\nupstreams:\n  a: {endpoints: [no-such-host.invalid:80]}\n";
-        let e = compile(yaml, Path::new("t.yaml"), &Registry::builtin(), &HealthRegistry::default(), false)
-            .err()
-            .expect("an unresolvable name is an error at load")
-            .to_string();
+        let e = compile(
+            yaml,
+            Path::new("t.yaml"),
+            &Registry::builtin(),
+            &HealthRegistry::default(),
+            false,
+        )
+        .err()
+        .expect("an unresolvable name is an error at load")
+        .to_string();
         assert!(e.contains("upstreams.a.endpoints[0]"), "{e}");
         assert!(check(yaml).is_ok(), "-t checks syntax only, offline");
     }
 
     #[test]
     fn rewrite() {
-        let rw = Rewrite { strip_prefix: Some("/users".into()), add_prefix: Some("/v1/users".into()) };
+        let rw = Rewrite {
+            strip_prefix: Some("/users".into()),
+            add_prefix: Some("/v1/users".into()),
+        };
         assert_eq!(rw.apply("/users"), "/v1/users");
         assert_eq!(rw.apply("/users/7"), "/v1/users/7");
         assert_eq!(rw.apply("/users/"), "/v1/users/");
-        let rw = Rewrite { strip_prefix: Some("/api".into()), add_prefix: None };
+        let rw = Rewrite {
+            strip_prefix: Some("/api".into()),
+            add_prefix: None,
+        };
         assert_eq!(rw.apply("/api/x"), "/x");
         assert_eq!(rw.apply("/api"), "/");
         assert_eq!(rw.apply("/apix"), "/apix");
@@ -929,15 +1050,23 @@ mod tests {
 
     #[test]
     fn client_ip_walks_trusted_hops() {
-        let r = ClientIpResolver { trusted: vec!["10.0.0.0/8".parse().unwrap()] };
+        let r = ClientIpResolver {
+            trusted: vec!["10.0.0.0/8".parse().unwrap()],
+        };
         let mut h = http::HeaderMap::new();
         h.append("x-forwarded-for", "1.1.1.1, 2.2.2.2, 10.0.0.5".parse().unwrap());
         let peer: IpAddr = "10.0.0.1".parse().unwrap();
         assert_eq!(r.resolve(peer, &h), "2.2.2.2".parse::<IpAddr>().unwrap());
-        assert_eq!(r.resolve("9.9.9.9".parse().unwrap(), &h), "9.9.9.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            r.resolve("9.9.9.9".parse().unwrap(), &h),
+            "9.9.9.9".parse::<IpAddr>().unwrap()
+        );
         let mut junk = http::HeaderMap::new();
         junk.append("x-forwarded-for", "1.1.1.1, junk".parse().unwrap());
         assert_eq!(r.resolve(peer, &junk), peer);
-        assert_eq!(r.resolve("::ffff:9.9.9.9".parse().unwrap(), &h), "9.9.9.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            r.resolve("::ffff:9.9.9.9".parse().unwrap(), &h),
+            "9.9.9.9".parse::<IpAddr>().unwrap()
+        );
     }
 }

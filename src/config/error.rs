@@ -37,10 +37,7 @@ impl ConfigError {
 }
 
 fn looks_like_path(p: &str) -> bool {
-    !p.is_empty()
-        && !p.contains(' ')
-        && p.chars()
-            .all(|c| c.is_alphanumeric() || "_-.[]*:/".contains(c))
+    !p.is_empty() && !p.contains(' ') && p.chars().all(|c| c.is_alphanumeric() || "_-.[]*:/".contains(c))
 }
 
 /// serde quotes names with backticks; users read single quotes.

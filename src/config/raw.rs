@@ -197,9 +197,9 @@ impl<'de> Deserialize<'de> for EndpointSpec {
             Short(String),
             Full(Full),
         }
-        match Either::deserialize(d).map_err(|_| {
-            de::Error::custom("an endpoint is `host:port` or `{ address: host:port, weight: N }`")
-        })? {
+        match Either::deserialize(d)
+            .map_err(|_| de::Error::custom("an endpoint is `host:port` or `{ address: host:port, weight: N }`"))?
+        {
             Either::Short(address) => Ok(EndpointSpec { address, weight: 1 }),
             Either::Full(f) => Ok(EndpointSpec {
                 address: f.address,

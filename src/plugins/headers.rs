@@ -137,8 +137,18 @@ pub struct Headers {
 
 impl Headers {
     pub fn new(cfg: Config, _ctx: &BuildContext) -> Result<Self, ConfigError> {
-        let request = cfg.request.as_ref().map(|r| Compiled::build(r, "request")).transpose()?.unwrap_or_default();
-        let response = cfg.response.as_ref().map(|r| Compiled::build(r, "response")).transpose()?.unwrap_or_default();
+        let request = cfg
+            .request
+            .as_ref()
+            .map(|r| Compiled::build(r, "request"))
+            .transpose()?
+            .unwrap_or_default();
+        let response = cfg
+            .response
+            .as_ref()
+            .map(|r| Compiled::build(r, "response"))
+            .transpose()?
+            .unwrap_or_default();
         Ok(Headers { request, response })
     }
 }
@@ -213,7 +223,9 @@ mod tests {
             consumers: vec![],
         };
         let cfg: Config = ctx
-            .parse(&serde_yaml::from_str("response: {remove: [server], set: {x-a: '1'}, add: {x-b: '${route}'}}").unwrap())
+            .parse(
+                &serde_yaml::from_str("response: {remove: [server], set: {x-a: '1'}, add: {x-b: '${route}'}}").unwrap(),
+            )
             .unwrap();
         let p = Headers::new(cfg, &ctx).unwrap();
         assert_eq!(p.phases(), Phases::RESPONSE);

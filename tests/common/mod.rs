@@ -1,5 +1,5 @@
 //! Shared harness: a Portico process on free ports with the test's config body.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub use portico::echo::EchoServer;
 pub use portico::testing::*;
@@ -16,8 +16,13 @@ pub struct Gw {
 
 /// The parts every test config shares: fast shutdown, private pid and upgrade socket files.
 pub fn head(dir: &std::path::Path, addr: &str, admin: &str) -> String {
+    head_with_grace(dir, addr, admin, 0)
+}
+
+/// As [`head`], with a drain period for in-flight requests at shutdown.
+pub fn head_with_grace(dir: &std::path::Path, addr: &str, admin: &str, grace: u64) -> String {
     format!(
-        "server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n  pid_file: {d}/portico.pid\n  upgrade_sock: {d}/upgrade.sock\nlisteners:\n  - address: {addr}\nadmin:\n  address: {admin}\n",
+        "server:\n  threads: 2\n  grace_period_seconds: {grace}\n  graceful_shutdown_timeout_seconds: 1\n  pid_file: {d}/portico.pid\n  upgrade_sock: {d}/upgrade.sock\nlisteners:\n  - address: {addr}\nadmin:\n  address: {admin}\n",
         d = dir.display()
     )
 }
@@ -25,9 +30,17 @@ pub fn head(dir: &std::path::Path, addr: &str, admin: &str) -> String {
 impl Gw {
     /// Start a gateway whose config is `head` + `body`, and wait until it serves.
     pub fn start(body: &str) -> Gw {
+        Gw::start_with_grace(body, 0)
+    }
+
+    /// Start with `grace_period_seconds: grace` (in-flight requests finish within it).
+    pub fn start_with_grace(body: &str, grace: u64) -> Gw {
         let (addr, admin) = (free_addr(), free_addr());
         let dir = TempDir::new("gw");
-        let config = dir.write("portico.yaml", &format!("{}{body}", head(dir.path(), &addr, &admin)));
+        let config = dir.write(
+            "portico.yaml",
+            &format!("{}{body}", head_with_grace(dir.path(), &addr, &admin, grace)),
+        );
         let mut p = Portico::start_in(BIN, dir, config, &[]);
         p.wait_ready(&admin);
         Gw { p, addr, admin }
@@ -43,7 +56,8 @@ impl Gw {
     }
 
     pub fn send(&self, req: Request<'_>) -> Response {
-        req.send(&self.addr).unwrap_or_else(|e| panic!("{} {}: {e}\n{}", req.method, req.path, self.p.logs()))
+        req.send(&self.addr)
+            .unwrap_or_else(|e| panic!("{} {}: {e}\n{}", req.method, req.path, self.p.logs()))
     }
 
     pub fn metrics(&self) -> String {
@@ -52,7 +66,10 @@ impl Gw {
 
     /// The active config's hash (changes when a reload takes effect).
     pub fn config_hash(&self) -> String {
-        get(&self.admin, "/config").expect("config").json()["hash"].as_str().unwrap().to_string()
+        get(&self.admin, "/config").expect("config").json()["hash"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     /// Rewrite the config, send SIGHUP, and wait until the new one is live.

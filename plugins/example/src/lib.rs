@@ -15,7 +15,9 @@
 use portico::async_trait::async_trait;
 use portico::config::ConfigError;
 use portico::http::HeaderName;
-use portico::{BuildContext, Phases, Plugin, PluginKind, Registry, Reply, RequestHeader, RequestState, ResponseHeader, Verdict};
+use portico::{
+    BuildContext, Phases, Plugin, PluginKind, Registry, Reply, RequestHeader, RequestState, ResponseHeader, Verdict,
+};
 use serde::Deserialize;
 
 /// The plugin's YAML block. `deny_unknown_fields` makes a typo a located config error.
@@ -42,7 +44,10 @@ impl DenyHeader {
     pub fn new(cfg: Config, _ctx: &BuildContext) -> Result<Self, ConfigError> {
         let header = HeaderName::from_bytes(cfg.header.to_ascii_lowercase().as_bytes())
             .map_err(|_| ConfigError::new("header", format!("'{}' is not a valid header name", cfg.header)))?;
-        Ok(DenyHeader { header, message: cfg.message })
+        Ok(DenyHeader {
+            header,
+            message: cfg.message,
+        })
     }
 }
 
