@@ -133,18 +133,34 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
         headers: &req.headers,
     };
     let mut params = Vec::new();
-    let route = snap
+    let mut route = snap
         .routes
         .iter()
         .find(|r| r.matcher.matches(&key, &mut params))
-        .cloned()
-        .ok_or_else(|| {
-            Reply::error(
-                404,
-                "no_route",
-                format!("no route matches {} {}", req.method, ctx.st.path),
-            )
-        })?;
+        .cloned();
+    // A CORS preflight asks about another method: route it as that method would be, so the
+    // route's cors plugin can answer it.
+    if route.is_none() && req.method == Method::OPTIONS {
+        let asked = req
+            .headers
+            .get("access-control-request-method")
+            .and_then(|v| Method::from_bytes(v.as_bytes()).ok());
+        if let Some(m) = asked {
+            let key = RequestKey { method: &m, ..key };
+            route = snap
+                .routes
+                .iter()
+                .find(|r| r.matcher.matches(&key, &mut params))
+                .cloned();
+        }
+    }
+    let route = route.ok_or_else(|| {
+        Reply::error(
+            404,
+            "no_route",
+            format!("no route matches {} {}", req.method, ctx.st.path),
+        )
+    })?;
     ctx.st.params = params;
     ctx.st.route = route.name.clone();
     ctx.body_limit = route.max_request_body_bytes;
@@ -352,11 +368,11 @@ pub fn count_request_body(body: &mut Option<Bytes>, ctx: &mut Ctx) -> Result<()>
 }
 
 /// The response head going to the client: the trace header, then the response plugins.
-pub fn finish_response_head(resp: &mut ResponseHeader, ctx: &mut Ctx) {
+pub fn finish_response_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx: &mut Ctx) {
     let _ = resp.insert_header(ctx.snap.trace.header.clone(), ctx.st.trace.request_id.as_str());
     let chains = ctx.chains();
     for entry in &chains.response {
-        entry.plugin.response(resp, &mut ctx.st);
+        entry.plugin.response(req, resp, &mut ctx.st);
     }
 }
 
@@ -364,7 +380,7 @@ pub fn finish_response_head(resp: &mut ResponseHeader, ctx: &mut Ctx) {
 pub async fn send_reply(session: &mut Session, ctx: &mut Ctx, reply: Reply) -> Result<()> {
     let (mut head, body) = respond::render(&reply, &ctx.st, ctx.grpc);
     ctx.error_code = reply.error_code();
-    finish_response_head(&mut head, ctx);
+    finish_response_head(session.req_header(), &mut head, ctx);
     // A request body we did not read would be parsed as the next request: close instead.
     let unread_body = !session.is_body_empty() && ctx.body_seen == 0;
     if unread_body || reply.status == 413 || reply.status == 400 {

@@ -26,6 +26,7 @@ pub mod shared;
 pub mod testing;
 pub mod trace;
 pub mod upstream;
+pub mod util;
 
 pub use config::{ConfigError, ConfigErrors, Snapshot};
 /// Re-exported so plugin crates use the same types Portico does.

@@ -237,7 +237,8 @@ pub trait Plugin: Send + Sync + 'static {
     fn upstream_request(&self, _req: &mut RequestHeader, _st: &RequestState) {}
 
     /// The response head going to the client, from the upstream or from Portico itself.
-    fn response(&self, _resp: &mut ResponseHeader, _st: &mut RequestState) {}
+    /// `req` is the client's request head.
+    fn response(&self, _req: &RequestHeader, _resp: &mut ResponseHeader, _st: &mut RequestState) {}
 
     /// A response body chunk (`None` at a bodiless end); may rewrite or hold back bytes.
     fn response_body(&self, _body: &mut Option<Bytes>, _end_of_stream: bool, _st: &mut RequestState) {}
@@ -258,8 +259,8 @@ pub struct BuildContext {
     pub route_params: Vec<String>,
     /// Names of every upstream in the config.
     pub upstreams: Vec<String>,
-    /// Names of every consumer in the config.
-    pub consumers: Vec<String>,
+    /// The config's consumers (names, and API keys by hash).
+    pub consumers: std::sync::Arc<crate::config::Consumers>,
 }
 
 impl BuildContext {

@@ -97,8 +97,8 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
-        exchange::finish_response_head(resp, ctx);
+    async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+        exchange::finish_response_head(session.req_header(), resp, ctx);
         Ok(())
     }
 

@@ -387,23 +387,11 @@ impl Upstream {
             HashOn::Ip => from_ip(),
             HashOn::Path => path.as_bytes().to_vec(),
             HashOn::Header(h) => headers.get(h).map(|v| v.as_bytes().to_vec()).unwrap_or_else(from_ip),
-            HashOn::Cookie(name) => cookie(headers, name)
+            HashOn::Cookie(name) => crate::util::cookie(headers, name)
                 .map(|v| v.as_bytes().to_vec())
                 .unwrap_or_else(from_ip),
         }
     }
-}
-
-/// The value of cookie `name` in the request's `Cookie` headers.
-pub fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
 }
 
 /// Counts a request in flight to an endpoint for as long as it lives.

@@ -311,7 +311,7 @@ pub fn compile(
         route: route.map(str::to_string),
         route_params: params,
         upstreams: upstream_names.clone(),
-        consumers: consumers.names.clone(),
+        consumers: consumers.clone(),
     };
     let global_ctx = ctx_for(None, vec![]);
     let mut global_entries = Vec::new();

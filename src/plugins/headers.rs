@@ -191,7 +191,7 @@ impl Plugin for Headers {
         apply_rules!(self.request, req, st);
     }
 
-    fn response(&self, resp: &mut ResponseHeader, st: &mut RequestState) {
+    fn response(&self, _req: &RequestHeader, resp: &mut ResponseHeader, st: &mut RequestState) {
         apply_rules!(self.response, resp, &*st);
     }
 }
@@ -220,7 +220,7 @@ mod tests {
             route: None,
             route_params: vec![],
             upstreams: vec![],
-            consumers: vec![],
+            consumers: Default::default(),
         };
         let cfg: Config = ctx
             .parse(
@@ -233,7 +233,7 @@ mod tests {
         st.route = "r1".into();
         let mut resp = ResponseHeader::build(200, None).unwrap();
         resp.insert_header("server", "x").unwrap();
-        p.response(&mut resp, &mut st);
+        p.response(&RequestHeader::build("GET", b"/", None).unwrap(), &mut resp, &mut st);
         assert!(resp.headers.get("server").is_none());
         assert_eq!(resp.headers.get("x-a").unwrap(), "1");
         assert_eq!(resp.headers.get("x-b").unwrap(), "r1");

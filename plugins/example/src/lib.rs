@@ -69,7 +69,7 @@ impl Plugin for DenyHeader {
         Verdict::Continue
     }
 
-    fn response(&self, resp: &mut ResponseHeader, _st: &mut RequestState) {
+    fn response(&self, _req: &RequestHeader, resp: &mut ResponseHeader, _st: &mut RequestState) {
         let _ = resp.insert_header("x-guarded-by", "deny_header");
     }
 }

@@ -1,0 +1,70 @@
+//! Small HTTP helpers shared by the core and plugins.
+
+use http::HeaderMap;
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// The (percent-decoded) value of query parameter `name`.
+pub fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
+    let q = uri.query()?;
+    q.split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .find(|(k, _)| percent_encoding::percent_decode_str(k).decode_utf8_lossy() == name)
+        .map(|(_, v)| {
+            percent_encoding::percent_decode_str(&v.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+}
+
+/// `uri` without query parameter `name` (every occurrence).
+pub fn without_query_param(uri: &http::Uri, name: &str) -> Option<http::Uri> {
+    let q = uri.query()?;
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|kv| {
+            let k = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
+            percent_encoding::percent_decode_str(k).decode_utf8_lossy() != name
+        })
+        .collect();
+    let pq = if kept.is_empty() {
+        uri.path().to_string()
+    } else {
+        format!("{}?{}", uri.path(), kept.join("&"))
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = pq.parse().ok();
+    http::Uri::from_parts(parts).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_helpers() {
+        let uri: http::Uri = "/a?x=1&key=s%20e&y=2&key=again".parse().unwrap();
+        assert_eq!(query_param(&uri, "key").as_deref(), Some("s e"));
+        assert_eq!(without_query_param(&uri, "key").unwrap().to_string(), "/a?x=1&y=2");
+        let only: http::Uri = "/a?key=1".parse().unwrap();
+        assert_eq!(without_query_param(&only, "key").unwrap().to_string(), "/a");
+    }
+
+    #[test]
+    fn cookies() {
+        let mut h = HeaderMap::new();
+        h.append("cookie", "a=1; session=xyz".parse().unwrap());
+        assert_eq!(cookie(&h, "session"), Some("xyz"));
+        assert_eq!(cookie(&h, "b"), None);
+    }
+}
