@@ -92,8 +92,7 @@ fn jwt_route(name: &str, jwt: &str) -> String {
 #[test]
 fn every_algorithm_passes_and_claims_are_forwarded() {
     let up = EchoServer::start("up").unwrap();
-    let common =
-        format!("issuer: portico-test, audience: api, forward_claims: {{ sub: x-user, role: x-role, n: x-n }}");
+    let common = "issuer: portico-test, audience: api, forward_claims: { sub: x-user, role: x-role, n: x-n }";
     let cases: Vec<(&str, Algorithm, String, &str)> = vec![
         ("hs256", Algorithm::HS256, format!("secret: '{SECRET}'"), SECRET),
         ("hs384", Algorithm::HS384, format!("secret: '{SECRET}'"), SECRET),

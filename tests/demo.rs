@@ -48,6 +48,19 @@ fn demo_answers_the_commands_it_prints() {
         assert!(!text.trim().is_empty(), "{cmd} printed nothing");
         assert!(!text.contains("\"error\":\"upstream"), "{cmd}: {text}");
     }
+    let run = |needle: &str| {
+        let cmd = commands
+            .iter()
+            .find(|c| c.contains(needle))
+            .unwrap_or_else(|| panic!("no command with {needle}"));
+        String::from_utf8_lossy(&Command::new("sh").arg("-c").arg(cmd).output().unwrap().stdout).to_string()
+    };
+    let secured: serde_json::Value = serde_json::from_str(&run("Bearer")).unwrap();
+    assert_eq!(secured["headers"]["x-user"], "demo-user");
+    let keyed: serde_json::Value = serde_json::from_str(&run("x-api-key")).unwrap();
+    assert_eq!(keyed["headers"]["x-consumer"], "demo-app");
+    assert!(run("-X OPTIONS").contains("access-control-allow-origin: https://app.example.com"));
+    assert!(run("/office").contains("\"error\":\"forbidden\""));
     // What the walkthrough promises.
     let users = get(&listen, "/users/7").unwrap();
     assert_eq!(echoed(&users)["path"], "/v1/users/7");

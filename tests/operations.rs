@@ -156,7 +156,13 @@ fn metrics_and_healthz() {
         assert_eq!(gw.get("/a").status, 200);
     }
     gw.get("/nope");
-    let text = gw.metrics();
+    // A request is counted once its response is sent (in Pingora's logging phase): poll.
+    let text = wait_for("the requests to be counted", Duration::from_secs(10), || {
+        let text = gw.metrics();
+        (metric(&text, "portico_requests_total", &[("route", "none"), ("status", "404")]) == 1.0
+            && metric(&text, "portico_requests_total", &[("route", "main"), ("status", "200")]) == 7.0)
+            .then_some(text)
+    });
     // Every sample line is `name{labels} value`.
     for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
         let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line}"));

@@ -220,7 +220,9 @@ struct RemoteJwks {
     refreshing: AtomicBool,
 }
 
-static REMOTE: Lazy<Mutex<HashMap<(String, Duration), Weak<RemoteJwks>>>> = Lazy::new(Default::default);
+/// Live remote key sets by (URL, refresh interval).
+type RemoteRegistry = Mutex<HashMap<(String, Duration), Weak<RemoteJwks>>>;
+static REMOTE: Lazy<RemoteRegistry> = Lazy::new(Default::default);
 
 fn fetch(url: &str) -> Result<Vec<Key>, String> {
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
