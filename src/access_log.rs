@@ -44,6 +44,14 @@ impl AccessLog {
         })
     }
 
+    /// Write one ready-made line (a newline is added).
+    pub fn write_line(&self, mut line: String) {
+        line.push('\n');
+        if let Err(TrySendError::Full(_)) = self.sender().try_send(line) {
+            log::warn!("access log writer is behind; a line was dropped");
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn write(
         &self,
@@ -59,7 +67,7 @@ impl AccessLog {
         let time = humantime::format_rfc3339_millis(std::time::SystemTime::now());
         let duration_ms = ctx.st.started.elapsed().as_secs_f64() * 1000.0;
         let target = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let mut line = match format {
+        let line = match format {
             LogFormat::Json => serde_json::json!({
                 "time": time.to_string(),
                 "trace_id": ctx.st.trace.request_id,
@@ -105,10 +113,7 @@ impl AccessLog {
                 )
             }
         };
-        line.push('\n');
-        // Never block a request on a slow stdout: drop the line and say so once in a while.
-        if let Err(TrySendError::Full(_)) = self.sender().try_send(line) {
-            log::warn!("access log writer is behind; a line was dropped");
-        }
+        // Never block a request on a slow stdout: a full queue drops the line (and says so).
+        self.write_line(line);
     }
 }

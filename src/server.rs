@@ -94,8 +94,12 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
         let mut proxy = pingora::proxy::http_proxy(&server.configuration, Gateway { shared: shared.clone() });
         let mut options = HttpServerOptions::default();
         options.h2c = h2c;
-        options.keepalive_request_limit = Some(snap.limits.keepalive_requests);
         proxy.server_options = Some(options);
+        // HTTP/2 gets the same head limit as HTTP/1 (which the edge layer enforces itself).
+        let mut h2 = pingora::protocols::http::v2::server::H2Options::new();
+        h2.max_header_list_size(snap.limits.max_request_header_bytes as u32);
+        h2.max_concurrent_streams(100);
+        proxy.h2_options = Some(h2);
         let name = if h2c { "proxy h2c" } else { "proxy" };
         let mut svc = Listening::new(name.to_string(), EdgeApp::new(proxy, shared.clone()));
         for a in &addresses {
