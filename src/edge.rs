@@ -244,12 +244,14 @@ async fn read_head(conn: &mut Replay, deadline: Instant, snap: &Snapshot) -> Hea
     let mut end = None;
     let filled = conn
         .fill_until(deadline, |b| {
-            // Search only what is new (keeping 3 bytes of overlap for a split "\r\n\r\n").
+            // Search only what is new (keeping 3 bytes of overlap for a split "\r\n\r\n"). A
+            // head ended by bare LFs is found too, so that it is refused rather than waited on.
             let from = scanned.saturating_sub(3);
-            end = b[from..]
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
-                .map(|i| from + i + 4);
+            end = b[from..].windows(2).enumerate().find_map(|(i, w)| match w {
+                b"\n\n" => Some(from + i + 2),
+                b"\n\r" if b.get(from + i + 2) == Some(&b'\n') => Some(from + i + 3),
+                _ => None,
+            });
             scanned = b.len();
             end.is_some() || b.len() > max
         })
@@ -315,15 +317,35 @@ pub fn check_framing(head: &[u8]) -> Result<(), Reply> {
     }
     let mut lengths = Vec::new();
     let mut encodings = Vec::new();
+    let mut hosts = 0;
     for h in req.headers.iter() {
         let name = h.name.to_ascii_lowercase();
         match name.as_str() {
             "content-length" => lengths.push(h.value),
             "transfer-encoding" => encodings.push(h.value),
+            "host" => hosts += 1,
             "content_length" | "transfer_encoding" | "host_" => {
                 return Err(bad("an underscore variant of a framing header"))
             }
             _ => {}
+        }
+    }
+    if hosts > 1 {
+        return Err(bad("more than one Host header"));
+    }
+    // An absolute-form target names its own authority: it must be the Host.
+    if let Some(rest) = req
+        .path
+        .and_then(|p| p.strip_prefix("http://").or_else(|| p.strip_prefix("https://")))
+    {
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        let host = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("host"))
+            .map(|h| h.value);
+        if host.is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_bytes())) {
+            return Err(bad("the request target's authority and the Host header disagree"));
         }
     }
     if !lengths.is_empty() && !encodings.is_empty() {

@@ -118,6 +118,7 @@ fn binary_upgrade_drops_nothing() {
         Duration::from_secs(10),
         || sock.exists().then_some(()),
     );
+    gw.expect_exit = true;
     gw.p.signal("QUIT");
     let code = gw.p.wait_exit(Duration::from_secs(30));
     assert!(

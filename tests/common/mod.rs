@@ -12,6 +12,8 @@ pub struct Gw {
     pub p: Portico,
     pub addr: String,
     pub admin: String,
+    /// Set by tests that stop the process on purpose (the upgrade hands over and exits).
+    pub expect_exit: bool,
 }
 
 /// The parts every test config shares: fast shutdown, private pid and upgrade socket files.
@@ -43,7 +45,7 @@ impl Gw {
         );
         let mut p = Portico::start_in(BIN, dir, config, &[]);
         p.wait_ready(&admin);
-        Gw { p, addr, admin }
+        Gw { p, addr, admin, expect_exit: false }
     }
 
     /// The full config text for a new `body` (same listeners and files).
@@ -80,6 +82,18 @@ impl Gw {
         wait_for("the reload to take effect", Duration::from_secs(10), || {
             (self.config_hash() != before).then_some(())
         });
+    }
+}
+
+/// Every suite ends with the process alive and no panic counted.
+impl Drop for Gw {
+    fn drop(&mut self) {
+        if std::thread::panicking() || self.expect_exit {
+            return;
+        }
+        assert!(self.p.alive(), "portico died during the test:\n{}", self.p.logs());
+        let panics = metric(&self.metrics(), "portico_panics_total", &[]);
+        assert_eq!(panics, 0.0, "portico caught {panics} panic(s):\n{}", self.p.logs());
     }
 }
 

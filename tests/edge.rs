@@ -1,0 +1,274 @@
+//! Acceptance [3/9]: header and body limits, slow clients, per-IP connection caps, HTTP/1
+//! framing verdicts, and no panics.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+fn body(up: &EchoServer, limits: &str) -> String {
+    format!(
+        "limits: {{ {limits} }}\nupstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: small, upstream: up, match: {{ path_prefix: /small }}, max_request_body_bytes: 1KiB }}\n  - {{ name: r, upstream: up }}\n",
+        up.addr
+    )
+}
+
+/// The status of the response to `bytes`, or 0 when the connection closed without one.
+fn status_of(addr: &str, bytes: &[u8]) -> (u16, String) {
+    let mut s = connect(addr, None).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    match read_response(&mut s, false) {
+        Ok(r) => (r.status, format!("{}\r\n\r\n{}", r.status, r.text())),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+#[test]
+fn header_and_body_limits() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&body(
+        &up,
+        "max_request_header_bytes: 8KiB, max_request_body_bytes: 64KiB",
+    ));
+    // A head over the limit: 431 JSON, whether one big header or many small ones.
+    let big = Request::get("/x").header("x-big", "a".repeat(9000));
+    let r = gw.send(big);
+    assert_eq!(r.status, 431, "{}", r.text());
+    assert_eq!(r.json()["error"], "request_header_too_large");
+    assert!(r.json()["trace_id"].as_str().is_some_and(|t| !t.is_empty()));
+    let mut many = Request::get("/x");
+    for i in 0..200 {
+        many = many.header(Box::leak(format!("x-h{i}").into_boxed_str()), "v");
+    }
+    assert_eq!(gw.send(many).status, 431);
+    let long_line = format!("/{}", "a".repeat(9000));
+    assert_eq!(gw.get(&long_line).status, 431);
+    // Just under the limit passes.
+    assert_eq!(
+        gw.send(Request::get("/x").header("x-big", "a".repeat(7000))).status,
+        200
+    );
+    assert_eq!(up.requests(), 1);
+
+    // A body over the limit with a declared length: 413 before anything goes upstream.
+    let r = gw.send(Request::new("POST", "/x").body(vec![b'a'; 70_000]));
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["error"], "payload_too_large");
+    let r = gw.send(Request::new("POST", "/small").body(vec![b'a'; 2000]));
+    assert_eq!(r.status, 413, "a route's own limit");
+    assert_eq!(up.requests(), 1);
+    // Chunked: stopped at the limit; the upstream never gets a complete oversized body.
+    let mut chunked = Vec::new();
+    for _ in 0..40 {
+        chunked.extend_from_slice(format!("{:x}\r\n", 4096).as_bytes());
+        chunked.extend_from_slice(&[b'b'; 4096]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let r = gw.send(
+        Request::new("POST", "/x")
+            .header("transfer-encoding", "chunked")
+            .body(chunked),
+    );
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.json()["error"], "payload_too_large");
+    assert_eq!(up.requests(), 1, "the upstream answered no oversized request");
+    // Within the limit, chunked bodies pass whole.
+    let r = gw.send(
+        Request::new("POST", "/x")
+            .header("transfer-encoding", "chunked")
+            .body(b"5\r\nhello\r\n0\r\n\r\n".to_vec()),
+    );
+    assert_eq!(echoed(&r)["body"], "hello");
+}
+
+#[test]
+fn slow_heads_are_cut_at_header_timeout() {
+    let up = EchoServer::start("up").unwrap();
+    let timeout = Duration::from_secs(3);
+    let gw = Gw::start(&body(&up, "header_timeout: 3s"));
+    let addr = gw.addr.clone();
+    // 200 clients trickle a head, one byte a second.
+    let slow: Vec<_> = (0..200)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let from = format!("127.0.1.{}", 1 + i % 200);
+                let mut s = connect(&addr, Some(from.parse().unwrap())).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                let start = Instant::now();
+                let head = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+                let mut buf = [0u8; 1024];
+                let mut got = Vec::new();
+                for b in head.iter().cycle() {
+                    if s.write_all(&[*b]).is_err() {
+                        break;
+                    }
+                    let tick = Instant::now();
+                    let mut closed = false;
+                    while tick.elapsed() < Duration::from_secs(1) {
+                        match s.read(&mut buf) {
+                            Ok(0) => {
+                                closed = true;
+                                break;
+                            }
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                            Err(e)
+                                if e.kind() == std::io::ErrorKind::WouldBlock
+                                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+                            Err(_) => {
+                                closed = true;
+                                break;
+                            }
+                        }
+                    }
+                    if closed || start.elapsed() > Duration::from_secs(15) {
+                        break;
+                    }
+                }
+                (start.elapsed(), String::from_utf8_lossy(&got).to_string())
+            })
+        })
+        .collect();
+    // Meanwhile a normal client is served promptly.
+    let mut latencies = Vec::new();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let t = Instant::now();
+        let r = gw.get("/normal");
+        latencies.push(t.elapsed());
+        assert_eq!(r.status, 200);
+    }
+    latencies.sort();
+    let p99 = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
+    assert!(latencies.len() >= 20, "only {} requests in 3s", latencies.len());
+    assert!(p99 < Duration::from_millis(200), "p99 {p99:?} while under slowloris");
+    for t in slow {
+        let (elapsed, text) = t.join().unwrap();
+        let lo = timeout.mul_f64(0.8);
+        let hi = timeout.mul_f64(1.2) + Duration::from_millis(300);
+        assert!(elapsed >= lo && elapsed <= hi, "closed after {elapsed:?}");
+        assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    assert_eq!(
+        up.requests() as usize,
+        latencies.len(),
+        "no slow head reached the upstream"
+    );
+}
+
+#[test]
+fn connections_are_capped_per_client_address() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&body(&up, "max_connections_per_ip: 50"));
+    let open = |from: &str| -> std::io::Result<TcpStream> {
+        let mut s = connect(&gw.addr, Some(from.parse().unwrap()))?;
+        s.write_all(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")?;
+        let r = read_response(&mut s, false)?;
+        if r.status != 200 {
+            return Err(std::io::Error::other(format!("status {}", r.status)));
+        }
+        Ok(s)
+    };
+    let mut held: Vec<TcpStream> = (0..50).map(|_| open("127.0.0.2").expect("within the cap")).collect();
+    // The 51st from the same address is refused; another address is not affected.
+    assert!(open("127.0.0.2").is_err(), "the 51st connection must be refused");
+    assert!(open("127.0.0.3").is_ok());
+    // Closing connections frees their slots.
+    held.truncate(40);
+    wait_for("freed slots", Duration::from_secs(10), || open("127.0.0.2").ok());
+    let rejected = metric(
+        &gw.metrics(),
+        "portico_rejected_connections_total",
+        &[("reason", "per_ip_limit")],
+    );
+    assert!(rejected >= 1.0);
+    drop(held);
+}
+
+#[test]
+fn keepalive_requests_are_bounded() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&body(&up, "keepalive_requests: 3"));
+    let mut s = connect(&gw.addr, None).unwrap();
+    for i in 1..=3 {
+        s.write_all(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+        let r = read_response(&mut s, false).unwrap();
+        assert_eq!(r.status, 200);
+        let close = r.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        assert_eq!(close, i == 3, "request {i}");
+    }
+}
+
+/// Portico's verdicts on ambiguous HTTP/1 framing. Each row: what is sent, the status the
+/// client gets, and how many requests the upstream answers (it must never see one the client
+/// did not send).
+#[test]
+fn framing_vectors() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&body(&up, "max_request_header_bytes: 16KiB"));
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let long_header = format!("GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+    let rows: Vec<(&str, String, u16, u64)> = vec![
+        ("plain GET", "GET /a HTTP/1.1\r\nHost: x\r\n\r\n".into(), 200, 1),
+        ("HTTP/1.0 GET without Host", "GET /a HTTP/1.0\r\n\r\n".into(), 200, 1),
+        ("HTTP/1.0 with a body", "POST /a HTTP/1.0\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello".into(), 200, 1),
+        ("chunked body", "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into(), 200, 1),
+        ("CL then TE", format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"), 400, 0),
+        ("TE then CL", format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n0\r\n\r\n{smuggled}"), 400, 0),
+        ("duplicate CL, same value", "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello".into(), 400, 0),
+        ("duplicate CL, different values", "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!".into(), 400, 0),
+        ("CL as a list", "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello".into(), 400, 0),
+        ("CL with a plus", "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello".into(), 400, 0),
+        ("CL negative", "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\nhello".into(), 400, 0),
+        ("CL hex", "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0x5\r\n\r\nhello".into(), 400, 0),
+        ("CL empty", "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: \r\n\r\n".into(), 400, 0),
+        ("CL overflow", "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n".into(), 400, 0),
+        ("TE chunked, identity", "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n".into(), 400, 0),
+        ("TE identity", "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\nhello".into(), 400, 0),
+        ("TE gzip, chunked", "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n".into(), 400, 0),
+        ("TE twice", "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(), 400, 0),
+        ("TE with a space before the colon", "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n".into(), 400, 0),
+        ("TE chunkedx", "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunkedx\r\n\r\n0\r\n\r\n".into(), 400, 0),
+        ("TE with a vertical tab", "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \x0bchunked\r\n\r\n0\r\n\r\n".into(), 400, 0),
+        ("TE in HTTP/1.0", "POST /a HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(), 400, 0),
+        ("underscore CL twin", "POST /a HTTP/1.1\r\nHost: x\r\nContent_Length: 5\r\n\r\nhello".into(), 400, 0),
+        ("underscore TE twin", "POST /a HTTP/1.1\r\nHost: x\r\nTransfer_Encoding: chunked\r\n\r\n0\r\n\r\n".into(), 400, 0),
+        ("bare LF line ends", "GET /a HTTP/1.1\nHost: x\n\n".into(), 400, 0),
+        ("bare CR inside a header", "GET /a HTTP/1.1\r\nHost: x\rX-Evil: 1\r\n\r\n".into(), 400, 0),
+        ("NUL in a header", "GET /a HTTP/1.1\r\nHost: x\0y\r\n\r\n".into(), 400, 0),
+        ("obs-fold", "GET /a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n X-B: 2\r\n\r\n".into(), 400, 0),
+        ("space in the request target", "GET /a b HTTP/1.1\r\nHost: x\r\n\r\n".into(), 400, 0),
+        ("HTTP/2.0 request line over HTTP/1", "GET /a HTTP/2.0\r\nHost: x\r\n\r\n".into(), 400, 0),
+        ("two Host headers", "GET /a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n".into(), 400, 0),
+        ("HTTP/1.1 without Host", "GET /a HTTP/1.1\r\n\r\n".into(), 400, 0),
+        ("absolute-form, other authority", "GET http://evil/a HTTP/1.1\r\nHost: x\r\n\r\n".into(), 400, 0),
+        ("chunk size overflow", "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffffff\r\nhello\r\n0\r\n\r\n".into(), 400, 0),
+        ("chunk size not hex", "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".into(), 400, 0),
+        ("one header over the limit", long_header, 431, 0),
+        ("CONNECT", "CONNECT evil:443 HTTP/1.1\r\nHost: evil:443\r\n\r\n".into(), 405, 0),
+    ];
+    assert!(rows.len() >= 30);
+    let mut failures = Vec::new();
+    for (name, bytes, want, upstream_requests) in &rows {
+        let before = up.requests();
+        let (status, text) = status_of(&gw.addr, bytes.as_bytes());
+        // The echo service counts a request before it answers it.
+        let served = up.requests() - before;
+        if status != *want || served != *upstream_requests {
+            failures.push(format!(
+                "{name}: got {status} / upstream saw {served}, want {want} / {upstream_requests}\n{text}"
+            ));
+        }
+        if *want >= 400 && *want != 405 && status == *want {
+            let json = text.split("\r\n\r\n").nth(1).unwrap_or("");
+            if !json.contains("\"trace_id\"") {
+                failures.push(format!("{name}: not a JSON error body: {text}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n---\n"));
+    assert_eq!(up.requests(), 4);
+}
