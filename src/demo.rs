@@ -26,6 +26,11 @@ listeners:
   - address: {listen}
 admin:
   address: {admin}
+limits:
+  max_request_header_bytes: 32KiB
+  max_request_body_bytes: 1MiB
+  header_timeout: 10s
+  max_connections_per_ip: 256
 consumers:
   - {{ name: demo-app, api_keys: ["{api_key}"] }}
 upstreams:
@@ -78,6 +83,10 @@ routes:
     upstream: v2
     plugins:
       - api_key: {{}}
+  - name: upload
+    match: {{ path_prefix: /upload }}
+    upstream: v1
+    max_request_body_bytes: 16
   - name: office
     match: {{ path_prefix: /office }}
     upstream: v2
@@ -121,6 +130,9 @@ API keys: the consumer becomes x-consumer upstream, and the key is not forwarded
   $ curl -s -i {g}/keyed
 IP filter: only 10.0.0.0/8 may call /office (you get a 403 JSON error)
   $ curl -s -i {g}/office
+Edge limits: a 40 KB header gets 431; /upload takes 16-byte bodies at most (413)
+  $ curl -s -i -H "x-big: $(head -c 40000 /dev/zero | tr '\0' a)" {g}/users/1
+  $ curl -s -i -d 'a body longer than sixteen bytes' {g}/upload
 Mint your own token:
   portico jwt --secret '{secret}' --sub alice --claim scope=orders:read --ttl 10m
 

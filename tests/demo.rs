@@ -61,6 +61,8 @@ fn demo_answers_the_commands_it_prints() {
     assert_eq!(keyed["headers"]["x-consumer"], "demo-app");
     assert!(run("-X OPTIONS").contains("access-control-allow-origin: https://app.example.com"));
     assert!(run("/office").contains("\"error\":\"forbidden\""));
+    assert!(run("x-big").contains("\"error\":\"request_header_too_large\""));
+    assert!(run("/upload").contains("\"error\":\"payload_too_large\""));
     // What the walkthrough promises.
     let users = get(&listen, "/users/7").unwrap();
     assert_eq!(echoed(&users)["path"], "/v1/users/7");

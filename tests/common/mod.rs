@@ -45,7 +45,12 @@ impl Gw {
         );
         let mut p = Portico::start_in(BIN, dir, config, &[]);
         p.wait_ready(&admin);
-        Gw { p, addr, admin, expect_exit: false }
+        Gw {
+            p,
+            addr,
+            admin,
+            expect_exit: false,
+        }
     }
 
     /// The full config text for a new `body` (same listeners and files).
