@@ -198,10 +198,14 @@ impl EdgeApp {
             } else {
                 // Between requests: idle until the next one starts (or shutdown), then the
                 // head must be complete within header_timeout of its first byte.
-                let mut down = shutdown.clone();
-                let idle = tokio::select! {
-                    r = conn.fill_until(Instant::now() + KEEPALIVE_IDLE, |b| !b.is_empty()) => r,
-                    _ = down.wait_for(|s| *s) => Ok(false),
+                let idle = if conn.prefix.is_empty() {
+                    let mut down = shutdown.clone();
+                    tokio::select! {
+                        r = conn.fill_until(Instant::now() + KEEPALIVE_IDLE, |b| !b.is_empty()) => r,
+                        _ = down.wait_for(|s| *s) => Ok(false),
+                    }
+                } else {
+                    Ok(true)
                 };
                 match idle {
                     Ok(true) => read_head(&mut conn, Instant::now() + limits.header_timeout, &snap).await,

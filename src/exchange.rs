@@ -319,10 +319,15 @@ pub fn prepare_upstream_request(session: &Session, req: &mut RequestHeader, ctx:
             v.join(", ")
         })
         .filter(|s| !s.is_empty());
+    // Removing a header from Pingora's head also walks its case-preserving map: look first.
     for h in GATEWAY_SET {
-        req.remove_header(h);
+        if req.headers.contains_key(h) {
+            req.remove_header(h);
+        }
     }
-    req.remove_header(&ctx.snap.trace.header);
+    if req.headers.contains_key(&ctx.snap.trace.header) {
+        req.remove_header(&ctx.snap.trace.header);
+    }
     let xff = match prior_xff {
         Some(p) => format!("{p}, {}", ctx.peer_ip),
         None => ctx.peer_ip.to_string(),

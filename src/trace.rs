@@ -2,7 +2,6 @@
 
 use crate::plugin::TraceIds;
 use http::HeaderMap;
-use std::fmt::Write;
 
 /// The `trace:` block, compiled.
 #[derive(Debug, Clone)]
@@ -14,6 +13,7 @@ pub struct TraceConfig {
 }
 
 fn random_hex(bytes: usize) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes * 2);
     loop {
         s.clear();
@@ -22,7 +22,8 @@ fn random_hex(bytes: usize) -> String {
             let n: u64 = rand::random();
             let take = left.min(8);
             for b in &n.to_le_bytes()[..take] {
-                let _ = write!(s, "{b:02x}");
+                s.push(HEX[(b >> 4) as usize] as char);
+                s.push(HEX[(b & 15) as usize] as char);
             }
             left -= take;
         }
