@@ -249,6 +249,12 @@ fn framing_vectors() {
         ("chunk size not hex", "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".into(), 400, 0),
         ("one header over the limit", long_header, 431, 0),
         ("CONNECT", "CONNECT evil:443 HTTP/1.1\r\nHost: evil:443\r\n\r\n".into(), 405, 0),
+        (
+            "Upgrade refused by the upstream, then a pipelined request",
+            format!("GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n{smuggled}"),
+            200,
+            1,
+        ),
     ];
     assert!(rows.len() >= 30);
     let mut failures = Vec::new();
@@ -270,5 +276,5 @@ fn framing_vectors() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n---\n"));
-    assert_eq!(up.requests(), 4);
+    assert_eq!(up.requests(), 5, "only the accepted requests, never /smuggled");
 }

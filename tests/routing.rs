@@ -123,6 +123,12 @@ routes:
     assert_eq!(body["trace_id"].as_str(), r.header("x-request-id"));
     assert!(!body["message"].as_str().unwrap().is_empty());
 
+    // For gRPC clients the same failure is a gRPC status.
+    let r = gw.send(Request::new("POST", "/nowhere").header("content-type", "application/grpc").body(vec![0, 0, 0, 0, 0]));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("grpc-status"), Some("12"), "UNIMPLEMENTED");
+    assert!(r.header("grpc-message").is_some_and(|m| m.contains("no route")));
+
     // Paths that cannot be normalised safely.
     for bad in ["/users%2F7", "/users/%2e%2e/%2e%2e/etc", "/..", "/a%5cb"] {
         let r = gw.get(bad);
