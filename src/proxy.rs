@@ -30,7 +30,8 @@ impl ProxyHttp for Gateway {
             exchange::send_reply(session, ctx, reply).await?;
             return Ok(true);
         }
-        for entry in ctx.chains().request.clone().iter() {
+        let chains = ctx.chains();
+        for entry in &chains.request {
             if let crate::plugin::Verdict::Respond(reply) =
                 entry.plugin.request(session.req_header_mut(), &mut ctx.st).await
             {
@@ -109,7 +110,8 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
-        for entry in ctx.chains().response_body.clone().iter() {
+        let chains = ctx.chains();
+        for entry in &chains.response_body {
             entry.plugin.response_body(body, end_of_stream, &mut ctx.st);
         }
         Ok(None)

@@ -124,7 +124,11 @@ routes:
     assert!(!body["message"].as_str().unwrap().is_empty());
 
     // For gRPC clients the same failure is a gRPC status.
-    let r = gw.send(Request::new("POST", "/nowhere").header("content-type", "application/grpc").body(vec![0, 0, 0, 0, 0]));
+    let r = gw.send(
+        Request::new("POST", "/nowhere")
+            .header("content-type", "application/grpc")
+            .body(vec![0, 0, 0, 0, 0]),
+    );
     assert_eq!(r.status, 200);
     assert_eq!(r.header("grpc-status"), Some("12"), "UNIMPLEMENTED");
     assert!(r.header("grpc-message").is_some_and(|m| m.contains("no route")));

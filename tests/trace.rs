@@ -103,10 +103,17 @@ fn combined_access_log_format() {
         "access_log: {{ enabled: true, format: combined }}\nupstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
         up.addr
     ));
-    let r = gw.send(Request::get("/c?q=1").header("x-request-id", "combined-1").header("user-agent", "tester/1"));
+    let r = gw.send(
+        Request::get("/c?q=1")
+            .header("x-request-id", "combined-1")
+            .header("user-agent", "tester/1"),
+    );
     assert_eq!(r.status, 200);
     let line = wait_for("the access log line", Duration::from_secs(5), || {
-        gw.p.stdout_text().lines().find(|l| l.contains("combined-1")).map(str::to_string)
+        gw.p.stdout_text()
+            .lines()
+            .find(|l| l.contains("combined-1"))
+            .map(str::to_string)
     });
     assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
     assert!(line.contains("\"GET /c?q=1 HTTP/1.1\" 200 "), "{line}");
