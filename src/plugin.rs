@@ -395,8 +395,4 @@ impl Chains {
             all: entries,
         }
     }
-
-    pub fn names(&self) -> Vec<&str> {
-        self.all.iter().map(|e| &*e.name).collect()
-    }
 }

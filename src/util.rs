@@ -1,6 +1,18 @@
 //! Small HTTP helpers shared by the core and plugins.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
+
+/// A header name as written in the config (any case), or why it is not one.
+pub fn header_name(s: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(s.to_ascii_lowercase().as_bytes()).map_err(|_| format!("'{s}' is not a valid header name"))
+}
+
+/// A CIDR (`10.0.0.0/8`) or a single address (`10.1.2.3`, as a /32 or /128).
+pub fn parse_net(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
 
 /// The value of cookie `name` in the request's `Cookie` headers.
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {

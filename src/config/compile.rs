@@ -260,9 +260,9 @@ pub fn compile(
     // Client address.
     let mut trusted = Vec::new();
     for (i, p) in raw.client_ip.trusted_proxies.iter().enumerate() {
-        match p.parse::<IpNet>().or_else(|_| p.parse::<IpAddr>().map(IpNet::from)) {
-            Ok(n) => trusted.push(n),
-            Err(_) => errs.push(
+        match crate::util::parse_net(p) {
+            Some(n) => trusted.push(n),
+            None => errs.push(
                 format!("client_ip.trusted_proxies[{i}]"),
                 format!("'{p}' is not a CIDR (e.g. 10.0.0.0/8) or an IP address"),
             ),
@@ -271,7 +271,7 @@ pub fn compile(
 
     let limits = check_limits(&raw.limits, &mut errs);
 
-    let trace = match HeaderName::from_bytes(raw.trace.header.to_ascii_lowercase().as_bytes()) {
+    let trace = match crate::util::header_name(&raw.trace.header) {
         Ok(h) => TraceConfig {
             header: h,
             trust_incoming: raw.trace.trust_incoming,
@@ -637,10 +637,7 @@ fn compile_match(m: &raw::Match, loc: &str, errs: &mut ConfigErrors) -> Option<M
     }
     let mut headers = Vec::new();
     for (k, v) in &m.headers {
-        match (
-            HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()),
-            HeaderValue::from_str(v),
-        ) {
+        match (crate::util::header_name(k), HeaderValue::from_str(v)) {
             (Ok(k), Ok(v)) => headers.push((k, v)),
             _ => {
                 errs.push(format!("{loc}.headers.{k}"), "not a valid header name and value");
@@ -858,9 +855,7 @@ fn compile_upstream(
 fn parse_hash_on(s: &str) -> Result<HashOn, String> {
     let bad = || format!("'{s}' is not header:NAME | cookie:NAME | ip | path");
     match s.split_once(':') {
-        Some(("header", n)) => HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes())
-            .map(HashOn::Header)
-            .map_err(|_| bad()),
+        Some(("header", n)) => crate::util::header_name(n).map(HashOn::Header).map_err(|_| bad()),
         Some(("cookie", n)) if !n.is_empty() => Ok(HashOn::Cookie(n.to_string())),
         None if s == "ip" => Ok(HashOn::Ip),
         None if s == "path" => Ok(HashOn::Path),

@@ -35,8 +35,7 @@ pub struct ApiKey {
 impl ApiKey {
     pub fn new(cfg: Config, ctx: &BuildContext) -> Result<Self, ConfigError> {
         let name = cfg.header.unwrap_or_else(|| "x-api-key".into());
-        let header = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
-            .map_err(|_| ConfigError::new("header", format!("'{name}' is not a header name")))?;
+        let header = crate::util::header_name(&name).map_err(|e| ConfigError::new("header", e))?;
         if let Some(allow) = &cfg.allow {
             for (i, c) in allow.iter().enumerate() {
                 if !ctx.consumers.names.contains(c) {

@@ -107,8 +107,7 @@ struct Compiled {
 impl Compiled {
     fn build(r: &Rules, loc: &str) -> Result<Self, ConfigError> {
         let name = |n: &str, field: &str| {
-            HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes())
-                .map_err(|_| ConfigError::new(format!("{loc}.{field}"), format!("'{n}' is not a valid header name")))
+            crate::util::header_name(n).map_err(|e| ConfigError::new(format!("{loc}.{field}"), e))
         };
         let pairs = |m: &BTreeMap<String, String>, field: &str| -> Result<Vec<(HeaderName, Template)>, ConfigError> {
             m.iter()

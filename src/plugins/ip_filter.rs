@@ -27,14 +27,12 @@ fn nets(list: &[String], field: &str) -> Result<Vec<IpNet>, ConfigError> {
     list.iter()
         .enumerate()
         .map(|(i, s)| {
-            s.parse::<IpNet>()
-                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    ConfigError::new(
-                        format!("{field}[{i}]"),
-                        format!("'{s}' is not a CIDR (e.g. 10.0.0.0/8) or an IP address"),
-                    )
-                })
+            crate::util::parse_net(s).ok_or_else(|| {
+                ConfigError::new(
+                    format!("{field}[{i}]"),
+                    format!("'{s}' is not a CIDR (e.g. 10.0.0.0/8) or an IP address"),
+                )
+            })
         })
         .collect()
 }

@@ -535,22 +535,14 @@ impl Jwt {
             validations.insert(*a, v);
         }
         let from = match cfg.from.as_deref().unwrap_or("header:authorization").split_once(':') {
-            Some(("header", h)) => TokenSource::Header(
-                HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
-                    .map_err(|_| cfg_err("from", format!("'{h}' is not a header name")))?,
-            ),
+            Some(("header", h)) => TokenSource::Header(crate::util::header_name(h).map_err(|e| cfg_err("from", e))?),
             Some(("cookie", c)) if !c.is_empty() => TokenSource::Cookie(c.to_string()),
             Some(("query", q)) if !q.is_empty() => TokenSource::Query(q.to_string()),
             _ => return Err(cfg_err("from", "use header:NAME, cookie:NAME or query:NAME")),
         };
         let mut forward = Vec::new();
         for (claim, header) in &cfg.forward_claims {
-            let h = HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes()).map_err(|_| {
-                cfg_err(
-                    &format!("forward_claims.{claim}"),
-                    format!("'{header}' is not a header name"),
-                )
-            })?;
+            let h = crate::util::header_name(header).map_err(|e| cfg_err(&format!("forward_claims.{claim}"), e))?;
             forward.push((claim.clone(), h));
         }
         Ok(Jwt {
