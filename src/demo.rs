@@ -162,6 +162,11 @@ pub fn demo_token() -> Result<String, String> {
 }
 
 pub fn run(listen: &str, admin: &str, registry: Registry) -> Result<(), String> {
+    // Say so at once if a port is taken (Pingora would retry binding for 30 s, then give up).
+    for (addr, flag) in [(listen, "--listen"), (admin, "--admin")] {
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| format!("cannot listen on {addr} ({e}); pick another address with {flag} ADDR"))?;
+    }
     let v1 = EchoServer::start("v1").map_err(|e| format!("cannot start the v1 echo service: {e}"))?;
     let v2 = EchoServer::start("v2").map_err(|e| format!("cannot start the v2 echo service: {e}"))?;
     let path = std::env::temp_dir().join(format!("portico-demo-{}.yaml", std::process::id()));
