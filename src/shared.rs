@@ -7,7 +7,6 @@ use crate::config::{load_file, ConfigErrors, Snapshot};
 use crate::plugin::Registry;
 use crate::upstream::HealthRegistry;
 use arc_swap::ArcSwap;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -85,9 +84,8 @@ impl Shared {
                 report.not_applied.join(", ")
             );
         }
-        let upstreams: HashMap<_, _> = next.upstreams.clone();
         self.live.store(Arc::new(next));
-        self.health.retain(&upstreams);
+        self.health.retain(&self.snapshot().upstreams);
         crate::metrics::RELOADS.with_label_values(&["ok"]).inc();
         log::info!("config reloaded from {}", self.config_path.display());
         Ok(report)

@@ -456,6 +456,14 @@ pub fn compile(
     })
 }
 
+/// A secret from the environment: set and not empty, or an error saying which variable.
+pub fn env_secret(var: &str) -> Result<String, String> {
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| format!("environment variable '{var}' is not set"))
+}
+
 /// A value given inline or through an environment variable (`NAME` or `NAME_env`).
 fn secret(loc: &str, inline: Option<&str>, env: Option<&str>, field: &str, errs: &mut ConfigErrors) -> Option<String> {
     match (inline, env) {
@@ -464,13 +472,10 @@ fn secret(loc: &str, inline: Option<&str>, env: Option<&str>, field: &str, errs:
             None
         }
         (Some(v), None) => Some(v.to_string()),
-        (None, Some(var)) => match std::env::var(var) {
-            Ok(v) if !v.is_empty() => Some(v),
-            _ => {
-                errs.push(
-                    format!("{loc}.{field}_env"),
-                    format!("environment variable '{var}' is not set"),
-                );
+        (None, Some(var)) => match env_secret(var) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                errs.push(format!("{loc}.{field}_env"), e);
                 None
             }
         },

@@ -7,7 +7,7 @@ pub mod raw;
 pub mod units;
 
 pub use compile::{
-    canonical_ip, compile, load_file, ClientIpResolver, Consumers, Limits, Meta, Rewrite, Route, RouteTimeouts,
-    Snapshot,
+    canonical_ip, compile, env_secret, load_file, ClientIpResolver, Consumers, Limits, Meta, Rewrite, Route,
+    RouteTimeouts, Snapshot,
 };
 pub use error::{ConfigError, ConfigErrors};

@@ -444,10 +444,7 @@ impl Jwt {
         let keys = if cfg.secret.is_some() || cfg.secret_env.is_some() {
             let secret = match (&cfg.secret, &cfg.secret_env) {
                 (Some(s), _) => s.clone(),
-                (_, Some(var)) => std::env::var(var)
-                    .ok()
-                    .filter(|v| !v.is_empty())
-                    .ok_or_else(|| cfg_err("secret_env", format!("environment variable '{var}' is not set")))?,
+                (_, Some(var)) => crate::config::env_secret(var).map_err(|e| cfg_err("secret_env", e))?,
                 _ => unreachable!(),
             };
             need_family(&HMAC, "a shared secret")?;
