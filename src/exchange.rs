@@ -103,6 +103,26 @@ fn request_host(req: &RequestHeader) -> Result<String, Reply> {
     }
 }
 
+/// HTTP/2 lets a request repeat `content-length` (HTTP/1 framing is checked by the edge layer):
+/// equal copies become one, different ones are refused, so an HTTP/1 upstream never sees two.
+fn one_content_length(req: &mut RequestHeader) -> Result<(), Reply> {
+    let mut values = req.headers.get_all(CONTENT_LENGTH).iter();
+    let Some(first) = values.next().cloned() else {
+        return Ok(());
+    };
+    let mut repeated = false;
+    for v in values {
+        if v.as_bytes().trim_ascii() != first.as_bytes().trim_ascii() {
+            return Err(bad_request("the request has Content-Length headers that disagree"));
+        }
+        repeated = true;
+    }
+    if repeated {
+        let _ = req.insert_header(CONTENT_LENGTH, first);
+    }
+    Ok(())
+}
+
 fn declared_length(req: &RequestHeader) -> Option<u64> {
     req.headers.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
@@ -122,6 +142,8 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
     ctx.st.client_ip = snap.client_ip.resolve(peer, &req.headers);
     ctx.st.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
 
+    one_content_length(session.req_header_mut())?;
+    let req = session.req_header();
     let host = request_host(req)?;
     ctx.st.host = strip_port(&host).to_ascii_lowercase();
     ctx.st.path = normalize_path(req.uri.path()).map_err(|e| bad_request(e.message()))?;
@@ -370,6 +392,17 @@ pub fn count_request_body(body: &mut Option<Bytes>, ctx: &mut Ctx) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// An HTTP/2 request may end with an empty DATA frame. Pingora 0.9.1 writes an empty final
+/// piece to an HTTP/1 upstream as a zero-size chunk and then ends the chunked body again: two
+/// terminators, and the upstream reads a second request (a desync; Pingora issue #935). An
+/// empty final piece therefore only ends the body. This runs after every plugin, since a
+/// plugin may empty a piece too.
+pub fn end_body_once(body: &mut Option<Bytes>, end_of_stream: bool) {
+    if end_of_stream && body.as_ref().is_some_and(|b| b.is_empty()) {
+        *body = None;
+    }
 }
 
 /// The response head going to the client: the trace header, then the response plugins.

@@ -87,10 +87,12 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        exchange::count_request_body(body, ctx)
+        exchange::count_request_body(body, ctx)?;
+        exchange::end_body_once(body, end_of_stream);
+        Ok(())
     }
 
     async fn upstream_response_filter(&self, _s: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {

@@ -14,6 +14,8 @@ pub struct Gw {
     pub admin: String,
     /// Set by tests that stop the process on purpose (the upgrade hands over and exits).
     pub expect_exit: bool,
+    /// The listener also speaks h2c.
+    pub h2c: bool,
 }
 
 /// The parts every test config shares: fast shutdown, private pid and upgrade socket files.
@@ -23,9 +25,15 @@ pub fn head(dir: &std::path::Path, addr: &str, admin: &str) -> String {
 
 /// As [`head`], with a drain period for in-flight requests at shutdown.
 pub fn head_with_grace(dir: &std::path::Path, addr: &str, admin: &str, grace: u64) -> String {
+    head_full(dir, addr, admin, grace, false)
+}
+
+/// The shared head, with `http2: true` on the listener when `h2c` (HTTP/1.1 and h2c on one port).
+pub fn head_full(dir: &std::path::Path, addr: &str, admin: &str, grace: u64, h2c: bool) -> String {
     format!(
-        "server:\n  threads: 2\n  grace_period_seconds: {grace}\n  graceful_shutdown_timeout_seconds: 1\n  pid_file: {d}/portico.pid\n  upgrade_sock: {d}/upgrade.sock\nlisteners:\n  - address: {addr}\nadmin:\n  address: {admin}\n",
-        d = dir.display()
+        "server:\n  threads: 2\n  grace_period_seconds: {grace}\n  graceful_shutdown_timeout_seconds: 1\n  pid_file: {d}/portico.pid\n  upgrade_sock: {d}/upgrade.sock\nlisteners:\n  - address: {addr}\n{h2}admin:\n  address: {admin}\n",
+        d = dir.display(),
+        h2 = if h2c { "    http2: true\n" } else { "" }
     )
 }
 
@@ -37,11 +45,20 @@ impl Gw {
 
     /// Start with `grace_period_seconds: grace` (in-flight requests finish within it).
     pub fn start_with_grace(body: &str, grace: u64) -> Gw {
+        Gw::start_full(body, grace, false)
+    }
+
+    /// Start with a listener that speaks HTTP/1.1 and h2c (prior knowledge) on one port.
+    pub fn start_h2c(body: &str) -> Gw {
+        Gw::start_full(body, 0, true)
+    }
+
+    fn start_full(body: &str, grace: u64, h2c: bool) -> Gw {
         let (addr, admin) = (free_addr(), free_addr());
         let dir = TempDir::new("gw");
         let config = dir.write(
             "portico.yaml",
-            &format!("{}{body}", head_with_grace(dir.path(), &addr, &admin, grace)),
+            &format!("{}{body}", head_full(dir.path(), &addr, &admin, grace, h2c)),
         );
         let mut p = Portico::start_in(BIN, dir, config, &[]);
         p.wait_ready(&admin);
@@ -50,12 +67,16 @@ impl Gw {
             addr,
             admin,
             expect_exit: false,
+            h2c,
         }
     }
 
     /// The full config text for a new `body` (same listeners and files).
     pub fn config(&self, body: &str) -> String {
-        format!("{}{body}", head(self.p.dir.path(), &self.addr, &self.admin))
+        format!(
+            "{}{body}",
+            head_full(self.p.dir.path(), &self.addr, &self.admin, 0, self.h2c)
+        )
     }
 
     pub fn get(&self, path: &str) -> Response {
