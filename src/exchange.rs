@@ -3,7 +3,7 @@
 use crate::config::{canonical_ip, Route, Snapshot};
 use crate::plugin::{Chains, Reply, RequestState};
 use crate::respond;
-use crate::route::{normalize_path, strip_port, RequestKey};
+use crate::route::{normalize_host, normalize_path, RequestKey};
 use crate::shared::Shared;
 use crate::upstream::{InFlight, Upstream};
 use bytes::Bytes;
@@ -81,8 +81,9 @@ fn bad_request(message: impl Into<String>) -> Reply {
     Reply::error(400, "bad_request", message)
 }
 
-/// The request's host: `:authority` / absolute-form authority, else `Host`. Ambiguity (two
-/// Host headers, or an authority that disagrees with Host) is refused.
+/// The request's host as routing compares it (see [`normalize_host`]): `:authority` /
+/// absolute-form authority, else `Host`. Ambiguity (two Host headers, or an authority that
+/// disagrees with Host) and invalid hosts are refused.
 fn request_host(req: &RequestHeader) -> Result<String, Reply> {
     let mut hosts = req.headers.get_all(HOST).iter();
     let header = hosts.next();
@@ -92,12 +93,19 @@ fn request_host(req: &RequestHeader) -> Result<String, Reply> {
     let header = header
         .map(|h| h.to_str().map_err(|_| bad_request("the Host header is not valid")))
         .transpose()?;
+    let norm = |h: &str| normalize_host(h).map_err(|why| bad_request(format!("invalid host: {why}")));
     match (req.uri.authority().map(|a| a.as_str()), header) {
-        (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => Err(bad_request(
-            "the request target's authority and the Host header disagree",
-        )),
-        (Some(a), _) => Ok(a.to_string()),
-        (None, Some(h)) => Ok(h.to_string()),
+        (Some(a), Some(h)) => {
+            let a = norm(a)?;
+            if a != norm(h)? {
+                return Err(bad_request(
+                    "the request target's authority and the Host header disagree",
+                ));
+            }
+            Ok(a)
+        }
+        (Some(a), None) => norm(a),
+        (None, Some(h)) => norm(h),
         (None, None) if req.version == http::Version::HTTP_10 => Ok(String::new()),
         (None, None) => Err(bad_request("an HTTP/1.1 request needs a Host header")),
     }
@@ -141,11 +149,12 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
     ctx.peer_ip = canonical_ip(peer);
     ctx.st.client_ip = snap.client_ip.resolve(peer, &req.headers);
     ctx.st.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    // HTTP/1 body reads: no progress for this long → 408 (HTTP/2 bodies: the edge's frame watch).
+    session.set_read_timeout(Some(snap.limits.body_timeout));
 
     one_content_length(session.req_header_mut())?;
     let req = session.req_header();
-    let host = request_host(req)?;
-    ctx.st.host = strip_port(&host).to_ascii_lowercase();
+    ctx.st.host = request_host(req)?;
     ctx.st.path = normalize_path(req.uri.path()).map_err(|e| bad_request(e.message()))?;
 
     let key = RequestKey {

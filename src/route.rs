@@ -145,12 +145,16 @@ impl HostPattern {
             if rest.is_empty() || rest.contains('*') {
                 return Err(format!("bad wildcard host '{s}': use '*.example.com'"));
             }
-            return Ok(HostPattern::Wildcard(format!(".{rest}")));
+            return Ok(HostPattern::Wildcard(format!(
+                ".{}",
+                rest.strip_suffix('.').unwrap_or(rest)
+            )));
         }
         if s.contains('*') || s.contains('/') {
             return Err(format!("bad host '{s}': a wildcard is only allowed as a leading '*.'"));
         }
-        Ok(HostPattern::Exact(strip_port(&s).to_string()))
+        let s = strip_port(&s);
+        Ok(HostPattern::Exact(s.strip_suffix('.').unwrap_or(s).to_string()))
     }
 
     fn matches(&self, host: &str) -> bool {
@@ -159,6 +163,62 @@ impl HostPattern {
             HostPattern::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
         }
     }
+}
+
+/// The host a request names (`Host`, or the authority), as routing compares it: lower-case,
+/// without the port and without a trailing dot (`API.Test.:8080` → `api.test`). Anything that
+/// is not a valid authority — userinfo (`@`), `/`, `#`, `?`, spaces, an empty or non-numeric
+/// port, an empty label — is refused, so a request cannot slip past a host-restricted route by
+/// spelling its host differently.
+pub fn normalize_host(raw: &str) -> Result<String, &'static str> {
+    if raw.is_empty() || raw.len() > 262 {
+        return Err("the host is empty or too long");
+    }
+    let (host, port) = if let Some(rest) = raw.strip_prefix('[') {
+        let end = rest.find(']').ok_or("an IPv6 host lacks its ']'")?;
+        let (v6, after) = (&rest[..end], &rest[end + 1..]);
+        if v6.is_empty() || !v6.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+            return Err("the host is not a valid IPv6 literal");
+        }
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or("junk after an IPv6 host")?),
+        };
+        (&raw[..end + 2], port)
+    } else {
+        match raw.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (raw, None),
+        }
+    };
+    if let Some(p) = port {
+        if p.is_empty()
+            || p.len() > 5
+            || !p.bytes().all(|b| b.is_ascii_digit())
+            || p.parse::<u32>().unwrap_or(0) > 65535
+        {
+            return Err("the host's port is not a number");
+        }
+    }
+    if host.starts_with('[') {
+        return Ok(host.to_ascii_lowercase());
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() || name.len() > 253 {
+        return Err("the host name is empty or too long");
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("the host has an empty or overlong label");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err("the host has a character a host name cannot have");
+        }
+    }
+    Ok(name.to_ascii_lowercase())
 }
 
 /// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
@@ -409,5 +469,41 @@ mod tests {
         assert!(!m.matches(&key("/", "api.example.com", &Method::POST, &h), &mut p));
         assert_eq!(strip_port("a.com:80"), "a.com");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
+    }
+
+    #[test]
+    fn hosts_normalise_or_are_refused() {
+        for (raw, want) in [
+            ("api.test", "api.test"),
+            ("api.test.", "api.test"),
+            ("API.TEST:8080", "api.test"),
+            ("Api.Test.:443", "api.test"),
+            ("127.0.0.1:80", "127.0.0.1"),
+            ("[::1]:8080", "[::1]"),
+            ("[::FFFF:10.0.0.1]", "[::ffff:10.0.0.1]"),
+            ("svc_internal", "svc_internal"),
+        ] {
+            assert_eq!(normalize_host(raw).as_deref(), Ok(want), "{raw}");
+        }
+        for bad in [
+            "",
+            "api.test/x",
+            "api.test#",
+            "api.test:abc",
+            "a b",
+            "api.test:",
+            "user@api.test",
+            "api..test",
+            ".api.test",
+            "api.test?x",
+            "[::1",
+            "[::1]x",
+            "[zz]",
+            "api.test:99999",
+            "a\\b",
+            "api.test:8080:1",
+        ] {
+            assert!(normalize_host(bad).is_err(), "{bad:?}");
+        }
     }
 }

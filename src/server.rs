@@ -94,6 +94,8 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
         let mut proxy = pingora::proxy::http_proxy(&server.configuration, Gateway { shared: shared.clone() });
         let mut options = HttpServerOptions::default();
         options.h2c = h2c;
+        // Fixed for the life of the service: a reload that changes it says so (shared.rs).
+        options.h2_idle_timeout = Some(snap.limits.h2_idle_timeout);
         proxy.server_options = Some(options);
         // HTTP/2 gets the same head limit as HTTP/1 (which the edge layer enforces itself).
         let mut h2 = pingora::protocols::http::v2::server::H2Options::new();

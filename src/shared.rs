@@ -74,6 +74,10 @@ impl Shared {
             report.not_applied.push("admin");
             next.admin = old.admin.clone();
         }
+        if next.limits.h2_idle_timeout != old.limits.h2_idle_timeout {
+            report.not_applied.push("limits.h2_idle_timeout");
+            next.limits.h2_idle_timeout = old.limits.h2_idle_timeout;
+        }
         if next.server != old.server {
             report.not_applied.push("server");
             next.server = old.server.clone();

@@ -569,7 +569,7 @@ fn recording_conn(mut s: TcpStream, rec: std::sync::Arc<std::sync::Mutex<Recordi
         r.connections.len() - 1
     };
     let mut buf: Vec<u8> = Vec::new();
-    let mut fill = |s: &mut TcpStream, buf: &mut Vec<u8>| -> bool {
+    let fill = |s: &mut TcpStream, buf: &mut Vec<u8>| -> bool {
         let mut chunk = [0u8; 16384];
         match s.read(&mut chunk) {
             Ok(0) | Err(_) => false,

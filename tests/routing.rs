@@ -145,3 +145,72 @@ routes:
         "nothing else reached an upstream"
     );
 }
+
+/// Contract § Hosts: a host matches without its trailing dot, port or case; an invalid host is
+/// 400, so no spelling of a protected host falls through to a less protected route.
+#[test]
+fn hosts_are_normalised_and_invalid_ones_refused() {
+    let (protected, open) = (
+        EchoServer::start("protected").unwrap(),
+        EchoServer::start("open").unwrap(),
+    );
+    let gw = Gw::start_h2c(&format!(
+        r#"
+upstreams:
+  protected: {{ endpoints: ["{protected}"] }}
+  open: {{ endpoints: ["{open}"] }}
+routes:
+  - name: api
+    match: {{ hosts: [api.test] }}
+    upstream: protected
+  - name: fallback
+    upstream: open
+"#,
+        protected = protected.addr,
+        open = open.addr
+    ));
+    for host in ["api.test", "api.test.", "API.TEST:8080", "Api.Test.:80"] {
+        let r = gw.send(Request::get("/x").header("host", host));
+        assert_eq!(service(&r), "protected", "Host: {host}");
+    }
+    assert_eq!(
+        service(&gw.send(Request::get("/x").header("host", "other.test"))),
+        "open"
+    );
+    for host in [
+        "api.test/x",
+        "api.test#",
+        "api.test:abc",
+        "a b",
+        "",
+        "api.test:",
+        "user@api.test",
+    ] {
+        let r = gw.send(Request::get("/x").header("host", host));
+        assert_eq!(r.status, 400, "Host: {host:?} → {} {}", r.status, r.text());
+        assert_eq!(r.json()["error"], "bad_request", "Host: {host:?} {:?}", r.headers);
+    }
+    assert_eq!(
+        protected.requests() + open.requests(),
+        5,
+        "no invalid host reached an upstream"
+    );
+
+    // HTTP/2's :authority is held to the same rules.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        for authority in ["api.test.", "API.TEST:8080"] {
+            let mut c = client.clone().ready().await.unwrap();
+            let req = http::Request::get(format!("http://{authority}/x")).body(()).unwrap();
+            let (resp, _) = c.send_request(req, true).unwrap();
+            let resp = resp.await.unwrap();
+            assert_eq!(resp.headers()["x-echo-service"], "protected", ":authority {authority}");
+        }
+    });
+}

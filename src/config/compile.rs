@@ -52,6 +52,10 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub max_connections_per_ip: u32,
     pub keepalive_requests: u32,
+    /// A request body that makes no progress for this long is cut (408 when nothing was sent).
+    pub body_timeout: Duration,
+    /// An HTTP/2 connection with no open stream for this long is closed.
+    pub h2_idle_timeout: Duration,
 }
 
 /// Consumers known to the gateway, looked up by the SHA-256 of an API key.
@@ -540,12 +544,22 @@ fn check_limits(l: &raw::Limits, errs: &mut ConfigErrors) -> Limits {
     if l.keepalive_requests == 0 {
         errs.push("limits.keepalive_requests", "must be at least 1");
     }
+    for (field, d) in [
+        ("body_timeout", l.body_timeout.0),
+        ("h2_idle_timeout", l.h2_idle_timeout.0),
+    ] {
+        if d < Duration::from_millis(100) {
+            errs.push(format!("limits.{field}"), "must be at least 100ms");
+        }
+    }
     Limits {
         max_request_header_bytes: l.max_request_header_bytes.0 as usize,
         max_request_body_bytes: l.max_request_body_bytes.0,
         header_timeout: l.header_timeout.0,
         max_connections_per_ip: l.max_connections_per_ip,
         keepalive_requests: l.keepalive_requests,
+        body_timeout: l.body_timeout.0,
+        h2_idle_timeout: l.h2_idle_timeout.0,
     }
 }
 

@@ -81,6 +81,8 @@ pub struct Limits {
     pub header_timeout: Dur,
     pub max_connections_per_ip: u32,
     pub keepalive_requests: u32,
+    pub body_timeout: Dur,
+    pub h2_idle_timeout: Dur,
 }
 
 impl Default for Limits {
@@ -91,6 +93,8 @@ impl Default for Limits {
             header_timeout: Dur::secs(10),
             max_connections_per_ip: 0,
             keepalive_requests: 1000,
+            body_timeout: Dur::secs(30),
+            h2_idle_timeout: Dur::secs(60),
         }
     }
 }

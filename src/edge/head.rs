@@ -1,0 +1,209 @@
+//! Reading an HTTP/1 request head on Portico's terms (a deadline for the whole head, a size
+//! limit) and the framing verdict on it.
+
+use super::stream::EdgeStream;
+use crate::config::Snapshot;
+use crate::plugin::Reply;
+use tokio::time::Instant;
+
+/// More request headers than this → 431.
+const MAX_HEADERS: usize = 128;
+
+/// How reading a request head ended.
+pub enum Head {
+    /// A whole, well-framed head is buffered.
+    Ready,
+    /// The peer closed, or stayed idle (between requests) until a timeout or shutdown.
+    Closed,
+    /// Answer this and close.
+    Refuse(Reply),
+}
+
+/// Read until a whole head is buffered, within `deadline` and the size limit; then check its
+/// framing.
+pub async fn read_head(conn: &mut EdgeStream, deadline: Instant, snap: &Snapshot) -> Head {
+    let max = snap.limits.max_request_header_bytes;
+    let mut scanned: usize = 0;
+    let mut end = None;
+    let filled = conn
+        .fill_until(deadline, |b| {
+            // Search only what is new (keeping 3 bytes of overlap for a split "\r\n\r\n"). A
+            // head ended by bare LFs is found too, so that it is refused rather than waited on.
+            let from = scanned.saturating_sub(3);
+            end = b[from..].windows(2).enumerate().find_map(|(i, w)| match w {
+                b"\n\n" => Some(from + i + 2),
+                b"\n\r" if b.get(from + i + 2) == Some(&b'\n') => Some(from + i + 3),
+                _ => None,
+            });
+            scanned = b.len();
+            end.is_some() || b.len() > max
+        })
+        .await;
+    match filled {
+        Err(_) => {
+            crate::metrics::REJECTED_CONNECTIONS
+                .with_label_values(&["header_timeout"])
+                .inc();
+            Head::Refuse(Reply::error(
+                408,
+                "request_timeout",
+                "the request head did not arrive in time",
+            ))
+        }
+        Ok(false) => Head::Closed,
+        Ok(true) => match end {
+            Some(n) if n <= max => match check_framing(&conn.prefix[..n]) {
+                Ok(()) => Head::Ready,
+                Err(reply) => Head::Refuse(reply),
+            },
+            _ => Head::Refuse(Reply::error(
+                431,
+                "request_header_too_large",
+                format!("the request head is larger than {max} bytes"),
+            )),
+        },
+    }
+}
+
+fn bad(message: &str) -> Reply {
+    Reply::error(400, "bad_request", message)
+}
+
+/// Portico's verdict on HTTP/1 framing: anything a server and an upstream could read two ways
+/// is refused (the stricter, Envoy-like choice), so the upstream never sees a request the client
+/// did not send.
+pub fn check_framing(head: &[u8]) -> Result<(), Reply> {
+    for (i, &b) in head.iter().enumerate() {
+        match b {
+            0 => return Err(bad("NUL in the request head")),
+            b'\r' if head.get(i + 1) != Some(&b'\n') => return Err(bad("a bare CR in the request head")),
+            b'\n' if i == 0 || head[i - 1] != b'\r' => return Err(bad("a bare LF in the request head")),
+            b'\n' if matches!(head.get(i + 1), Some(b' ' | b'\t')) => {
+                return Err(bad("obsolete line folding in the request head"))
+            }
+            _ => {}
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(bad("the request head is incomplete")),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Reply::error(
+                431,
+                "request_header_too_large",
+                format!("the request has more than {MAX_HEADERS} headers"),
+            ))
+        }
+        Err(e) => return Err(bad(&format!("the request head is malformed ({e})"))),
+    }
+    let mut lengths = Vec::new();
+    let mut encodings = Vec::new();
+    let mut hosts = 0;
+    for h in req.headers.iter() {
+        let name = h.name.to_ascii_lowercase();
+        match name.as_str() {
+            "content-length" => lengths.push(h.value),
+            "transfer-encoding" => encodings.push(h.value),
+            "host" => {
+                hosts += 1;
+                // Pingora answers some invalid hosts (userinfo) with a bare 400 of its own:
+                // refuse them all here, with the contract's JSON error.
+                let valid = std::str::from_utf8(h.value)
+                    .ok()
+                    .is_some_and(|v| crate::route::normalize_host(v).is_ok());
+                if !valid {
+                    return Err(bad("the Host header is not a valid host"));
+                }
+            }
+            "content_length" | "transfer_encoding" | "host_" => {
+                return Err(bad("an underscore variant of a framing header"))
+            }
+            _ => {}
+        }
+    }
+    if hosts > 1 {
+        return Err(bad("more than one Host header"));
+    }
+    // An absolute-form target names its own authority: it must be the Host.
+    if let Some(rest) = req
+        .path
+        .and_then(|p| p.strip_prefix("http://").or_else(|| p.strip_prefix("https://")))
+    {
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        let host = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("host"))
+            .map(|h| h.value);
+        if host.is_some_and(|h| !h.eq_ignore_ascii_case(authority.as_bytes())) {
+            return Err(bad("the request target's authority and the Host header disagree"));
+        }
+    }
+    if !lengths.is_empty() && !encodings.is_empty() {
+        return Err(bad("both Content-Length and Transfer-Encoding"));
+    }
+    if lengths.len() > 1 {
+        return Err(bad("more than one Content-Length"));
+    }
+    if let Some(v) = lengths.first() {
+        if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+            return Err(bad("a malformed Content-Length"));
+        }
+    }
+    if encodings.len() > 1 {
+        return Err(bad("more than one Transfer-Encoding"));
+    }
+    if let Some(v) = encodings.first() {
+        if req.version == Some(0) {
+            return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if !v.eq_ignore_ascii_case(b"chunked") {
+            return Err(bad("a Transfer-Encoding other than a lone 'chunked'"));
+        }
+    }
+    Ok(())
+}
+
+/// Answer a refused head with the contract's JSON error (global response plugins applied),
+/// log and count it, and close.
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(head: &str) -> u16 {
+        check_framing(head.as_bytes()).err().map(|r| r.status).unwrap_or(200)
+    }
+
+    #[test]
+    fn framing_verdicts() {
+        assert_eq!(verdict("GET / HTTP/1.1\r\nHost: a\r\n\r\n"), 200);
+        assert_eq!(verdict("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"), 200);
+        assert_eq!(
+            verdict("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n"),
+            200
+        );
+        for bad in [
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\ncontent_length: 5\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: \r\n\r\n",
+        ] {
+            assert_eq!(verdict(bad), 400, "{bad:?}");
+        }
+        let many: String = (0..200).map(|i| format!("x-{i}: y\r\n")).collect();
+        assert_eq!(verdict(&format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n")), 431);
+    }
+}

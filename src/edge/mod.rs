@@ -1,0 +1,267 @@
+//! The layer between Pingora's listeners and the proxy: edge safety for every connection.
+//!
+//! Pingora reads an HTTP/1 request head itself, before any `ProxyHttp` hook runs, with a 1 MiB
+//! ceiling and a 60 s timeout *per read* — a slowloris never reaches a hook, and a 1 MiB head is
+//! always read in full. So [`EdgeApp`] runs the HTTP/1 keep-alive loop itself (as Pingora's own
+//! `ServerApp` does) and, before each request, reads the head on its own terms (`head.rs`):
+//!
+//! - the whole head must arrive within `limits.header_timeout` (from accept for a connection's
+//!   first request, from the first byte for later ones) → 408, then close;
+//! - at most `limits.max_request_header_bytes` → 431, then close;
+//! - ambiguous framing (CL+TE, repeated or malformed Content-Length, any Transfer-Encoding but
+//!   a lone `chunked`, bare CR or LF, NUL, obs-fold, underscore twins of framing headers) → 400;
+//! - at most `limits.max_connections_per_ip` connections per client address, held for the
+//!   connection's life (`per_ip.rs`);
+//! - at most `limits.keepalive_requests` requests per connection.
+//!
+//! The bytes read are replayed to Pingora through [`EdgeStream`], so it parses exactly what was
+//! checked. HTTP/2 (ALPN or the h2c preface) goes to Pingora's own handling, with its header
+//! list bounded by the same limit and its frames watched for the same deadlines (`h2_watch.rs`).
+//! Request bodies are timed by `limits.body_timeout` (HTTP/1: Pingora's read timeout, set per
+//! request by the proxy; HTTP/2: the frame watch).
+
+mod h2_watch;
+mod head;
+mod per_ip;
+mod service;
+mod stream;
+
+pub use head::check_framing;
+pub use service::ProxyService;
+pub use stream::EdgeStream;
+
+use crate::config::Snapshot;
+use crate::plugin::{Reply, RequestState};
+use crate::proxy::Gateway;
+use crate::shared::Shared;
+use async_trait::async_trait;
+use head::{read_head, Head};
+use per_ip::ConnectionCounts;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{GetSocketDigest, Shutdown, Stream, ALPN};
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// How long shutdown waits for just-accepted connections to send their request.
+const FIRST_BYTES_DRAIN: Duration = Duration::from_secs(2);
+/// How long an idle keep-alive connection may wait for its next request (Pingora's default).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+
+pub struct EdgeApp {
+    proxy: Arc<HttpProxy<Gateway>>,
+    shared: Arc<Shared>,
+    h2c: bool,
+    /// Connections accepted whose first bytes have not arrived yet.
+    awaiting_first_bytes: AtomicUsize,
+    per_ip: ConnectionCounts,
+}
+
+impl EdgeApp {
+    pub fn new(proxy: HttpProxy<Gateway>, shared: Arc<Shared>) -> Self {
+        let h2c = proxy.server_options.as_ref().is_some_and(|o| o.h2c);
+        EdgeApp {
+            proxy: Arc::new(proxy),
+            shared,
+            h2c,
+            awaiting_first_bytes: AtomicUsize::new(0),
+            per_ip: ConnectionCounts::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl ServerApp for EdgeApp {
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let accepted = Instant::now();
+        let snap = self.shared.snapshot();
+        let peer = stream.get_socket_digest().and_then(|d| {
+            d.peer_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| crate::config::canonical_ip(a.ip()))
+        });
+        let _slot = match peer {
+            Some(ip) => match self.per_ip.acquire(ip, snap.limits.max_connections_per_ip) {
+                Some(slot) => Some(slot),
+                None => {
+                    crate::metrics::REJECTED_CONNECTIONS
+                        .with_label_values(&["per_ip_limit"])
+                        .inc();
+                    return None;
+                }
+            },
+            None => None,
+        };
+        let limits = &snap.limits;
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            let mut conn = EdgeStream::new(stream);
+            conn.watch_h2(limits.header_timeout, limits.body_timeout);
+            return ServerApp::process_new(&self.proxy, Box::new(conn), shutdown).await;
+        }
+        let mut conn = EdgeStream::new(stream);
+        // The first bytes decide between HTTP/1 and the h2c preface.
+        self.awaiting_first_bytes.fetch_add(1, Ordering::AcqRel);
+        let deadline = accepted + snap.limits.header_timeout;
+        let first = conn.fill_until(deadline, |buf| !buf.is_empty()).await;
+        self.awaiting_first_bytes.fetch_sub(1, Ordering::AcqRel);
+        match first {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(_) => {
+                crate::metrics::REJECTED_CONNECTIONS
+                    .with_label_values(&["header_timeout"])
+                    .inc();
+                return None;
+            }
+        }
+        if self.h2c {
+            let decided = conn
+                .fill_until(deadline, |b| {
+                    b.len() >= h2_watch::PREFACE.len() || !h2_watch::PREFACE.starts_with(b)
+                })
+                .await;
+            if decided.is_ok_and(|open| open) && conn.prefix.starts_with(h2_watch::PREFACE) {
+                conn.watch_h2(limits.header_timeout, limits.body_timeout);
+                return ServerApp::process_new(&self.proxy, Box::new(conn), shutdown).await;
+            }
+        }
+        self.serve_http1(conn, accepted, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        let end = Instant::now() + FIRST_BYTES_DRAIN;
+        while self.awaiting_first_bytes.load(Ordering::Acquire) > 0 && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        ServerApp::cleanup(&*self.proxy).await;
+    }
+}
+
+impl EdgeApp {
+    /// The HTTP/1 keep-alive loop (as Pingora's own), with each head read and checked first.
+    async fn serve_http1(
+        self: &Arc<Self>,
+        mut conn: EdgeStream,
+        accepted: Instant,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let mut settings: Option<HttpPersistentSettings> = None;
+        let mut served: u32 = 0;
+        loop {
+            let snap = self.shared.snapshot();
+            let limits = &snap.limits;
+            let head = if served == 0 {
+                read_head(&mut conn, accepted + limits.header_timeout, &snap).await
+            } else {
+                // Between requests: idle until the next one starts (or shutdown), then the
+                // head must be complete within header_timeout of its first byte.
+                let idle = if conn.prefix.is_empty() {
+                    let mut down = shutdown.clone();
+                    tokio::select! {
+                        r = conn.fill_until(Instant::now() + KEEPALIVE_IDLE, |b| !b.is_empty()) => r,
+                        _ = down.wait_for(|s| *s) => Ok(false),
+                    }
+                } else {
+                    Ok(true)
+                };
+                match idle {
+                    Ok(true) => read_head(&mut conn, Instant::now() + limits.header_timeout, &snap).await,
+                    _ => Head::Closed,
+                }
+            };
+            match head {
+                Head::Ready => {}
+                Head::Closed => return None,
+                Head::Refuse(reply) => {
+                    refuse(&mut conn, reply, &snap, &self.shared).await;
+                    return None;
+                }
+            }
+            let mut session = ServerSession::new_http1(Box::new(conn));
+            session.set_keepalive(if *shutdown.borrow() {
+                None
+            } else {
+                Some(KEEPALIVE_IDLE.as_secs())
+            });
+            match settings.take() {
+                Some(s) => s.apply_to_session(&mut session),
+                // Reuses left after this request: the connection serves `keepalive_requests`.
+                None => session.set_keepalive_reuses_remaining(Some(limits.keepalive_requests.saturating_sub(1))),
+            }
+            let reused = self.proxy.process_new_http(session, shutdown).await?;
+            let (stream, next) = reused.consume();
+            settings = next;
+            conn = *stream.into_any().downcast::<EdgeStream>().ok()?;
+            served += 1;
+        }
+    }
+}
+
+async fn refuse(conn: &mut EdgeStream, reply: Reply, snap: &Snapshot, shared: &Shared) {
+    let mut st = RequestState::new(
+        conn.get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
+            .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+    );
+    st.trace = snap.trace.ids_for(&http::HeaderMap::new());
+    let (mut head, body) = crate::respond::render(&reply, &st, false);
+    let _ = head.insert_header(snap.trace.header.clone(), st.trace.request_id.as_str());
+    let _ = head.insert_header(http::header::CONNECTION, "close");
+    let req = pingora::http::RequestHeader::build("GET", b"/", None).expect("a request head");
+    for entry in &snap.global.response {
+        entry.plugin.response(&req, &mut head, &mut st);
+    }
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        head.status.as_u16(),
+        head.status.canonical_reason().unwrap_or("Error")
+    )
+    .into_bytes();
+    for (k, v) in head.headers.iter() {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = conn.write_all(&out).await;
+        let _ = conn.flush().await;
+    })
+    .await;
+    crate::metrics::REQUESTS
+        .with_label_values(&["none", "none", &reply.status.to_string()])
+        .inc();
+    if snap.access_log.is_some() {
+        shared.access_log.write_line(
+            serde_json::json!({
+                "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                "trace_id": st.trace.request_id,
+                "client_ip": st.client_ip.to_string(),
+                "status": reply.status,
+                "route": "",
+                "error": reply.error_code(),
+            })
+            .to_string(),
+        );
+    }
+    // Read (and drop) what the client still sends for a moment, so it sees the answer rather
+    // than a reset.
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        while let Ok(n) = conn.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    Shutdown::shutdown(conn).await;
+}

@@ -1,0 +1,260 @@
+//! [`EdgeStream`]: the connection as the edge layer hands it to Pingora. Bytes the edge layer
+//! read ahead (a request head it checked, the h2c preface) are replayed first, so Pingora parses
+//! exactly what was checked; on HTTP/2 connections an [`H2Watch`] sees every frame go by and
+//! keeps the header and body deadlines.
+
+use super::h2_watch::{H2Watch, Verdict};
+use async_trait::async_trait;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID, UniqueIDType, ALPN,
+};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+pub struct EdgeStream {
+    inner: Stream,
+    /// Bytes read ahead, replayed before the socket's own.
+    pub(super) prefix: Vec<u8>,
+    h2: Option<Box<H2State>>,
+}
+
+struct H2State {
+    watch: H2Watch,
+    /// Wakes the reader when the next deadline passes.
+    timer: Pin<Box<Sleep>>,
+    /// A frame Portico feeds to the h2 server (a RST_STREAM for a stalled body).
+    feed: Vec<u8>,
+}
+
+impl std::fmt::Debug for EdgeStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeStream")
+            .field("prefix", &self.prefix.len())
+            .field("h2", &self.h2.is_some())
+            .finish()
+    }
+}
+
+impl EdgeStream {
+    pub fn new(inner: Stream) -> Self {
+        EdgeStream {
+            inner,
+            prefix: Vec::new(),
+            h2: None,
+        }
+    }
+
+    /// Watch this connection's HTTP/2 frames from now on (before its preface is read).
+    pub fn watch_h2(&mut self, header_timeout: Duration, body_timeout: Duration) {
+        let now = Instant::now();
+        self.h2 = Some(Box::new(H2State {
+            watch: H2Watch::new(header_timeout, body_timeout, now),
+            timer: Box::pin(tokio::time::sleep_until(now + header_timeout)),
+            feed: Vec::new(),
+        }));
+    }
+
+    /// Read more into the buffer until `done(buffer)`, the peer closes (`Ok(false)`) or the
+    /// deadline passes (`Err`). Returns at once if the buffer already satisfies `done`.
+    pub async fn fill_until(&mut self, deadline: Instant, mut done: impl FnMut(&[u8]) -> bool) -> Result<bool, ()> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if done(&self.prefix) {
+                return Ok(true);
+            }
+            match tokio::time::timeout_at(deadline, self.inner.read(&mut chunk)).await {
+                Err(_) => return Err(()),
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(false),
+                Ok(Ok(n)) => self.prefix.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+impl H2State {
+    /// Act on the deadlines: `Some` ends this read (an error, or a frame to feed).
+    fn enforce(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Option<Poll<std::io::Result<()>>> {
+        loop {
+            match self.watch.check(Instant::now()) {
+                Verdict::Close(late) => {
+                    crate::metrics::REJECTED_CONNECTIONS
+                        .with_label_values(&[late.reason()])
+                        .inc();
+                    return Some(Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("HTTP/2 {}", late.reason()),
+                    ))));
+                }
+                Verdict::Reset(stream) => {
+                    crate::metrics::REJECTED_CONNECTIONS
+                        .with_label_values(&["body_timeout"])
+                        .inc();
+                    self.feed.extend_from_slice(&H2Watch::rst_frame(stream));
+                    return Some(Poll::Ready(Ok(self.drain_feed(buf))));
+                }
+                Verdict::Wait(None) => return None,
+                Verdict::Wait(Some(at)) => {
+                    self.timer.as_mut().reset(at);
+                    if self.timer.as_mut().poll(cx).is_pending() {
+                        return None;
+                    }
+                    // Already due: check again.
+                }
+            }
+        }
+    }
+
+    fn drain_feed(&mut self, buf: &mut ReadBuf<'_>) {
+        let n = self.feed.len().min(buf.remaining());
+        buf.put_slice(&self.feed[..n]);
+        self.feed.drain(..n);
+    }
+}
+
+impl AsyncRead for EdgeStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(h2) = this.h2.as_mut() {
+            if !h2.feed.is_empty() {
+                h2.drain_feed(buf);
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(done) = h2.enforce(cx, buf) {
+                return done;
+            }
+        }
+        let before = buf.filled().len();
+        let polled = if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.drain(..n);
+            Poll::Ready(Ok(()))
+        } else {
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        };
+        if let Some(h2) = this.h2.as_mut() {
+            match &polled {
+                Poll::Ready(Ok(())) => h2.watch.client_bytes(&buf.filled()[before..], Instant::now()),
+                // Nothing to read: make sure a deadline wakes this reader.
+                Poll::Pending => {
+                    if let Some(done) = h2.enforce(cx, buf) {
+                        return done;
+                    }
+                }
+                Poll::Ready(Err(_)) => {}
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for EdgeStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let (Some(h2), Poll::Ready(Ok(n))) = (self.h2.as_mut(), &polled) {
+            h2.watch.server_bytes(&buf[..*n]);
+        }
+        polled
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let (Some(h2), Poll::Ready(Ok(n))) = (self.h2.as_mut(), &polled) {
+            let mut left = *n;
+            for b in bufs {
+                let take = left.min(b.len());
+                h2.watch.server_bytes(&b[..take]);
+                left -= take;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        polled
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for EdgeStream {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(&mut *self.inner).await
+    }
+}
+
+impl UniqueID for EdgeStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for EdgeStream {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for EdgeStream {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for EdgeStream {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl GetSocketDigest for EdgeStream {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, d: pingora::protocols::SocketDigest) {
+        self.inner.set_socket_digest(d)
+    }
+}
+
+#[async_trait]
+impl Peek for EdgeStream {
+    /// Peeks from the replayed bytes, reading more from the socket if needed.
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        let want = buf.len();
+        let far = Instant::now() + Duration::from_secs(3600);
+        match self.fill_until(far, |b| b.len() >= want).await {
+            Ok(true) => {
+                buf.copy_from_slice(&self.prefix[..want]);
+                Ok(true)
+            }
+            _ => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Slow clients over HTTP/2 and slow request bodies: `header_timeout` applies to every HTTP/2
+//! header block and the preface, idle HTTP/2 connections close after `h2_idle_timeout`, and a
+//! request body that stops arriving is cut after `body_timeout`.
+
+mod common;
+use bytes::Bytes;
+use common::*;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len();
+    let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Read until the gateway closes the connection; how long that took from `start`.
+fn time_to_close(s: &mut std::net::TcpStream, start: Instant, limit: Duration) -> Option<Duration> {
+    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+fn config(up: &str, limits: &str) -> String {
+    format!("limits: {{ {limits} }}\nupstreams:\n  up: {{ endpoints: [\"{up}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n")
+}
+
+#[test]
+fn unfinished_http2_header_blocks_are_closed_at_header_timeout() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start_h2c(&config(
+        &up.addr.to_string(),
+        "header_timeout: 2s, h2_idle_timeout: 30s",
+    ));
+    let addr = gw.addr.clone();
+    // 40 connections send the preface, SETTINGS and a HEADERS frame without END_HEADERS.
+    let slow: Vec<_> = (0..40)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut s = connect(&addr, Some(format!("127.0.2.{}", 1 + i).parse().unwrap())).unwrap();
+                let start = Instant::now();
+                let mut bytes = PREFACE.to_vec();
+                bytes.extend(frame(0x4, 0, 0, &[]));
+                bytes.extend(frame(0x1, 0x0, 1, &[0x82])); // `:method GET`, block unfinished
+                s.write_all(&bytes).unwrap();
+                time_to_close(&mut s, start, Duration::from_secs(10))
+            })
+        })
+        .collect();
+    // A client that trickles the preface itself.
+    let mut trickle = connect(&addr, None).unwrap();
+    let start = Instant::now();
+    trickle.write_all(&PREFACE[..PREFACE.len()]).unwrap();
+    trickle.write_all(&frame(0x4, 0, 0, &[])[..4]).unwrap();
+    let trickled = time_to_close(&mut trickle, start, Duration::from_secs(10));
+    // Meanwhile a normal HTTP/1.1 client on the same port is served.
+    assert_eq!(gw.get("/fine").status, 200);
+    for t in slow {
+        let closed = t.join().unwrap().expect("closed within 10 s");
+        assert!(
+            closed >= Duration::from_millis(1800) && closed <= Duration::from_secs(3),
+            "closed after {closed:?}, expected 2 s (+1 s)"
+        );
+    }
+    let trickled = trickled.expect("the trickled frame header closed");
+    assert!(trickled <= Duration::from_secs(3), "{trickled:?}");
+    let m = gw.metrics();
+    assert!(
+        metric(
+            &m,
+            "portico_rejected_connections_total",
+            &[("reason", "header_timeout")]
+        ) >= 41.0
+    );
+}
+
+#[test]
+fn idle_http2_connections_close_after_h2_idle_timeout() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start_h2c(&config(&up.addr.to_string(), "header_timeout: 2s, h2_idle_timeout: 3s"));
+    let mut s = connect(&gw.addr, None).unwrap();
+    let start = Instant::now();
+    let mut bytes = PREFACE.to_vec();
+    bytes.extend(frame(0x4, 0, 0, &[]));
+    s.write_all(&bytes).unwrap();
+    let closed = time_to_close(&mut s, start, Duration::from_secs(10)).expect("closed within 10 s");
+    assert!(
+        closed >= Duration::from_millis(2800) && closed <= Duration::from_secs(4),
+        "closed after {closed:?}, expected 3 s (+1 s)"
+    );
+}
+
+#[test]
+fn a_stalled_http1_body_gets_408_at_body_timeout() {
+    let up = RecordingUpstream::start();
+    let gw = Gw::start(&config(&up.addr.to_string(), "body_timeout: 2s"));
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let start = Instant::now();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\nx-id: stalled\r\ncontent-length: 100\r\n\r\n0123456789")
+        .unwrap();
+    let r = read_response(&mut s, false).expect("an answer");
+    let took = start.elapsed();
+    assert_eq!(r.status, 408, "{}", r.text());
+    assert_eq!(r.json()["error"], "request_timeout");
+    assert!(
+        took >= Duration::from_millis(1800) && took <= Duration::from_secs(3),
+        "cut after {took:?}, expected 2 s (±1 s)"
+    );
+    assert!(
+        up.requests().iter().all(|r| r.header("x-id") != Some("stalled")),
+        "the upstream never got a complete request"
+    );
+    // A chunked body stalls the same way.
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let start = Instant::now();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .unwrap();
+    let r = read_response(&mut s, false).expect("an answer");
+    assert_eq!(r.status, 408);
+    assert!(start.elapsed() <= Duration::from_secs(3));
+    // Bodies that keep moving are not cut, however long they take in all.
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\nx-id: steady\r\ncontent-length: 4\r\n\r\n")
+        .unwrap();
+    for b in b"abcd" {
+        std::thread::sleep(Duration::from_millis(900));
+        s.write_all(&[*b]).unwrap();
+    }
+    let r = read_response(&mut s, false).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-echo-id"), Some("steady"));
+}
+
+#[test]
+fn a_stalled_http2_body_is_reset_at_body_timeout() {
+    let up = RecordingUpstream::start();
+    let gw = Gw::start_h2c(&config(&up.addr.to_string(), "body_timeout: 2s"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::post("http://x/upload")
+            .header("x-id", "stalled")
+            .body(())
+            .unwrap();
+        let (_resp, mut stream) = client.send_request(req, false).unwrap();
+        stream
+            .send_data(Bytes::from_static(b"some of the body"), false)
+            .unwrap();
+        // Stall, and watch the gateway give up on the body.
+        let start = Instant::now();
+        let reset = loop {
+            let m = get(&gw.admin, "/metrics").unwrap().text();
+            if metric(&m, "portico_rejected_connections_total", &[("reason", "body_timeout")]) >= 1.0 {
+                break start.elapsed();
+            }
+            assert!(start.elapsed() < Duration::from_secs(6), "no body timeout");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            reset >= Duration::from_millis(1800) && reset <= Duration::from_secs(3),
+            "reset after {reset:?}"
+        );
+        // The connection itself still serves other requests.
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::get("http://x/after")
+            .header("x-id", "after")
+            .body(())
+            .unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-echo-id"], "after");
+    });
+    assert!(
+        up.requests().iter().all(|r| r.header("x-id") != Some("stalled")),
+        "the upstream never got a complete request"
+    );
+}
