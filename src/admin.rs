@@ -1,5 +1,10 @@
 //! The admin listener: `/healthz`, `/metrics`, `/config`, `POST /reload`.
 //! It binds loopback by default and never shares a port with proxied traffic.
+//!
+//! A POST changes the gateway, so it must come from an operator, not from a web page: one that
+//! carries an `Origin` (browsers add it to cross-site and fetch POSTs) or names another `Host`
+//! (a DNS-rebinding page names its own) is refused with 403; with `admin.token` set, a POST also
+//! needs `Authorization: Bearer <token>` (401 without it).
 
 use crate::shared::Shared;
 use async_trait::async_trait;
@@ -31,11 +36,90 @@ fn json(status: u16, v: serde_json::Value) -> http::Response<Vec<u8>> {
     respond(status, "application/json", v.to_string())
 }
 
+fn refusal(status: u16, code: &str, message: &str) -> http::Response<Vec<u8>> {
+    json(status, serde_json::json!({ "error": code, "message": message }))
+}
+
+impl AdminApp {
+    /// Why a POST must be refused, if it must: cross-site or rebinding, then the token.
+    fn refuse_post(&self, session: &ServerSession) -> Option<http::Response<Vec<u8>>> {
+        let req = session.req_header();
+        if req.headers.contains_key(http::header::ORIGIN) {
+            return Some(refusal(
+                403,
+                "forbidden",
+                "admin POSTs from a web page (with an Origin header) are refused",
+            ));
+        }
+        if let Some(host) = req.headers.get(http::header::HOST) {
+            let own = session.server_addr().and_then(|a| a.as_inet()).copied();
+            if !own_host(
+                host.as_bytes(),
+                own,
+                self.shared.snapshot().admin.as_ref().map(|a| a.address.as_str()),
+            ) {
+                return Some(refusal(
+                    403,
+                    "forbidden",
+                    "the Host header does not name the admin listener",
+                ));
+            }
+        }
+        if let Some(token) = &self.shared.snapshot().admin_token {
+            let given = req
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            // Compare digests, so the time taken says nothing about how close a guess was.
+            use sha2::{Digest, Sha256};
+            if Sha256::digest(given.as_bytes()) != Sha256::digest(token.as_bytes()) {
+                return Some(
+                    http::Response::builder()
+                        .status(401)
+                        .header(http::header::WWW_AUTHENTICATE, "Bearer")
+                        .header(http::header::CONTENT_TYPE, "application/json")
+                        .body(
+                            serde_json::json!({ "error": "unauthorized", "message": "this admin endpoint needs the admin token (Authorization: Bearer …)" })
+                                .to_string()
+                                .into_bytes(),
+                        )
+                        .expect("valid response"),
+                );
+            }
+        }
+        None
+    }
+}
+
+/// Whether `host` names this admin listener: its configured address, the address the connection
+/// arrived on, or `localhost` with that port.
+fn own_host(host: &[u8], local: Option<std::net::SocketAddr>, configured: Option<&str>) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let host = host.trim().to_ascii_lowercase();
+    if configured.is_some_and(|c| c.eq_ignore_ascii_case(&host)) {
+        return true;
+    }
+    let Some(local) = local else {
+        return false;
+    };
+    let port = local.port();
+    host == local.to_string() || host == format!("localhost:{port}") || (port == 80 && host == "localhost")
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
+        if method == http::Method::POST {
+            if let Some(refused) = self.refuse_post(session) {
+                return refused;
+            }
+        }
         match (method.as_str(), path.as_str()) {
             ("GET", "/healthz") => {
                 let down = self.shared.listeners.down();

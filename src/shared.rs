@@ -70,7 +70,7 @@ impl Shared {
             report.not_applied.push("listeners");
             next.listeners = old.listeners.clone();
         }
-        if next.admin != old.admin {
+        if next.admin.as_ref().map(|a| &a.address) != old.admin.as_ref().map(|a| &a.address) {
             report.not_applied.push("admin");
             next.admin = old.admin.clone();
         }

@@ -237,3 +237,66 @@ fn healthz_is_503_while_a_proxy_listener_is_down() {
     drop(p);
     drop(squatter);
 }
+
+/// Contract § Admin listener: no cross-site or DNS-rebinding reloads; an optional token.
+#[test]
+fn admin_posts_refuse_foreign_origins_and_hosts_and_need_the_token_when_set() {
+    let up = EchoServer::start("up").unwrap();
+    let body = format!(
+        "upstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
+        up.addr
+    );
+    let gw = Gw::start(&body);
+    let post = |extra: Vec<(&'static str, &str)>| {
+        let mut r = Request::new("POST", "/reload");
+        for (k, v) in extra {
+            r = r.header(k, v);
+        }
+        r.send(&gw.admin).unwrap()
+    };
+    let r = post(vec![("origin", "http://evil.example")]);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.json()["error"], "forbidden");
+    assert_eq!(post(vec![("origin", "null")]).status, 403);
+    assert_eq!(post(vec![("host", "evil.example")]).status, 403);
+    assert_eq!(post(vec![("host", "evil.example:9901")]).status, 403);
+    let port = gw.admin.rsplit(':').next().unwrap();
+    assert_eq!(post(vec![("host", &format!("localhost:{port}"))]).status, 200);
+    assert_eq!(post(vec![]).status, 200, "an operator's curl passes");
+    // GETs stay open (read-only).
+    assert_eq!(
+        Request::get("/config")
+            .header("origin", "http://evil.example")
+            .send(&gw.admin)
+            .unwrap()
+            .status,
+        200
+    );
+
+    // A token, added by a reload: POSTs now need it.
+    let token = "s3cret-admin-token-0123456789";
+    let with_token = gw.config(&body).replace(
+        &format!("admin:\n  address: {}\n", gw.admin),
+        &format!("admin:\n  address: {}\n  token: {token}\n", gw.admin),
+    );
+    let before = gw.config_hash();
+    gw.p.rewrite_config(&with_token);
+    gw.p.signal("HUP");
+    wait_for("the reload", Duration::from_secs(10), || {
+        (gw.config_hash() != before).then_some(())
+    });
+    let r = post(vec![]);
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.json()["error"], "unauthorized");
+    assert_eq!(post(vec![("authorization", "Bearer wrong")]).status, 401);
+    assert_eq!(post(vec![("authorization", &format!("Bearer {token}"))]).status, 200);
+    assert_eq!(
+        post(vec![
+            ("authorization", &format!("Bearer {token}")),
+            ("origin", "http://evil.example")
+        ])
+        .status,
+        403,
+        "the token does not make a cross-site POST acceptable"
+    );
+}

@@ -31,6 +31,8 @@ pub struct Snapshot {
     pub consumers: Arc<Consumers>,
     pub listeners: Vec<raw::Listener>,
     pub admin: Option<raw::Admin>,
+    /// The admin token POST endpoints require (`admin.token` / `token_env`); applied by reloads.
+    pub admin_token: Option<String>,
     /// Pingora's server settings as written (validated), with Portico's defaults filled in.
     pub server: serde_yaml::Mapping,
     pub redis_url: Option<String>,
@@ -260,6 +262,16 @@ pub fn compile(
             Err(_) => errs.push("admin.address", format!("'{}' is not ip:port", a.address)),
         }
     }
+    let admin_token = raw.admin.as_ref().and_then(|a| {
+        if a.token.is_none() && a.token_env.is_none() {
+            return None;
+        }
+        let t = secret("admin", a.token.as_deref(), a.token_env.as_deref(), "token", &mut errs)?;
+        if t.len() < 16 {
+            errs.push("admin.token", "an admin token needs at least 16 characters");
+        }
+        Some(t)
+    });
 
     // Client address.
     let mut trusted = Vec::new();
@@ -450,6 +462,7 @@ pub fn compile(
         consumers,
         listeners: raw.listeners,
         admin: raw.admin,
+        admin_token,
         server,
         redis_url,
         meta: Meta {

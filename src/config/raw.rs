@@ -127,6 +127,11 @@ impl Default for AccessLog {
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     pub address: String,
+    /// When set, POST endpoints need `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub token_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
