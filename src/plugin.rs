@@ -289,6 +289,12 @@ impl BuildContext {
         })
     }
 
+    /// Read a file the block names (a key, a certificate, a JWKS): a regular file of at most
+    /// 1 MiB, relative to `base_dir`. The error names the file; the caller locates it.
+    pub fn read_file(&self, p: &str) -> Result<Vec<u8>, String> {
+        crate::config::bounds::read_bounded(&self.path(p), crate::config::bounds::MAX_NAMED_FILE_BYTES)
+    }
+
     /// A config file path, relative to `base_dir`.
     pub fn path(&self, p: &str) -> PathBuf {
         let p = PathBuf::from(p);

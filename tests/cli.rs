@@ -96,3 +96,89 @@ fn version_and_help() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("-t") && text.contains("demo"), "{text}");
 }
+
+/// Hostile configs (contract § Bounds on what Portico reads): each is refused fast, with a
+/// location, under a 4 GiB address-space limit — at `-t`, and by a running gateway on reload.
+fn hostile_configs() -> Vec<(&'static str, String, &'static str)> {
+    let route = "routes:\n  - name: r\n    upstream: a\n    plugins:\n";
+    vec![
+        (
+            "nested brackets",
+            format!(
+                "{BASE}{route}      - headers: {}{}\n",
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            ),
+            "nests too deep at line 8",
+        ),
+        (
+            "alias expansion",
+            format!(
+                "{BASE}{route}      - headers: [&s \"{}\"{}]\n",
+                "x".repeat(1 << 20),
+                ", *s".repeat(20_000)
+            ),
+            "aliases expand",
+        ),
+        (
+            "a key file that never ends",
+            format!("{BASE}{route}      - jwt: {{ public_key_file: /dev/zero }}\n"),
+            "routes[0].plugins[0].jwt.public_key_file: '/dev/zero' is not a regular file",
+        ),
+        (
+            "a config over 16 MiB",
+            format!("{BASE}routes: []\n# {}\n", "x".repeat(17 << 20)),
+            "larger than 16777216 bytes",
+        ),
+    ]
+}
+
+#[test]
+fn hostile_configs_are_refused_fast_with_bounded_memory() {
+    for (name, yaml, expect) in hostile_configs() {
+        let dir = TempDir::new("hostile");
+        let path = dir.write("c.yaml", &yaml);
+        let start = std::time::Instant::now();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -v 4194304; exec '{BIN}' -t -c '{}'", path.display()))
+            .output()
+            .expect("run portico -t");
+        let took = start.elapsed();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {text}");
+        assert!(text.contains(expect), "{name}: expected {expect:?} in {text}");
+        assert!(took < std::time::Duration::from_secs(3), "{name}: took {took:?}");
+    }
+}
+
+#[test]
+fn a_running_gateway_rejects_hostile_configs_on_reload_and_keeps_serving() {
+    let up = EchoServer::start("up").unwrap();
+    let good = format!(
+        "upstreams:\n  a: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: a }}\n",
+        up.addr
+    );
+    let gw = Gw::start(&good);
+    let hash = gw.config_hash();
+    for (i, (name, yaml, _)) in hostile_configs().into_iter().enumerate() {
+        // The hostile part, in place of the test's own upstream and routes.
+        let body = yaml.replacen(
+            BASE,
+            &format!("upstreams:\n  a: {{ endpoints: [\"{}\"] }}\n", up.addr),
+            1,
+        );
+        gw.p.rewrite_config(&gw.config(&body));
+        gw.p.signal("HUP");
+        wait_for(
+            &format!("{name}: the reload to be refused"),
+            std::time::Duration::from_secs(10),
+            || {
+                let errors = metric(&gw.metrics(), "portico_config_reloads_total", &[("result", "error")]);
+                (errors >= (i + 1) as f64).then_some(())
+            },
+        );
+        assert_eq!(gw.get("/x").status, 200, "{name}: still serving");
+        assert_eq!(gw.config_hash(), hash, "{name}: the old config stays");
+    }
+}

@@ -201,7 +201,7 @@ pub fn load_file(
     offline: bool,
 ) -> Result<Snapshot, ConfigErrors> {
     let bytes =
-        std::fs::read(path).map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
+        super::bounds::read_bounded(path, super::bounds::MAX_CONFIG_BYTES).map_err(|e| ConfigError::new("", e))?;
     let text =
         String::from_utf8(bytes).map_err(|_| ConfigError::new("", format!("{} is not UTF-8", path.display())))?;
     compile(&text, path, registry, health, offline)
@@ -227,6 +227,7 @@ pub fn compile(
     health: &HealthRegistry,
     offline: bool,
 ) -> Result<Snapshot, ConfigErrors> {
+    super::bounds::check_yaml(text)?;
     let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::from_yaml("", &e))?;
     let mut errs = ConfigErrors::default();
     let base_dir = std::env::current_dir().unwrap_or_default();

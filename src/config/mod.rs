@@ -1,6 +1,7 @@
 //! Config in three stages: [`raw`] (serde, as written) → [`compile`] → an immutable
 //! [`Snapshot`] that request code uses. Every error names its place in the file.
 
+pub mod bounds;
 mod compile;
 mod error;
 pub mod raw;

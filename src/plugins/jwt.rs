@@ -460,8 +460,7 @@ impl Jwt {
                 algs: HMAC.to_vec(),
             }])))
         } else if let Some(file) = &cfg.public_key_file {
-            let pem = std::fs::read(ctx.path(file))
-                .map_err(|e| cfg_err("public_key_file", format!("cannot read '{file}': {e}")))?;
+            let pem = ctx.read_file(file).map_err(|e| cfg_err("public_key_file", e))?;
             let key = pem_key(&pem).map_err(|e| cfg_err("public_key_file", format!("'{file}': {e}")))?;
             let what = match key.algs[0] {
                 Algorithm::EdDSA => "an Ed25519 key",
@@ -471,8 +470,7 @@ impl Jwt {
             need_family(&key.algs, what)?;
             Keys::Static(Arc::new(KeySet::new(vec![key])))
         } else if let Some(file) = &cfg.jwks_file {
-            let text = std::fs::read(ctx.path(file))
-                .map_err(|e| cfg_err("jwks_file", format!("cannot read '{file}': {e}")))?;
+            let text = ctx.read_file(file).map_err(|e| cfg_err("jwks_file", e))?;
             let keys = jwks_keys(&text).map_err(|e| cfg_err("jwks_file", format!("'{file}': {e}")))?;
             if keys.is_empty() {
                 return Err(cfg_err("jwks_file", format!("'{file}' holds no usable signing key")));
