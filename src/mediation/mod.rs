@@ -12,7 +12,7 @@
 
 // pub mod body;
 // pub mod calls;
-// pub mod json_ops;
+pub mod json_ops;
 // pub mod merge;
 // pub mod template;
 pub mod xml;
