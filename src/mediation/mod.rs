@@ -10,7 +10,7 @@
 //! - [`calls`]: the aggregate calls as a checked dependency graph and its execution stages.
 //! - [`merge`]: the answers of the calls merged into the aggregate's JSON document.
 
-// pub mod body;
+pub mod body;
 // pub mod calls;
 pub mod json_ops;
 // pub mod merge;
