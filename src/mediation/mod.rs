@@ -14,5 +14,5 @@ pub mod body;
 // pub mod calls;
 pub mod json_ops;
 // pub mod merge;
-// pub mod template;
+pub mod template;
 pub mod xml;
