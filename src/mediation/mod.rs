@@ -11,7 +11,7 @@
 //! - [`merge`]: the answers of the calls merged into the aggregate's JSON document.
 
 pub mod body;
-// pub mod calls;
+pub mod calls;
 pub mod json_ops;
 // pub mod merge;
 pub mod template;
