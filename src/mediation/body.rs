@@ -187,6 +187,12 @@ impl BodyPolicy {
     }
 }
 
+/// True for a JSON content type, parameters and case aside (`application/json; charset=utf-8`).
+pub fn is_json_content_type(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    is_json(&essence)
+}
+
 /// `application/json`, `text/json` and any `application/…+json` (problem+json, vnd.api+json).
 fn is_json(essence: &str) -> bool {
     essence == "application/json"

@@ -13,6 +13,6 @@
 pub mod body;
 pub mod calls;
 pub mod json_ops;
-// pub mod merge;
+pub mod merge;
 pub mod template;
 pub mod xml;
