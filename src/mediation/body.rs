@@ -351,7 +351,9 @@ mod tests {
         use Reason::*;
         let t = |format, coding| T(Transform { format, coding });
         let (json, xml) = (t(Format::Json, Coding::Identity), t(Format::Xml, Coding::Identity));
-        let cases: &[(Option<&str>, Option<&str>, Option<u64>, Decision)] = &[
+        // (content-type, content-encoding, content-length, decision)
+        type Case<'a> = (Option<&'a str>, Option<&'a str>, Option<u64>, Decision);
+        let cases: &[Case] = &[
             (Some("application/json"), None, Some(10), json),
             (Some("application/json; charset=utf-8"), None, None, json),
             (Some("Application/JSON;Charset=\"UTF-8\""), None, None, json),

@@ -142,7 +142,7 @@ fn check_call(
             format!("bad call name '{key}': use letters, digits, '_' or '-'"),
         ));
     }
-    if !upstreams.iter().any(|u| *u == cfg.upstream) {
+    if !upstreams.contains(&cfg.upstream) {
         return Err(ConfigError::new(
             here("upstream"),
             format!("unknown upstream '{}'", cfg.upstream),

@@ -103,7 +103,8 @@ mod tests {
     #[test]
     fn merge_table() {
         let ok = |v: Value| -> Result<Value, CallFailure> { Ok(v) };
-        let cases: Vec<(Vec<(&str, Result<Value, CallFailure>)>, Value)> = vec![
+        type Outcomes<'a> = Vec<(&'a str, Result<Value, CallFailure>)>;
+        let cases: Vec<(Outcomes, Value)> = vec![
             (vec![], json!({})),
             (
                 vec![("user", ok(json!({"id": 7}))), ("banner", ok(json!("hi")))],

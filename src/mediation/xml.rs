@@ -155,7 +155,7 @@ pub fn to_json(input: &[u8]) -> Result<Value, XmlError> {
             Event::Eof => break,
         }
     }
-    doc.finish()
+    doc.finish(text.len() as u64)
 }
 
 fn malformed(reader: &Reader<&[u8]>, e: impl std::fmt::Display) -> XmlError {
@@ -214,10 +214,11 @@ impl Doc {
         }
     }
 
-    fn finish(self) -> Result<Value, XmlError> {
+    /// At the end of the input (`end`: its length).
+    fn finish(self, end: u64) -> Result<Value, XmlError> {
         if let Some(f) = self.open.last() {
             return Err(XmlError::Malformed {
-                position: 0,
+                position: end,
                 message: format!("element <{}> is not closed", f.name),
             });
         }
@@ -398,7 +399,8 @@ mod tests {
 
     #[test]
     fn errors_table() {
-        let cases: &[(&[u8], fn(&XmlError) -> bool)] = &[
+        type IsExpected = fn(&XmlError) -> bool;
+        let cases: &[(&[u8], IsExpected)] = &[
             (b"", |e| *e == XmlError::NoRoot),
             (b"  \n ", |e| *e == XmlError::NoRoot),
             (b"<!-- only -->", |e| *e == XmlError::NoRoot),
