@@ -8,6 +8,11 @@
 //! - [`listener`]: the above assembled into Pingora `TlsSettings`;
 //! - [`upstream`]: TLS to an upstream, applied to an `HttpPeer`.
 
+pub mod certs;
 pub mod files;
 
+#[cfg(test)]
+mod test_pki;
+
+pub use certs::{CertAndKey, MaterialError, Part};
 pub use files::{read_bounded, read_config_file, MAX_CONFIG_FILE_BYTES};
