@@ -10,9 +10,13 @@
 
 pub mod certs;
 pub mod files;
+pub mod resolver;
 
+#[cfg(test)]
+mod test_handshake;
 #[cfg(test)]
 mod test_pki;
 
 pub use certs::{CertAndKey, MaterialError, Part};
 pub use files::{read_bounded, read_config_file, MAX_CONFIG_FILE_BYTES};
+pub use resolver::{CertResolver, CertTable};
