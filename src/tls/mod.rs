@@ -9,6 +9,7 @@
 //! - [`upstream`]: TLS to an upstream, applied to an `HttpPeer`.
 
 pub mod certs;
+pub mod client_auth;
 pub mod files;
 pub mod resolver;
 
@@ -18,5 +19,6 @@ mod test_handshake;
 mod test_pki;
 
 pub use certs::{CertAndKey, MaterialError, Part};
+pub use client_auth::{ClientAuth, ClientCa};
 pub use files::{read_bounded, read_config_file, MAX_CONFIG_FILE_BYTES};
 pub use resolver::{CertResolver, CertTable};
