@@ -11,6 +11,7 @@
 pub mod certs;
 pub mod client_auth;
 pub mod files;
+pub mod identity;
 pub mod resolver;
 
 #[cfg(test)]
@@ -21,4 +22,5 @@ mod test_pki;
 pub use certs::{CertAndKey, MaterialError, Part};
 pub use client_auth::{ClientAuth, ClientCa};
 pub use files::{read_bounded, read_config_file, MAX_CONFIG_FILE_BYTES};
+pub use identity::{identity_of, Identity, IdentityCallbacks};
 pub use resolver::{CertResolver, CertTable};
