@@ -13,6 +13,7 @@ pub mod client_auth;
 pub mod files;
 pub mod identity;
 pub mod resolver;
+pub mod upstream;
 
 #[cfg(test)]
 mod test_handshake;
@@ -24,3 +25,4 @@ pub use client_auth::{ClientAuth, ClientCa};
 pub use files::{read_bounded, read_config_file, MAX_CONFIG_FILE_BYTES};
 pub use identity::{identity_of, Identity, IdentityCallbacks};
 pub use resolver::{CertResolver, CertTable};
+pub use upstream::UpstreamTlsSettings;
