@@ -12,6 +12,7 @@ pub mod certs;
 pub mod client_auth;
 pub mod files;
 pub mod identity;
+pub mod listener;
 pub mod resolver;
 pub mod upstream;
 
@@ -24,5 +25,6 @@ pub use certs::{CertAndKey, MaterialError, Part};
 pub use client_auth::{ClientAuth, ClientCa};
 pub use files::{read_bounded, read_config_file, MAX_CONFIG_FILE_BYTES};
 pub use identity::{identity_of, Identity, IdentityCallbacks};
+pub use listener::{ServerTls, ServerTlsConfig};
 pub use resolver::{CertResolver, CertTable};
 pub use upstream::UpstreamTlsSettings;
