@@ -306,6 +306,110 @@ mod tests {
         assert!(p3.options.ca.is_none());
     }
 
+    /// A TLS upstream on loopback that requires a client certificate from `ca` and serves one
+    /// for `users.internal`; answers each connection with the identity it saw (or `anonymous`).
+    async fn upstream(ca: &TestCa) -> std::net::SocketAddr {
+        use crate::tls::{ClientCa, ServerTls, ServerTlsConfig};
+        use tokio::io::AsyncWriteExt;
+        let leaf = ca.server(&["users.internal"]);
+        let ck = CertAndKey::from_pem(leaf.cert_pem.as_bytes(), "u.crt", leaf.key_pem.as_bytes(), "u.key").unwrap();
+        let state = ServerTls::new(ServerTlsConfig {
+            certs: crate::tls::CertTable::new(&ck),
+            client_ca: ClientCa::from_pem(ca.cert_pem().as_bytes(), "ca.crt", true).unwrap(),
+        });
+        let acceptor = Arc::new(state.tls_settings(false).unwrap().build());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let stream: pingora::protocols::l4::stream::Stream = tcp.into();
+                    if let Ok(mut tls) = acceptor.tls_handshake(stream).await {
+                        let who = tls
+                            .ssl_digest()
+                            .and_then(|d| crate::tls::identity_of(&d))
+                            .map(|i| i.service)
+                            .unwrap_or_else(|| "anonymous".into());
+                        let _ = tls.write_all(who.as_bytes()).await;
+                        let _ = tls.shutdown().await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Connects through Pingora's own connector with `tls` applied to the peer; what the
+    /// upstream said, or the connect error.
+    async fn call(addr: std::net::SocketAddr, dir: &TempDir, tls: &UpstreamTls) -> Result<String, String> {
+        use tokio::io::AsyncReadExt;
+        let settings = UpstreamTlsSettings::load(dir.path(), tls, Protocol::Http1).map_err(|e| format!("{e:?}"))?;
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        settings.apply_to_peer(&mut peer);
+        let connector = pingora::connectors::TransportConnector::new(None);
+        let mut stream = connector.new_stream(&peer).await.map_err(|e| e.to_string())?;
+        let mut said = String::new();
+        stream.read_to_string(&mut said).await.map_err(|e| e.to_string())?;
+        Ok(said)
+    }
+
+    #[tokio::test]
+    async fn pingora_connects_with_the_ca_the_sni_and_the_client_certificate() {
+        let ca = TestCa::new("Upstream CA");
+        let other = TestCa::new("Other CA");
+        let gw = ca.client(Some("gateway"), &[]);
+        let dir = TempDir::new("tls-upstream");
+        dir.write("ca.crt", &ca.cert_pem());
+        dir.write("other.crt", &other.cert_pem());
+        dir.write("gw.crt", &gw.cert_pem);
+        dir.write("gw.key", &gw.key_pem);
+        let addr = upstream(&ca).await;
+        let good = UpstreamTls {
+            sni: Some("users.internal".into()),
+            ca: Some("ca.crt".into()),
+            verify: true,
+            client_cert: Some("gw.crt".into()),
+            client_key: Some("gw.key".into()),
+        };
+        assert_eq!(call(addr, &dir, &good).await.unwrap(), "gateway");
+
+        let wrong_ca = UpstreamTls {
+            ca: Some("other.crt".into()),
+            ..good.clone()
+        };
+        let e = call(addr, &dir, &wrong_ca).await.unwrap_err();
+        assert!(
+            e.contains("UnknownIssuer"),
+            "the upstream's certificate is not from that CA: {e}"
+        );
+        let wrong_name = UpstreamTls {
+            sni: Some("billing.internal".into()),
+            ..good.clone()
+        };
+        let e = call(addr, &dir, &wrong_name).await.unwrap_err();
+        assert!(
+            e.contains("not valid for name"),
+            "the certificate does not name that SNI: {e}"
+        );
+        let unverified = UpstreamTls {
+            ca: Some("other.crt".into()),
+            verify: false,
+            ..wrong_name
+        };
+        assert_eq!(call(addr, &dir, &unverified).await.unwrap(), "gateway");
+        let anonymous = UpstreamTls {
+            client_cert: None,
+            client_key: None,
+            ..good
+        };
+        let e = call(addr, &dir, &anonymous).await.unwrap_err();
+        assert!(
+            e.contains("CertificateRequired"),
+            "the upstream wants a client certificate: {e}"
+        );
+    }
+
     #[test]
     fn file_errors_are_located() {
         let dir = TempDir::new("tls-upstream");
