@@ -108,6 +108,17 @@ impl ClientAuth {
     pub fn current(&self) -> Arc<ClientCa> {
         self.current.load_full()
     }
+
+    /// Whether the current policy accepts this chain now — for a chain that did not go through
+    /// the verifier in this handshake (a resumed session carries the one verified back then).
+    pub fn accepts(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<(), rustls::Error> {
+        self.verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map(|_| ())
+    }
 }
 
 /// Why a certificate is refused when none is accepted: the policy was swapped to "disabled"

@@ -1,10 +1,17 @@
 //! Who a client is, from the certificate it proved in the TLS handshake: the URI SAN
 //! `spiffe://DOMAIN/SERVICE` (a mesh identity), else the subject's CN.
 //!
-//! Pingora hands a listener's `handshake_complete_callback` the peer's certificate after the
-//! verifier accepted it; what the callback returns is stored in the connection's
-//! `SslDigest.extension`, where every request on the connection finds it ([`identity_of`]).
+//! Pingora hands a listener's `handshake_complete_callback` the peer's certificate chain after
+//! the handshake; what the callback returns is stored in the connection's `SslDigest.extension`,
+//! where every request on the connection finds it ([`identity_of`]).
+//!
+//! The chain is checked again there, against the client-CA policy current at that moment:
+//! a *resumed* TLS session (rustls keeps 256 sessions and sends TLS 1.3 tickets by default, and
+//! Pingora offers no way to turn that off) skips the verifier and carries the chain from when
+//! it was first verified — so after a CA change, or once the certificate expired, a client
+//! holding a ticket would otherwise keep its old identity.
 
+use crate::tls::client_auth::ClientAuth;
 use async_trait::async_trait;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::{SslDigest, TlsRef};
@@ -106,23 +113,53 @@ fn valid_cn(cn: &str) -> bool {
         && !cn.chars().any(|c| c.is_control() || c == '/' || c == ':')
 }
 
-/// The identity a TLS connection's client proved, as stored by [`IdentityCallbacks`].
-pub fn identity_of(digest: &SslDigest) -> Option<Identity> {
-    digest.extension.get::<Identity>().cloned()
+/// What [`IdentityCallbacks`] stores in `SslDigest.extension`: present only when the client
+/// showed a certificate that the client-CA policy accepts as the connection starts.
+#[derive(Debug, Clone)]
+pub struct ClientCert {
+    /// `None`: a valid certificate that names no usable service (no SPIFFE ID, no usable CN).
+    pub identity: Option<Identity>,
 }
 
-/// The listener callbacks that put the client's [`Identity`] into `SslDigest.extension`.
+/// The identity a TLS connection's client proved.
+pub fn identity_of(digest: &SslDigest) -> Option<Identity> {
+    digest.extension.get::<ClientCert>()?.identity.clone()
+}
+
+/// Whether the client showed a certificate the current policy accepts (with or without an
+/// identity in it). A listener with `require_client_cert` closes connections without one: see
+/// `ServerTls::admits`.
+pub fn has_verified_client_cert(digest: &SslDigest) -> bool {
+    digest.extension.get::<ClientCert>().is_some()
+}
+
+/// The listener callbacks that put [`ClientCert`] into `SslDigest.extension`.
 ///
 /// With rustls, Pingora calls `handshake_complete_callback` once the handshake succeeded, with a
-/// `TlsRef` whose `peer_certificate_der()` is the client's leaf certificate — present only when
-/// the listener asked for one (`client_ca`) and the verifier accepted it.
-pub struct IdentityCallbacks;
+/// `TlsRef` whose `peer_cert_chain_der()` is the client's chain (leaf first) — present only when
+/// the listener asked for one. It is verified again here against `client_auth`'s current policy
+/// (see the module's note on resumed sessions).
+pub struct IdentityCallbacks {
+    client_auth: Arc<ClientAuth>,
+}
+
+impl IdentityCallbacks {
+    pub fn new(client_auth: Arc<ClientAuth>) -> IdentityCallbacks {
+        IdentityCallbacks { client_auth }
+    }
+}
 
 #[async_trait]
 impl TlsAccept for IdentityCallbacks {
     async fn handshake_complete_callback(&self, tls: &TlsRef) -> Option<Arc<dyn Any + Send + Sync>> {
-        let identity = Identity::from_cert_der(tls.peer_certificate_der()?)?;
-        Some(Arc::new(identity))
+        let (leaf, intermediates) = tls.peer_cert_chain_der()?.split_first()?;
+        if let Err(e) = self.client_auth.accepts(leaf, intermediates) {
+            log::info!("TLS client certificate no longer accepted (resumed session?): {e}");
+            return None;
+        }
+        Some(Arc::new(ClientCert {
+            identity: Identity::from_cert_der(leaf),
+        }))
     }
 }
 

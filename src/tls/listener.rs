@@ -8,9 +8,10 @@
 use crate::config::raw::ListenerTls;
 use crate::config::ConfigError;
 use crate::tls::client_auth::{ClientAuth, ClientCa};
-use crate::tls::identity::IdentityCallbacks;
+use crate::tls::identity::{has_verified_client_cert, IdentityCallbacks};
 use crate::tls::resolver::{CertResolver, CertTable};
 use pingora::listeners::tls::TlsSettings;
+use pingora::protocols::tls::SslDigest;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -79,12 +80,21 @@ impl ServerTls {
         &self.client_auth
     }
 
+    /// Whether a connection may go on, given its TLS digest: with `require_client_cert`, only
+    /// when the client's certificate is accepted by the current policy. The handshake already
+    /// refuses a client without one — except a resumed TLS session, which skips the verifier;
+    /// so the edge calls this on each new TLS connection and closes it on `false`.
+    pub fn admits(&self, digest: Option<&SslDigest>) -> bool {
+        !self.client_auth.current().is_required() || digest.is_some_and(has_verified_client_cert)
+    }
+
     /// The settings for `Service::add_tls_with_settings`: certificates from the resolver, client
     /// certificates through the verifier (always installed, so a reload can also switch mTLS on
     /// or off), the client's identity into `SslDigest.extension`, and ALPN `h2, http/1.1` when
     /// `http2` (without it Pingora offers no ALPN and speaks HTTP/1.1 only).
     pub fn tls_settings(&self, http2: bool) -> pingora::Result<TlsSettings> {
-        let mut settings = TlsSettings::with_callbacks(Box::new(IdentityCallbacks))?;
+        let callbacks = IdentityCallbacks::new(self.client_auth.clone());
+        let mut settings = TlsSettings::with_callbacks(Box::new(callbacks))?;
         settings.set_cert_resolver(self.resolver.clone());
         settings.set_client_cert_verifier(self.client_auth.clone());
         if http2 {
@@ -99,7 +109,7 @@ mod tests {
     use super::*;
     use crate::config::raw::SniCert;
     use crate::testing::TempDir;
-    use crate::tls::identity::identity_of;
+    use crate::tls::identity::{has_verified_client_cert, identity_of};
     use crate::tls::test_handshake::client_config;
     use crate::tls::test_pki::TestCa;
     use pingora::protocols::ALPN;
@@ -206,5 +216,66 @@ mod tests {
         );
         let ok = ServerTlsConfig::load(f.dir.path(), &block(None, false)).unwrap();
         assert!(!ok.client_ca.is_enabled());
+    }
+
+    /// One handshake through Pingora's acceptor with a client that reads a byte, so that TLS 1.3
+    /// session tickets reach it and its next connection (same config) resumes.
+    async fn pingora_session(
+        acceptor: &pingora::listeners::tls::Acceptor,
+        client: &Arc<rustls::ClientConfig>,
+    ) -> Result<Arc<SslDigest>, String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (c_io, s_io) = tokio::io::duplex(64 * 1024);
+        let client = async {
+            let name = ServerName::try_from("gw.test").unwrap();
+            let mut s = TlsConnector::from(client.clone()).connect(name, c_io).await?;
+            let mut byte = [0u8; 1];
+            s.read_exact(&mut byte).await?;
+            Ok::<_, std::io::Error>(s)
+        };
+        let server = async {
+            let mut s = acceptor.tls_handshake(s_io).await.map_err(|e| e.to_string())?;
+            s.write_all(b"x").await.map_err(|e| e.to_string())?;
+            s.flush().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(s)
+        };
+        let (server, _client) = tokio::join!(server, client);
+        Ok(server?.ssl_digest().expect("digest"))
+    }
+
+    #[tokio::test]
+    async fn a_resumed_session_is_checked_against_the_current_ca() {
+        let f = files();
+        let state = ServerTls::new(ServerTlsConfig::load(f.dir.path(), &block(Some("ca.crt"), true)).unwrap());
+        let acceptor = state.tls_settings(false).unwrap().build();
+        let leaf = f.ca.client(Some("orders"), &[]);
+        let client = client_config(Some((&leaf, &f.ca)));
+
+        let first = pingora_session(&acceptor, &client).await.unwrap();
+        assert_eq!(identity_of(&first).unwrap().service, "orders");
+        assert!(state.admits(Some(&first)));
+        // Same policy: the resumed session keeps its identity.
+        let again = pingora_session(&acceptor, &client).await.unwrap();
+        assert_eq!(identity_of(&again).unwrap().service, "orders");
+
+        // A new CA that did not sign the client's certificate. rustls resumes the session
+        // without asking the verifier, so the handshake succeeds — but the identity is gone and
+        // the edge is told to close the connection.
+        let next = TestCa::new("Next CA");
+        state
+            .client_auth()
+            .replace(ClientCa::from_pem(next.cert_pem().as_bytes(), "next.crt", true).unwrap());
+        let resumed = pingora_session(&acceptor, &client).await.unwrap();
+        assert!(identity_of(&resumed).is_none());
+        assert!(!has_verified_client_cert(&resumed));
+        assert!(!state.admits(Some(&resumed)));
+        assert!(!state.admits(None));
+    }
+
+    #[test]
+    fn an_optional_policy_admits_anyone() {
+        let f = files();
+        let state = ServerTls::new(ServerTlsConfig::load(f.dir.path(), &block(Some("ca.crt"), false)).unwrap());
+        assert!(state.admits(None));
     }
 }

@@ -24,7 +24,7 @@ mod test_pki;
 pub use certs::{CertAndKey, MaterialError, Part};
 pub use client_auth::{ClientAuth, ClientCa};
 pub use files::{read_bounded, read_config_file, MAX_CONFIG_FILE_BYTES};
-pub use identity::{identity_of, Identity, IdentityCallbacks};
+pub use identity::{has_verified_client_cert, identity_of, ClientCert, Identity, IdentityCallbacks};
 pub use listener::{ServerTls, ServerTlsConfig};
 pub use resolver::{CertResolver, CertTable};
 pub use upstream::UpstreamTlsSettings;
