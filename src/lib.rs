@@ -25,6 +25,7 @@ pub mod route;
 pub mod server;
 pub mod shared;
 pub mod testing;
+pub mod tls;
 pub mod trace;
 pub mod upstream;
 pub mod util;
