@@ -292,7 +292,7 @@ impl BuildContext {
     /// Read a file the block names (a key, a certificate, a JWKS): a regular file of at most
     /// 1 MiB, relative to `base_dir`. The error names the file; the caller locates it.
     pub fn read_file(&self, p: &str) -> Result<Vec<u8>, String> {
-        crate::config::bounds::read_bounded(&self.path(p), crate::config::bounds::MAX_NAMED_FILE_BYTES)
+        crate::config::files::read_config_file(&self.base_dir, p)
     }
 
     /// A config file path, relative to `base_dir`.

@@ -123,12 +123,12 @@ fn hostile_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "a key file that never ends",
             format!("{BASE}{route}      - jwt: {{ public_key_file: /dev/zero }}\n"),
-            "routes[0].plugins[0].jwt.public_key_file: '/dev/zero' is not a regular file",
+            "routes[0].plugins[0].jwt.public_key_file: /dev/zero is not a regular file",
         ),
         (
             "a config over 16 MiB",
             format!("{BASE}routes: []\n# {}\n", "x".repeat(17 << 20)),
-            "larger than 16777216 bytes",
+            "is larger than 16 MiB",
         ),
     ]
 }

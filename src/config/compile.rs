@@ -201,7 +201,7 @@ pub fn load_file(
     offline: bool,
 ) -> Result<Snapshot, ConfigErrors> {
     let bytes =
-        super::bounds::read_bounded(path, super::bounds::MAX_CONFIG_BYTES).map_err(|e| ConfigError::new("", e))?;
+        super::files::read_bounded(path, super::bounds::MAX_CONFIG_BYTES).map_err(|e| ConfigError::new("", e))?;
     let text =
         String::from_utf8(bytes).map_err(|_| ConfigError::new("", format!("{} is not UTF-8", path.display())))?;
     compile(&text, path, registry, health, offline)

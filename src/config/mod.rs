@@ -4,6 +4,7 @@
 pub mod bounds;
 mod compile;
 mod error;
+pub mod files;
 pub mod raw;
 pub mod units;
 

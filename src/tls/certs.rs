@@ -6,7 +6,7 @@
 //! `unwrap`s the key's DER at connect time and panics on an unloadable listener certificate)
 //! is checked here, once, at load — where a mistake is a located config error instead.
 
-use crate::tls::files::{read_bounded, read_config_file, MAX_CONFIG_FILE_BYTES};
+use crate::config::files::{read_bounded, read_config_file, MAX_CONFIG_FILE_BYTES};
 use pingora::utils::tls::CertKey;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject, SectionKind};

@@ -6,8 +6,8 @@
 //! handshake (it then has no identity); `true` refuses it. A certificate that does not chain to
 //! the CA is refused either way: a client that shows a bad certificate is not anonymous.
 
+use crate::config::files::read_config_file;
 use crate::tls::certs::{parse_cert_chain, provider};
-use crate::tls::files::read_config_file;
 use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};

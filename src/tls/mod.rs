@@ -1,6 +1,6 @@
 //! TLS for Portico, on the rustls (0.23, ring) that Pingora's `rustls` feature uses.
 //!
-//! - [`files`]: reading key, certificate and CA files within a size bound;
+//! - files are read through [`crate::config::files`] (regular files within a size bound);
 //! - [`certs`]: a PEM chain and its key, checked to match;
 //! - [`resolver`]: the listener's certificate chosen by SNI, swappable on reload;
 //! - [`client_auth`]: the listener's client-certificate verifier (mTLS), swappable on reload;
@@ -10,7 +10,6 @@
 
 pub mod certs;
 pub mod client_auth;
-pub mod files;
 pub mod identity;
 pub mod listener;
 pub mod resolver;
@@ -23,7 +22,6 @@ mod test_pki;
 
 pub use certs::{CertAndKey, MaterialError, Part};
 pub use client_auth::{ClientAuth, ClientCa};
-pub use files::{read_bounded, read_config_file, MAX_CONFIG_FILE_BYTES};
 pub use identity::{has_verified_client_cert, identity_of, ClientCert, Identity, IdentityCallbacks};
 pub use listener::{ServerTls, ServerTlsConfig};
 pub use resolver::{CertResolver, CertTable};

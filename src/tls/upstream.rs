@@ -7,10 +7,10 @@
 //! - Pingora parses the CA certificates and the client key again on every connect and panics
 //!   (`expect`/`unwrap`) on one it cannot parse, so both are parsed and checked here first.
 
+use crate::config::files::read_config_file;
 use crate::config::raw::{Protocol, UpstreamTls};
 use crate::config::ConfigError;
 use crate::tls::certs::{parse_cert_chain, CertAndKey, Part};
-use crate::tls::files::read_config_file;
 use pingora::protocols::tls::CaType;
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::{HttpPeer, Scheme};
