@@ -107,6 +107,17 @@ fn config(up: &RecordingUpstream) -> String {
     )
 }
 
+/// (name, method, extra headers, body pieces, how it ends, expected body upstream, expect chunked)
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    Vec<(&'a str, &'a str)>,
+    &'a [&'a [u8]],
+    End,
+    &'a str,
+    bool,
+);
+
 #[test]
 fn every_way_an_h2_request_ends_reaches_an_h1_upstream_framed_once() {
     let up = RecordingUpstream::start();
@@ -116,8 +127,7 @@ fn every_way_an_h2_request_ends_reaches_an_h1_upstream_framed_once() {
         let mut c = h2_client(&gw.addr).await;
         let hello: &[&[u8]] = &[b"hello"];
         let split: &[&[u8]] = &[b"he", b"llo"];
-        // (name, method, extra headers, body pieces, end, expected body, expect chunked)
-        let cases: Vec<(&str, &str, Vec<(&str, &str)>, &[&[u8]], End, &str, bool)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "post-no-cl-empty-data",
                 "POST",

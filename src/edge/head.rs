@@ -166,9 +166,6 @@ pub fn check_framing(head: &[u8]) -> Result<(), Reply> {
     Ok(())
 }
 
-/// Answer a refused head with the contract's JSON error (global response plugins applied),
-/// log and count it, and close.
-
 #[cfg(test)]
 mod tests {
     use super::*;

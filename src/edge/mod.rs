@@ -203,6 +203,8 @@ impl EdgeApp {
     }
 }
 
+/// Answer a refused head with the contract's JSON error (global response plugins applied),
+/// log and count it, and close.
 async fn refuse(conn: &mut EdgeStream, reply: Reply, snap: &Snapshot, shared: &Shared) {
     let mut st = RequestState::new(
         conn.get_socket_digest()

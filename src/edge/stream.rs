@@ -95,7 +95,8 @@ impl H2State {
                         .with_label_values(&["body_timeout"])
                         .inc();
                     self.feed.extend_from_slice(&H2Watch::rst_frame(stream));
-                    return Some(Poll::Ready(Ok(self.drain_feed(buf))));
+                    self.drain_feed(buf);
+                    return Some(Poll::Ready(Ok(())));
                 }
                 Verdict::Wait(None) => return None,
                 Verdict::Wait(Some(at)) => {
