@@ -14,14 +14,8 @@ fn fixture(name: &str) -> String {
 }
 
 fn plugin(yaml: &str) -> Jwt {
-    let ctx = BuildContext {
-        offline: false,
-        base_dir: ".".into(),
-        route: Some("bench".into()),
-        route_params: vec![],
-        upstreams: vec![],
-        consumers: Default::default(),
-    };
+    let mut ctx = BuildContext::standalone();
+    ctx.route = Some("bench".into());
     let cfg: Config = ctx.parse(&serde_yaml::from_str(yaml).unwrap()).unwrap();
     Jwt::new(cfg, &ctx).unwrap()
 }

@@ -1,13 +1,44 @@
-//! One line per request to stdout (JSON or the combined format). Lines are formatted on the
-//! request's task and handed to one writer thread, which flushes only when it runs out of
-//! lines: no lock and no flush per request on the hot path.
+//! One line per request (JSON or Apache's combined format), from a plain [`Record`] that the
+//! proxy path and the edge layer fill alike. Lines are formatted on the request's task and
+//! handed to one writer thread, which flushes only when it runs out of lines: no lock and no
+//! flush per request on the hot path.
 
 use crate::config::raw::LogFormat;
-use crate::exchange::Ctx;
-use pingora::prelude::*;
 use std::io::Write;
+use std::net::IpAddr;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// What the access log says about one request. Fields the request never had (a head refused
+/// before its request line was read) are empty.
+#[derive(Debug, Clone, Default)]
+pub struct Record<'a> {
+    pub time: Option<SystemTime>,
+    pub trace_id: &'a str,
+    /// The W3C trace id (32 hex digits).
+    pub traceparent_id: &'a str,
+    pub client_ip: Option<IpAddr>,
+    pub method: &'a str,
+    pub host: &'a str,
+    /// The request target as the client sent it (credentials in the query already removed).
+    pub target: &'a str,
+    /// `HTTP/1.1`, `HTTP/2.0`, …
+    pub protocol: &'a str,
+    pub status: u16,
+    /// The route's name, or `none`.
+    pub route: &'a str,
+    pub upstream: &'a str,
+    pub endpoint: Option<&'a str>,
+    pub consumer: Option<&'a str>,
+    pub duration: Duration,
+    pub bytes_sent: usize,
+    pub bytes_received: usize,
+    pub user_agent: Option<&'a str>,
+    pub referer: Option<&'a str>,
+    /// Portico's error code, when Portico made the answer.
+    pub error: Option<&'a str>,
+}
 
 pub struct AccessLog {
     /// Started on first use, so a daemonized process starts it after the fork.
@@ -47,73 +78,138 @@ impl AccessLog {
     /// Write one ready-made line (a newline is added).
     pub fn write_line(&self, mut line: String) {
         line.push('\n');
+        // Never block a request on a slow log: a full queue drops the line (and says so).
         if let Err(TrySendError::Full(_)) = self.sender().try_send(line) {
             log::warn!("access log writer is behind; a line was dropped");
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn write(
-        &self,
-        format: LogFormat,
-        session: &Session,
-        ctx: &Ctx,
-        status: u16,
-        upstream: &str,
-        endpoint: Option<&str>,
-        error: Option<&pingora::Error>,
-    ) {
-        let req = session.req_header();
-        let time = humantime::format_rfc3339_millis(std::time::SystemTime::now());
-        let duration_ms = ctx.st.started.elapsed().as_secs_f64() * 1000.0;
-        let target = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let line = match format {
-            LogFormat::Json => serde_json::json!({
-                "time": time.to_string(),
-                "trace_id": ctx.st.trace.request_id,
-                "traceparent_id": ctx.st.trace.trace_id,
-                "client_ip": ctx.st.client_ip.to_string(),
-                "method": req.method.as_str(),
-                "host": ctx.st.host,
-                "path": target,
-                "status": status,
-                "route": &*ctx.st.route,
-                "upstream": upstream,
-                "endpoint": endpoint,
-                "consumer": ctx.st.consumer,
-                "duration_ms": (duration_ms * 1000.0).round() / 1000.0,
-                "bytes_sent": session.body_bytes_sent(),
-                "error": ctx.error_code.or_else(|| error.map(|_| "proxy_error")),
-            })
-            .to_string(),
-            LogFormat::Combined => {
-                let header = |n: &str| {
-                    req.headers
-                        .get(n)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-")
-                        .replace('"', "%22")
-                };
-                format!(
-                    "{} - {} [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" trace_id={} route={} upstream={} duration_ms={:.3}",
-                    ctx.st.client_ip,
-                    ctx.st.consumer.as_deref().unwrap_or("-"),
-                    time,
-                    req.method,
-                    target,
-                    req.version,
-                    status,
-                    session.body_bytes_sent(),
-                    header("referer"),
-                    header("user-agent"),
-                    ctx.st.trace.request_id,
-                    if ctx.st.route.is_empty() { "-" } else { &ctx.st.route },
-                    upstream,
-                    duration_ms
-                )
-            }
+    pub fn write(&self, format: LogFormat, r: &Record<'_>) {
+        self.write_line(format_line(format, r));
+    }
+}
+
+/// The line for `r` in `format`.
+pub fn format_line(format: LogFormat, r: &Record<'_>) -> String {
+    let time = r.time.unwrap_or_else(SystemTime::now);
+    let duration_ms = r.duration.as_secs_f64() * 1000.0;
+    let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    match format {
+        LogFormat::Json => serde_json::json!({
+            "time": humantime::format_rfc3339_millis(time).to_string(),
+            "trace_id": r.trace_id,
+            "traceparent_id": r.traceparent_id,
+            "client_ip": r.client_ip.map(|ip| ip.to_string()),
+            "method": r.method,
+            "host": r.host,
+            "path": r.target,
+            "protocol": r.protocol,
+            "status": r.status,
+            "route": r.route,
+            "upstream": r.upstream,
+            "endpoint": r.endpoint,
+            "consumer": r.consumer,
+            "duration_ms": (duration_ms * 1000.0).round() / 1000.0,
+            "bytes_sent": r.bytes_sent,
+            "bytes_received": r.bytes_received,
+            "user_agent": r.user_agent,
+            "error": r.error,
+        })
+        .to_string(),
+        LogFormat::Combined => {
+            // Apache's combined format, then Portico's own fields as key=value pairs (parsers
+            // of the combined format ignore what follows the user agent).
+            let quoted = |v: Option<&str>| v.map(|s| s.replace('"', "%22")).unwrap_or_else(|| "-".into());
+            let request = if r.method.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{} {} {}", r.method, r.target, r.protocol).replace('"', "%22")
+            };
+            format!(
+                "{} - {} [{}] \"{}\" {} {} \"{}\" \"{}\" trace_id={} route={} upstream={} duration_ms={:.3}",
+                r.client_ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into()),
+                r.consumer.unwrap_or("-"),
+                apache_time(time),
+                request,
+                r.status,
+                r.bytes_sent,
+                quoted(r.referer),
+                quoted(r.user_agent),
+                dash(r.trace_id),
+                dash(r.route),
+                dash(r.upstream),
+                duration_ms
+            )
+        }
+    }
+}
+
+/// `30/Nov/2026:14:40:45 +0000`: the timestamp Apache and nginx write (always UTC here).
+pub fn apache_time(t: SystemTime) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{day:02}/{}/{year}:{:02}:{:02}:{:02} +0000",
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apache_timestamps() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_796_049_645); // 2026-11-30T14:40:45Z
+        assert_eq!(apache_time(t), "30/Nov/2026:14:40:45 +0000");
+        assert_eq!(apache_time(UNIX_EPOCH), "01/Jan/1970:00:00:00 +0000");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(apache_time(leap), "29/Feb/2000:00:00:00 +0000");
+    }
+
+    #[test]
+    fn combined_lines_parse_as_apache_writes_them() {
+        let r = Record {
+            time: Some(UNIX_EPOCH + Duration::from_secs(1_796_049_645)),
+            trace_id: "abc",
+            client_ip: Some("10.0.0.1".parse().unwrap()),
+            method: "GET",
+            target: "/x?a=1",
+            protocol: "HTTP/1.1",
+            status: 200,
+            route: "r",
+            upstream: "up",
+            bytes_sent: 12,
+            user_agent: Some("curl/8 \"x\""),
+            ..Default::default()
         };
-        // Never block a request on a slow stdout: a full queue drops the line (and says so).
-        self.write_line(line);
+        let line = format_line(LogFormat::Combined, &r);
+        assert!(
+            line.starts_with(
+                "10.0.0.1 - - [30/Nov/2026:14:40:45 +0000] \"GET /x?a=1 HTTP/1.1\" 200 12 \"-\" \"curl/8 %22x%22\" trace_id=abc"
+            ),
+            "{line}"
+        );
+        let refused = Record {
+            status: 408,
+            ..Default::default()
+        };
+        assert!(format_line(LogFormat::Combined, &refused).contains("\"-\" 408 0"));
     }
 }

@@ -2,7 +2,6 @@
 
 use crate::plugin::Registry;
 use crate::server::{self, RunOptions};
-use crate::upstream::HealthRegistry;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -139,7 +138,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
 
 /// `portico -t`: compile offline (nothing is fetched) and report.
 fn validate(conf: &std::path::Path, registry: &Registry) -> ExitCode {
-    match crate::config::load_file(conf, registry, &HealthRegistry::default(), true) {
+    match crate::config::load_file(conf, registry, &crate::resources::Resources::offline()) {
         Ok(_) => {
             println!("ok");
             ExitCode::SUCCESS

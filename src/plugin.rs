@@ -52,8 +52,12 @@ impl Phases {
     pub const RESPONSE: Phases = Phases(4);
     /// [`Plugin::response_body`]: each response body chunk.
     pub const RESPONSE_BODY: Phases = Phases(8);
-    /// [`Plugin::log`]: once, when the request is done.
+    /// [`Plugin::log`]: once, when the request is done, with its [`Outcome`].
     pub const LOG: Phases = Phases(16);
+    /// [`Plugin::request_body`]: the request body (whole when small, else piece by piece).
+    pub const REQUEST_BODY: Phases = Phases(32);
+    /// [`Plugin::response_trailers`]: the response's trailers (gRPC status lives there).
+    pub const RESPONSE_TRAILERS: Phases = Phases(64);
 
     pub const fn union(self, other: Phases) -> Phases {
         Phases(self.0 | other.0)
@@ -115,6 +119,8 @@ pub struct RequestState {
     pub started: Instant,
     /// Per-request data of plugins, keyed by type.
     pub vars: http::Extensions,
+    /// The config the request runs on (the upstream client looks upstreams up in it).
+    pub(crate) snapshot: Option<Arc<crate::config::Snapshot>>,
 }
 
 impl RequestState {
@@ -132,13 +138,81 @@ impl RequestState {
             tls: false,
             started: Instant::now(),
             vars: http::Extensions::new(),
+            snapshot: None,
         }
     }
 
     pub fn param(&self, name: &str) -> Option<&str> {
         self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
+
+    /// The verified claims of the request's token, when an authenticate plugin (`jwt`) put
+    /// them there.
+    pub fn claims(&self) -> Option<&Claims> {
+        self.vars.get::<Claims>()
+    }
 }
+
+/// A verified token's claims, as an authenticate plugin leaves them for the plugins after it
+/// (`allow_services` with `from: jwt:CLAIM`, header templates, your own).
+#[derive(Debug, Clone)]
+pub struct Claims(pub Arc<serde_json::Map<String, serde_json::Value>>);
+
+impl Claims {
+    /// A claim as a string (strings as they are; numbers and booleans written out).
+    pub fn text(&self, name: &str) -> Option<String> {
+        match self.0.get(name)? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => Some(v.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// How a request ended, for the `log` hook (metrics, canary guards, audit).
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The status sent to the client (0 if the client got nothing, e.g. it went away).
+    pub status: u16,
+    /// The upstream's own status, when an upstream answered.
+    pub upstream_status: Option<u16>,
+    /// The upstream the request went to (or would have), by name.
+    pub upstream: Option<Arc<str>>,
+    /// The endpoint of the last attempt, as written in the config.
+    pub endpoint: Option<String>,
+    /// Portico's error code when Portico wrote the answer (`no_route`, `upstream_timeout`, …).
+    pub error: Option<&'static str>,
+    /// Why the exchange with the upstream failed, when it did.
+    pub failure: Option<Failure>,
+    /// The gRPC status, from the trailers or a trailers-only answer.
+    pub grpc_status: Option<u32>,
+    /// From the request's arrival to the end of the response.
+    pub duration: std::time::Duration,
+}
+
+/// A failed exchange with an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection could be made (refused, unreachable, TLS handshake).
+    Connect,
+    /// A connect, read or write timeout.
+    Timeout,
+    /// The connection broke, or the upstream's answer could not be read.
+    Broken,
+}
+
+impl Outcome {
+    /// 5xx, a failed exchange, or a gRPC status that means the server failed (UNKNOWN,
+    /// DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE): what a canary guard counts against a side.
+    pub fn is_failure(&self) -> bool {
+        self.status >= 500 || self.failure.is_some() || matches!(self.grpc_status, Some(2 | 4 | 13 | 14))
+    }
+}
+
+/// A response body transform that cannot go on: the response ends here (closed, so the client
+/// can tell it is incomplete) rather than carrying a half-rewritten body.
+#[derive(Debug, Clone)]
+pub struct Abort(pub String);
 
 /// The body of a reply Portico writes itself.
 #[derive(Debug, Clone)]
@@ -233,6 +307,22 @@ pub trait Plugin: Send + Sync + 'static {
         Verdict::Continue
     }
 
+    /// The request body. On routes with a body plugin, Portico reads bodies of up to 64 KiB
+    /// (Pingora's replay buffer) whole before anything goes upstream: the chain sees one piece
+    /// with `end_of_stream`, may rewrite it or answer instead, and the upstream gets the exact
+    /// new Content-Length. Larger (or HTTP/2 bodies of unknown length) stream through piece by
+    /// piece and go upstream chunked, so a plugin may change their length too; set a piece to
+    /// empty to hold bytes back and emit them later. A `Reply` answers instead of the upstream
+    /// (if the answer has not started yet; else the exchange is cut).
+    async fn request_body(
+        &self,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        _st: &mut RequestState,
+    ) -> Result<(), Reply> {
+        Ok(())
+    }
+
     /// The head about to go upstream (after Portico set Host, X-Forwarded-*, trace headers).
     fn upstream_request(&self, _req: &mut RequestHeader, _st: &RequestState) {}
 
@@ -240,14 +330,28 @@ pub trait Plugin: Send + Sync + 'static {
     /// `req` is the client's request head.
     fn response(&self, _req: &RequestHeader, _resp: &mut ResponseHeader, _st: &mut RequestState) {}
 
-    /// A response body chunk (`None` at a bodiless end); may rewrite or hold back bytes.
-    fn response_body(&self, _body: &mut Option<Bytes>, _end_of_stream: bool, _st: &mut RequestState) {}
+    /// A response body chunk (`None` at a bodiless end); may rewrite or hold back bytes. Pingora
+    /// sends the response head before the body, so decide in [`Plugin::response`] (and fix the
+    /// framing there) whether to rewrite. `Err` ends the response at once.
+    fn response_body(
+        &self,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        _st: &mut RequestState,
+    ) -> Result<(), Abort> {
+        Ok(())
+    }
 
-    /// Once per request, after the response, with the status sent to the client.
-    fn log(&self, _st: &RequestState, _status: u16) {}
+    /// The response's trailers, from the upstream (HTTP/2, or chunked HTTP/1).
+    fn response_trailers(&self, _trailers: &mut http::HeaderMap, _st: &mut RequestState) {}
+
+    /// Once per request, when it is done, with how it ended.
+    fn log(&self, _st: &RequestState, _outcome: &Outcome) {}
 }
 
-/// What a plugin factory may look at while building a plugin.
+/// What a plugin factory may look at while building a plugin, and the process resources it
+/// may keep (state that survives reloads, the clock, the upstream client, periodic tasks).
+#[derive(Clone)]
 pub struct BuildContext {
     /// True under `portico -t`: check syntax only, touch no network.
     pub offline: bool,
@@ -261,32 +365,98 @@ pub struct BuildContext {
     pub upstreams: Vec<String>,
     /// The config's consumers (names, and API keys by hash).
     pub consumers: std::sync::Arc<crate::config::Consumers>,
+    /// The config's `redis.url`, if any.
+    pub redis_url: Option<String>,
+    /// The plugin being built, by name, and the SHA-256 of its block (set by the core).
+    pub plugin: String,
+    pub block_hash: String,
+    pub(crate) resources: Arc<crate::resources::Resources>,
+    pub(crate) scope: Arc<crate::resources::CompileScope>,
 }
 
 impl BuildContext {
+    /// A context for building plugins outside a config (unit tests, benches): offline, no
+    /// route, no upstreams or consumers, with its own throwaway resources.
+    pub fn standalone() -> Self {
+        BuildContext::with_resources(crate::resources::Resources::offline())
+    }
+
+    /// As [`BuildContext::standalone`], with these resources (e.g. a manual clock).
+    pub fn with_resources(resources: Arc<crate::resources::Resources>) -> Self {
+        BuildContext {
+            offline: resources.offline,
+            base_dir: std::env::current_dir().unwrap_or_default(),
+            route: None,
+            route_params: Vec::new(),
+            upstreams: Vec::new(),
+            consumers: Default::default(),
+            redis_url: None,
+            plugin: String::new(),
+            block_hash: String::new(),
+            resources,
+            scope: Default::default(),
+        }
+    }
+
     /// Parse a plugin block into its config type (errors carry the field's location).
     /// A bare `- NAME` parses as an empty block.
     pub fn parse<C: DeserializeOwned>(&self, value: &serde_yaml::Value) -> Result<C, ConfigError> {
-        let v = if value.is_null() {
-            serde_yaml::Value::Mapping(Default::default())
-        } else {
-            value.clone()
-        };
-        serde_path_to_error::deserialize(v).map_err(|e| {
-            let mut path = e.path().to_string();
-            let message = e.into_inner().to_string();
-            if path == "." {
-                path.clear();
-            }
-            // Name an unknown field in the message, located at its parent (as serde_yaml does).
-            if message.starts_with("unknown field") {
-                path = path
-                    .rsplit_once('.')
-                    .map(|(parent, _)| parent.to_string())
-                    .unwrap_or_default();
-            }
-            ConfigError::new(path, message)
-        })
+        crate::config::parse_value(value, "")
+    }
+
+    /// This plugin's own state, kept across reloads while its route, name and block stay the
+    /// same (so a reload that does not touch a `rate_limit` block keeps its counters); `init`
+    /// makes it the first time, or after the block changed.
+    pub fn state<T: std::any::Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Arc<T> {
+        let key = format!(
+            "{}/{}/{}",
+            self.route.as_deref().unwrap_or("*"),
+            self.plugin,
+            self.block_hash
+        );
+        self.shared_state(&key, init)
+    }
+
+    /// State under a key of the plugin's choosing (e.g. a JWKS shared by every route that names
+    /// the same URL); kept while some plugin of the live config asks for it.
+    pub fn shared_state<T: std::any::Any + Send + Sync>(&self, key: &str, init: impl FnOnce() -> T) -> Arc<T> {
+        self.scope
+            .state_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string());
+        self.resources.state.get_or_init(key, init)
+    }
+
+    /// Run `task` every `period` while this config is live (it stops when a reload retires the
+    /// config; a run in progress finishes on its own and never holds a reload).
+    pub fn every<F, Fut>(&self, name: &str, period: std::time::Duration, task: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        use futures::FutureExt;
+        let task = Arc::new(task);
+        self.scope
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::new(crate::resources::Periodic {
+                name: format!("{}/{}", self.route.as_deref().unwrap_or("*"), name),
+                period,
+                run: Arc::new(move || task().boxed()),
+                last: std::sync::Mutex::new(None),
+            }));
+    }
+
+    /// The process's clock (a manual one in tests).
+    pub fn clock(&self) -> Arc<dyn crate::clock::Clock> {
+        self.resources.clock.clone()
+    }
+
+    /// The process's client for calling upstreams of the request's config.
+    pub fn upstream_client(&self) -> Arc<crate::client::UpstreamClient> {
+        self.resources.client.clone()
     }
 
     /// Read a file the block names (a key, a certificate, a JWKS): a regular file of at most
@@ -375,9 +545,11 @@ pub struct Entry {
 pub struct Chains {
     pub all: Vec<Entry>,
     pub request: Vec<Entry>,
+    pub request_body: Vec<Entry>,
     pub upstream_request: Vec<Entry>,
     pub response: Vec<Entry>,
     pub response_body: Vec<Entry>,
+    pub response_trailers: Vec<Entry>,
     pub log: Vec<Entry>,
 }
 
@@ -394,9 +566,11 @@ impl Chains {
         };
         Chains {
             request: pick(Phases::REQUEST),
+            request_body: pick(Phases::REQUEST_BODY),
             upstream_request: pick(Phases::UPSTREAM_REQUEST),
             response: pick(Phases::RESPONSE),
             response_body: pick(Phases::RESPONSE_BODY),
+            response_trailers: pick(Phases::RESPONSE_TRAILERS),
             log: pick(Phases::LOG),
             all: entries,
         }

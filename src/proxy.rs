@@ -1,7 +1,8 @@
 //! The one `ProxyHttp` implementation. Each hook walks the matching plugin chain in a few lines;
-//! the work lives in `exchange.rs` (per-request steps) and the plugins.
+//! the work lives in `exchange/` (per-request steps) and the plugins.
 
 use crate::exchange::{self, Ctx};
+use crate::plugin::Verdict;
 use crate::shared::Shared;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -23,27 +24,31 @@ impl ProxyHttp for Gateway {
         Ctx::new(self.shared.snapshot())
     }
 
-    /// Trace ids, client address, path normalisation, routing, then the request-phase plugins.
-    /// `Ok(true)` means Portico answered the request itself.
+    /// Trace ids, client address, path normalisation, routing, the request-phase plugins, the
+    /// upstream, and (on routes with body plugins) a small body read whole. `Ok(true)` means
+    /// Portico answered the request itself.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        if let Err(reply) = exchange::begin(session, ctx) {
-            exchange::send_reply(session, ctx, reply).await?;
-            return Ok(true);
-        }
-        let chains = ctx.chains();
-        for entry in &chains.request {
-            if let crate::plugin::Verdict::Respond(reply) =
-                entry.plugin.request(session.req_header_mut(), &mut ctx.st).await
-            {
-                exchange::send_reply(session, ctx, reply).await?;
-                return Ok(true);
+        let mut step = exchange::begin(session, ctx);
+        if step.is_ok() {
+            for entry in &ctx.chains().request {
+                if let Verdict::Respond(reply) = entry.plugin.request(session.req_header_mut(), &mut ctx.st).await {
+                    step = Err(reply);
+                    break;
+                }
             }
         }
-        if let Err(reply) = exchange::choose_upstream(session, ctx) {
-            exchange::send_reply(session, ctx, reply).await?;
-            return Ok(true);
+        let step = step.and_then(|_| exchange::choose_upstream(session, ctx));
+        let step = match step {
+            Ok(()) if !ctx.chains().request_body.is_empty() => exchange::read_small_body(session, ctx).await,
+            other => other,
+        };
+        match step {
+            Ok(()) => Ok(false),
+            Err(reply) => {
+                exchange::send_reply(session, ctx, reply).await?;
+                Ok(true)
+            }
         }
-        Ok(false)
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -51,7 +56,7 @@ impl ProxyHttp for Gateway {
     }
 
     fn fail_to_connect(&self, _s: &mut Session, _peer: &HttpPeer, ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
-        let retry = exchange::connect_failed(ctx);
+        let retry = exchange::connect_failed(ctx, &e);
         e.set_retry(retry);
         e
     }
@@ -85,14 +90,12 @@ impl ProxyHttp for Gateway {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        exchange::count_request_body(body, ctx)?;
-        exchange::end_body_once(body, end_of_stream);
-        Ok(())
+        exchange::request_body(session, body, end_of_stream, ctx).await
     }
 
     async fn upstream_response_filter(&self, _s: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
@@ -112,11 +115,26 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
-        let chains = ctx.chains();
-        for entry in &chains.response_body {
-            entry.plugin.response_body(body, end_of_stream, &mut ctx.st);
+        for entry in &ctx.chains().response_body {
+            if let Err(abort) = entry.plugin.response_body(body, end_of_stream, &mut ctx.st) {
+                log::warn!("plugin {} ended the response: {}", entry.name, abort.0);
+                return Error::e_explain(InternalError, abort.0);
+            }
         }
         Ok(None)
+    }
+
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        exchange::trailers_arrived(trailers, ctx);
+        for entry in &ctx.chains().response_trailers {
+            entry.plugin.response_trailers(trailers, &mut ctx.st);
+        }
+        Ok(())
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {

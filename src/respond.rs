@@ -66,6 +66,26 @@ pub fn render(reply: &Reply, st: &RequestState, grpc: bool) -> (ResponseHeader, 
     (head, body)
 }
 
+/// A head and body as HTTP/1.1 bytes, for the edge layer, which answers before Pingora has a
+/// session to write through.
+pub fn http1_bytes(head: &ResponseHeader, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        head.status.as_u16(),
+        head.status.canonical_reason().unwrap_or("Error")
+    )
+    .into_bytes();
+    for (k, v) in head.headers.iter() {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
+}
+
 /// gRPC's grpc-message encoding: percent-encode everything outside printable ASCII, and '%'.
 const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
 

@@ -125,6 +125,10 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
         HealthChecker { shared: shared.clone() },
     ));
     server.add_service(background_service(
+        "plugin tasks",
+        crate::scheduler::Scheduler { shared: shared.clone() },
+    ));
+    server.add_service(background_service(
         "sighup reload",
         ReloadOnSighup { shared: shared.clone() },
     ));
@@ -149,7 +153,7 @@ impl BackgroundService for ReloadOnSighup {
         loop {
             tokio::select! {
                 _ = hup.recv() => {
-                    log::info!("SIGHUP: reloading {}", self.shared.config_path.display());
+                    log::info!("SIGHUP: reloading {}", self.shared.config_path().display());
                     let shared = self.shared.clone();
                     let _ = tokio::task::spawn_blocking(move || shared.reload()).await;
                 }

@@ -1,21 +1,22 @@
-//! What every part of the running gateway shares: the live config snapshot, the health of
-//! every endpoint, the plugin registry, the access log, the state of the proxy listeners.
-//! Reload lives here: read → compile → atomic swap; any error keeps the old snapshot.
+//! What every part of the running gateway shares: the live config snapshot, the process
+//! resources (endpoint health, plugin state, the upstream client, the clock), the plugin
+//! registry, the access log, the state of the proxy listeners.
+//! Reload lives here: read the source → compile → atomic swap; any error keeps the old snapshot.
 
 use crate::access_log::AccessLog;
-use crate::config::{load_file, ConfigErrors, Snapshot};
+use crate::config::{compile, ConfigErrors, ConfigSource, FileSource, Snapshot};
 use crate::plugin::Registry;
-use crate::upstream::HealthRegistry;
+use crate::resources::Resources;
 use arc_swap::ArcSwap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub struct Shared {
     live: ArcSwap<Snapshot>,
-    pub health: HealthRegistry,
+    pub resources: Arc<Resources>,
     pub registry: Registry,
-    pub config_path: PathBuf,
+    pub source: Box<dyn ConfigSource>,
     pub access_log: AccessLog,
     pub listeners: ListenerStates,
     reload_lock: Mutex<()>,
@@ -29,20 +30,37 @@ pub struct ReloadReport {
 }
 
 impl Shared {
-    /// Load the config for the first time.
+    /// Load the config file for the first time.
     pub fn load(path: &Path, registry: Registry) -> Result<Arc<Shared>, ConfigErrors> {
-        let health = HealthRegistry::default();
-        let snap = load_file(path, &registry, &health, false)?;
+        Shared::load_from(Box::new(FileSource(path.to_path_buf())), registry, Resources::new(128))
+    }
+
+    /// Load from any config source, with these process resources.
+    pub fn load_from(
+        source: Box<dyn ConfigSource>,
+        registry: Registry,
+        resources: Arc<Resources>,
+    ) -> Result<Arc<Shared>, ConfigErrors> {
+        let snap = compile(&source.read()?, source.origin(), &registry, &resources)?;
+        resources.state.retain(&snap.state_keys);
+        if let Some(n) = snap.server.get("upstream_keepalive_pool_size").and_then(|v| v.as_u64()) {
+            resources.client.set_pool_size(n as usize);
+        }
         let listeners = ListenerStates::new(snap.listeners.iter().map(|l| l.address.clone()).collect());
         Ok(Arc::new(Shared {
             live: ArcSwap::from_pointee(snap),
-            health,
+            resources,
             registry,
-            config_path: path.to_path_buf(),
+            source,
             access_log: AccessLog::default(),
             listeners,
             reload_lock: Mutex::new(()),
         }))
+    }
+
+    /// Where the config comes from (for `/config` and log lines).
+    pub fn config_path(&self) -> &Path {
+        self.source.origin()
     }
 
     /// The live snapshot (one atomic load).
@@ -50,14 +68,19 @@ impl Shared {
         self.live.load_full()
     }
 
-    /// Re-read the config file and swap it in, or keep the old one and say why.
+    /// Re-read the config and swap it in, or keep the old one and say why.
     /// Blocking (file, DNS): call it off the request path.
     pub fn reload(&self) -> Result<ReloadReport, ConfigErrors> {
         let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let result = load_file(&self.config_path, &self.registry, &self.health, false);
+        let result = self
+            .source
+            .read()
+            .and_then(|text| compile(&text, self.source.origin(), &self.registry, &self.resources));
         let mut next = match result {
             Ok(s) => s,
             Err(e) => {
+                // State a rejected config's plugins created is not anyone's.
+                self.resources.state.retain(&self.snapshot().state_keys);
                 crate::metrics::RELOADS.with_label_values(&["error"]).inc();
                 log::error!("config reload rejected, the old config keeps serving:\n{e}");
                 return Err(e);
@@ -89,9 +112,11 @@ impl Shared {
             );
         }
         self.live.store(Arc::new(next));
-        self.health.retain(&self.snapshot().upstreams);
+        let live = self.snapshot();
+        self.resources.health.retain(&live.upstreams);
+        self.resources.state.retain(&live.state_keys);
         crate::metrics::RELOADS.with_label_values(&["ok"]).inc();
-        log::info!("config reloaded from {}", self.config_path.display());
+        log::info!("config reloaded from {}", self.config_path().display());
         Ok(report)
     }
 }

@@ -34,6 +34,11 @@ fn random_hex(bytes: usize) -> String {
     }
 }
 
+/// A fresh W3C span id (16 hex digits), e.g. for a sub-request's child span.
+pub fn new_span_id() -> String {
+    random_hex(8)
+}
+
 fn is_lower_hex(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }

@@ -36,6 +36,39 @@ impl ConfigError {
     }
 }
 
+/// Deserialize a YAML value into `T`, with errors located at `prefix` plus the path inside the
+/// value (`routes[2].match: unknown field 'path_prefx'`). A null value parses as an empty map,
+/// so a bare `- NAME` or an empty section is its type's empty form.
+pub fn parse_value<T: serde::de::DeserializeOwned>(value: &serde_yaml::Value, prefix: &str) -> Result<T, ConfigError> {
+    let v = if value.is_null() {
+        serde_yaml::Value::Mapping(Default::default())
+    } else {
+        value.clone()
+    };
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let mut path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        if path == "." {
+            path.clear();
+        }
+        // Name an unknown field in the message, located at its parent (as serde_yaml does).
+        if message.starts_with("unknown field") {
+            path = match path.rsplit_once('.') {
+                Some((parent, _)) => parent.to_string(),
+                None if path.starts_with('[') => path,
+                None => String::new(),
+            };
+        }
+        let location = match (prefix.is_empty(), path.is_empty(), path.starts_with('[')) {
+            (_, true, _) => prefix.to_string(),
+            (true, false, _) => path,
+            (false, false, true) => format!("{prefix}{path}"),
+            (false, false, false) => format!("{prefix}.{path}"),
+        };
+        ConfigError::new(location, message)
+    })
+}
+
 fn looks_like_path(p: &str) -> bool {
     !p.is_empty() && !p.contains(' ') && p.chars().all(|c| c.is_alphanumeric() || "_-.[]*:/".contains(c))
 }

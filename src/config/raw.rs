@@ -5,34 +5,23 @@ use super::units::{Dur, Size};
 use serde::{de, Deserialize, Deserializer};
 use std::collections::BTreeMap;
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The whole file, assembled section by section (`compile` parses each on its own, so one
+/// mistake does not hide the next). List items keep their index in the file, for locations.
+#[derive(Debug, Default)]
 pub struct RawConfig {
     /// Pingora's own server settings, passed through (keys checked against `ServerConf`).
-    #[serde(default)]
     pub server: serde_yaml::Mapping,
-    #[serde(default)]
-    pub listeners: Vec<Listener>,
-    #[serde(default)]
+    pub listeners: Vec<(usize, Listener)>,
     pub client_ip: ClientIp,
-    #[serde(default)]
     pub limits: Limits,
-    #[serde(default)]
     pub access_log: AccessLog,
-    #[serde(default)]
     pub admin: Option<Admin>,
-    #[serde(default)]
     pub redis: Option<Redis>,
-    #[serde(default)]
-    pub consumers: Vec<Consumer>,
-    #[serde(default)]
+    pub consumers: Vec<(usize, Consumer)>,
     pub upstreams: BTreeMap<String, Upstream>,
-    #[serde(default)]
     pub trace: Trace,
-    #[serde(default)]
-    pub plugins: Vec<PluginEntry>,
-    #[serde(default)]
-    pub routes: Vec<Route>,
+    pub plugins: Vec<(usize, PluginEntry)>,
+    pub routes: Vec<(usize, Route)>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -23,6 +23,7 @@
 mod h2_watch;
 mod head;
 mod per_ip;
+mod refuse;
 mod service;
 mod stream;
 
@@ -30,8 +31,6 @@ pub use head::check_framing;
 pub use service::ProxyService;
 pub use stream::EdgeStream;
 
-use crate::config::Snapshot;
-use crate::plugin::{Reply, RequestState};
 use crate::proxy::Gateway;
 use crate::shared::Shared;
 use async_trait::async_trait;
@@ -39,14 +38,12 @@ use head::{read_head, Head};
 use per_ip::ConnectionCounts;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::{GetSocketDigest, Shutdown, Stream, ALPN};
+use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 /// How long shutdown waits for just-accepted connections to send their request.
@@ -156,6 +153,7 @@ impl EdgeApp {
         loop {
             let snap = self.shared.snapshot();
             let limits = &snap.limits;
+            let mut head_started = accepted;
             let head = if served == 0 {
                 read_head(&mut conn, accepted + limits.header_timeout, &snap).await
             } else {
@@ -171,7 +169,10 @@ impl EdgeApp {
                     Ok(true)
                 };
                 match idle {
-                    Ok(true) => read_head(&mut conn, Instant::now() + limits.header_timeout, &snap).await,
+                    Ok(true) => {
+                        head_started = Instant::now();
+                        read_head(&mut conn, head_started + limits.header_timeout, &snap).await
+                    }
                     _ => Head::Closed,
                 }
             };
@@ -179,7 +180,7 @@ impl EdgeApp {
                 Head::Ready => {}
                 Head::Closed => return None,
                 Head::Refuse(reply) => {
-                    refuse(&mut conn, reply, &snap, &self.shared).await;
+                    refuse::refuse(&mut conn, reply, &snap, &self.shared, head_started).await;
                     return None;
                 }
             }
@@ -201,69 +202,4 @@ impl EdgeApp {
             served += 1;
         }
     }
-}
-
-/// Answer a refused head with the contract's JSON error (global response plugins applied),
-/// log and count it, and close.
-async fn refuse(conn: &mut EdgeStream, reply: Reply, snap: &Snapshot, shared: &Shared) {
-    let mut st = RequestState::new(
-        conn.get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
-            .unwrap_or(IpAddr::from([0, 0, 0, 0])),
-    );
-    st.trace = snap.trace.ids_for(&http::HeaderMap::new());
-    let (mut head, body) = crate::respond::render(&reply, &st, false);
-    let _ = head.insert_header(snap.trace.header.clone(), st.trace.request_id.as_str());
-    let _ = head.insert_header(http::header::CONNECTION, "close");
-    let req = pingora::http::RequestHeader::build("GET", b"/", None).expect("a request head");
-    for entry in &snap.global.response {
-        entry.plugin.response(&req, &mut head, &mut st);
-    }
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\n",
-        head.status.as_u16(),
-        head.status.canonical_reason().unwrap_or("Error")
-    )
-    .into_bytes();
-    for (k, v) in head.headers.iter() {
-        out.extend_from_slice(k.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&body);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = conn.write_all(&out).await;
-        let _ = conn.flush().await;
-    })
-    .await;
-    crate::metrics::REQUESTS
-        .with_label_values(&["none", "none", &reply.status.to_string()])
-        .inc();
-    if snap.access_log.is_some() {
-        shared.access_log.write_line(
-            serde_json::json!({
-                "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-                "trace_id": st.trace.request_id,
-                "client_ip": st.client_ip.to_string(),
-                "status": reply.status,
-                "route": "",
-                "error": reply.error_code(),
-            })
-            .to_string(),
-        );
-    }
-    // Read (and drop) what the client still sends for a moment, so it sees the answer rather
-    // than a reset.
-    let mut sink = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_millis(200), async {
-        while let Ok(n) = conn.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
-    Shutdown::shutdown(conn).await;
 }

@@ -213,14 +213,7 @@ mod tests {
 
     #[test]
     fn rules_apply_in_order() {
-        let ctx = BuildContext {
-            offline: true,
-            base_dir: ".".into(),
-            route: None,
-            route_params: vec![],
-            upstreams: vec![],
-            consumers: Default::default(),
-        };
+        let ctx = BuildContext::standalone();
         let cfg: Config = ctx
             .parse(
                 &serde_yaml::from_str("response: {remove: [server], set: {x-a: '1'}, add: {x-b: '${route}'}}").unwrap(),

@@ -1,0 +1,116 @@
+use super::*;
+use crate::config::snapshot::Rewrite;
+use crate::config::ClientIpResolver;
+use std::net::IpAddr;
+
+fn check(yaml: &str) -> Result<Snapshot, ConfigErrors> {
+    compile(
+        yaml,
+        Path::new("test.yaml"),
+        &Registry::builtin(),
+        &Resources::offline(),
+    )
+}
+
+fn errors(yaml: &str) -> String {
+    match check(yaml) {
+        Ok(_) => panic!("expected errors"),
+        Err(e) => e.to_string(),
+    }
+}
+
+const BASE: &str = "listeners: [{address: 127.0.0.1:18080}]\nupstreams:\n  a: {endpoints: [127.0.0.1:9001]}\n";
+
+#[test]
+fn minimal_config_compiles() {
+    let s = check(&format!("{BASE}routes:\n  - {{name: r, upstream: a}}\n")).unwrap();
+    assert_eq!(s.routes.len(), 1);
+    assert_eq!(s.limits.max_request_header_bytes, 32 << 10);
+}
+
+#[test]
+fn errors_are_located() {
+    let e = errors(&format!(
+        "{BASE}routes:\n  - {{name: r, upstream: a, match: {{path_prefx: /x}}}}\n"
+    ));
+    assert!(e.contains("routes[0].match: unknown field 'path_prefx'"), "{e}");
+    let e = errors(&format!("{BASE}routes:\n  - {{name: r, upstream: b}}\n"));
+    assert!(e.contains("routes[0].upstream: no upstream named 'b'"), "{e}");
+    let e = errors(&format!(
+        "{BASE}routes:\n  - {{name: r, upstream: a}}\n  - {{name: r, upstream: a}}\n"
+    ));
+    assert!(e.contains("routes[1].name: duplicate route name 'r'"), "{e}");
+    let e = errors(&format!(
+        "{BASE}routes:\n  - {{name: r, upstream: a, plugins: [nope: {{}}]}}\n"
+    ));
+    assert!(e.contains("routes[0].plugins[0]: unknown plugin 'nope'"), "{e}");
+    let e = errors(&format!(
+        "{BASE}client_ip: {{trusted_proxies: [10.0.0.0/33]}}\nroutes: []\n"
+    ));
+    assert!(e.contains("client_ip.trusted_proxies[0]"), "{e}");
+    let e = errors(&format!("{BASE}limits: {{header_timeout: fast}}\nroutes: []\n"));
+    assert!(
+        e.contains("limits.header_timeout") && e.contains("invalid duration"),
+        "{e}"
+    );
+    let e = errors(&format!("{BASE}server: {{thread: 2}}\nroutes: []\n"));
+    assert!(e.contains("server: unknown field 'thread'"), "{e}");
+    let e = errors(&format!(
+        "{BASE}routes:\n  - {{name: r, upstream: a, plugins: [headers: {{request: {{sett: {{}}}}}}]}}\n"
+    ));
+    assert!(
+        e.contains("routes[0].plugins[0].headers.request: unknown field 'sett'"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unresolvable_host_is_a_config_error() {
+    let yaml = "listeners: [{address: 127.0.0.1:1}]\nupstreams:\n  a: {endpoints: [no-such-host.invalid:80]}\n";
+    let e = compile(yaml, Path::new("t.yaml"), &Registry::builtin(), &Resources::new(1))
+        .err()
+        .expect("an unresolvable name is an error at load")
+        .to_string();
+    assert!(e.contains("upstreams.a.endpoints[0]"), "{e}");
+    assert!(check(yaml).is_ok(), "-t checks syntax only, offline");
+}
+
+#[test]
+fn rewrite() {
+    let rw = Rewrite {
+        strip_prefix: Some("/users".into()),
+        add_prefix: Some("/v1/users".into()),
+    };
+    assert_eq!(rw.apply("/users"), "/v1/users");
+    assert_eq!(rw.apply("/users/7"), "/v1/users/7");
+    assert_eq!(rw.apply("/users/"), "/v1/users/");
+    let rw = Rewrite {
+        strip_prefix: Some("/api".into()),
+        add_prefix: None,
+    };
+    assert_eq!(rw.apply("/api/x"), "/x");
+    assert_eq!(rw.apply("/api"), "/");
+    assert_eq!(rw.apply("/apix"), "/apix");
+}
+
+#[test]
+fn client_ip_walks_trusted_hops() {
+    let r = ClientIpResolver {
+        trusted: vec!["10.0.0.0/8".parse().unwrap()],
+    };
+    let mut h = http::HeaderMap::new();
+    h.append("x-forwarded-for", "1.1.1.1, 2.2.2.2, 10.0.0.5".parse().unwrap());
+    let peer: IpAddr = "10.0.0.1".parse().unwrap();
+    assert_eq!(r.resolve(peer, &h), "2.2.2.2".parse::<IpAddr>().unwrap());
+    assert_eq!(
+        r.resolve("9.9.9.9".parse().unwrap(), &h),
+        "9.9.9.9".parse::<IpAddr>().unwrap()
+    );
+    let mut junk = http::HeaderMap::new();
+    junk.append("x-forwarded-for", "1.1.1.1, junk".parse().unwrap());
+    assert_eq!(r.resolve(peer, &junk), peer);
+    assert_eq!(
+        r.resolve("::ffff:9.9.9.9".parse().unwrap(), &h),
+        "9.9.9.9".parse::<IpAddr>().unwrap()
+    );
+}

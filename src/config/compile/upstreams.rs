@@ -1,0 +1,246 @@
+//! `upstreams`: endpoints (resolved at load: Pingora panics on a name that does not resolve),
+//! balancing, health checks, passive ejection, timeouts and retries.
+
+use crate::config::error::ConfigErrors;
+use crate::config::raw::{self, Balance, CheckKind, Protocol};
+use crate::upstream::{
+    Endpoint, HashOn, HealthCheckSpec, HealthRegistry, PassiveSpec, RetryPolicy, Timeouts, Upstream,
+};
+use http::HeaderValue;
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+pub(super) fn compile_upstream(
+    name: &str,
+    u: &raw::Upstream,
+    health: &HealthRegistry,
+    offline: bool,
+    errs: &mut ConfigErrors,
+) -> Option<Upstream> {
+    let loc = format!("upstreams.{name}");
+    let before = errs.0.len();
+    if u.endpoints.is_empty() {
+        errs.push(format!("{loc}.endpoints"), "an upstream needs at least one endpoint");
+    }
+    let mut endpoints = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, e) in u.endpoints.iter().enumerate() {
+        let eloc = format!("{loc}.endpoints[{i}]");
+        if e.weight == 0 || e.weight > 1000 {
+            errs.push(format!("{eloc}.weight"), "weight must be between 1 and 1000");
+        }
+        let addr = match resolve(&e.address, offline) {
+            Ok(a) => a,
+            Err(msg) => {
+                errs.push(eloc, msg);
+                continue;
+            }
+        };
+        if !seen.insert(e.address.clone()) {
+            errs.push(eloc, format!("'{}' is listed twice", e.address));
+            continue;
+        }
+        endpoints.push(Endpoint {
+            health: health.get(name, &e.address),
+            address: e.address.clone(),
+            addr,
+            weight: e.weight.clamp(1, 1000),
+        });
+    }
+    let hash_on = match (&u.hash_on, u.balance) {
+        (Some(h), Balance::ConsistentHash) => parse_hash_on(h).unwrap_or_else(|m| {
+            errs.push(format!("{loc}.hash_on"), m);
+            HashOn::Ip
+        }),
+        (Some(_), _) => {
+            errs.push(
+                format!("{loc}.hash_on"),
+                "'hash_on' only applies to 'balance: consistent_hash'",
+            );
+            HashOn::Ip
+        }
+        (None, _) => HashOn::Ip,
+    };
+    if u.tls.is_some() {
+        errs.push(
+            format!("{loc}.tls"),
+            "TLS to upstreams is not available in this build yet (see the README's roadmap)",
+        );
+    }
+    if u.protocol == Protocol::H2 {
+        errs.push(
+            format!("{loc}.protocol"),
+            "'h2' needs TLS to the upstream; use 'h2c' for plaintext HTTP/2",
+        );
+    }
+    if let Some(h) = &u.host {
+        if HeaderValue::from_str(h).is_err() || h.is_empty() {
+            errs.push(format!("{loc}.host"), "not a valid Host value");
+        }
+    }
+    let health_check = u.health_check.as_ref().map(|h| {
+        let interval = h.interval.map(|d| d.0).unwrap_or(Duration::from_secs(5));
+        let timeout = h.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(1));
+        if interval < Duration::from_millis(100) {
+            errs.push(format!("{loc}.health_check.interval"), "must be at least 100ms");
+        }
+        if timeout > interval {
+            errs.push(
+                format!("{loc}.health_check.timeout"),
+                "must not be longer than the interval",
+            );
+        }
+        let path = h.path.clone().unwrap_or_else(|| "/".into());
+        if h.kind == CheckKind::Tcp && (h.path.is_some() || h.healthy_status.is_some()) {
+            errs.push(
+                format!("{loc}.health_check"),
+                "'path' and 'healthy_status' apply to 'kind: http' only",
+            );
+        }
+        if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            errs.push(format!("{loc}.health_check.path"), "must be a path starting with '/'");
+        }
+        let healthy_status = h.healthy_status.clone().unwrap_or_else(|| vec![200]);
+        if healthy_status.is_empty() || healthy_status.iter().any(|s| !(100..=599).contains(s)) {
+            errs.push(
+                format!("{loc}.health_check.healthy_status"),
+                "a non-empty list of HTTP status codes",
+            );
+        }
+        let th = |v: Option<u32>, f: &str, errs: &mut ConfigErrors| {
+            let v = v.unwrap_or(1);
+            if v == 0 || v > 100 {
+                errs.push(format!("{loc}.health_check.{f}"), "must be between 1 and 100");
+            }
+            v.max(1)
+        };
+        HealthCheckSpec {
+            kind: h.kind,
+            path,
+            interval,
+            timeout,
+            healthy_status,
+            healthy_threshold: th(h.healthy_threshold, "healthy_threshold", errs),
+            unhealthy_threshold: th(h.unhealthy_threshold, "unhealthy_threshold", errs),
+            host: u.host.clone(),
+        }
+    });
+    let passive = u.passive.as_ref().map(|p| {
+        let n = p.consecutive_failures.unwrap_or(5);
+        if n == 0 {
+            errs.push(format!("{loc}.passive.consecutive_failures"), "must be at least 1");
+        }
+        PassiveSpec {
+            consecutive_failures: n.max(1),
+            eject_for: p.eject_for.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
+        }
+    });
+    let d = Timeouts::default();
+    let t = &u.timeouts;
+    let timeouts = Timeouts {
+        connect: t.connect.map(|x| x.0).unwrap_or(d.connect),
+        read: t.read.map(|x| x.0).unwrap_or(d.read),
+        write: t.write.map(|x| x.0).unwrap_or(d.write),
+        idle: t.idle.map(|x| x.0).unwrap_or(d.idle),
+    };
+    for (f, v) in [
+        ("connect", timeouts.connect),
+        ("read", timeouts.read),
+        ("write", timeouts.write),
+    ] {
+        if v.is_zero() {
+            errs.push(format!("{loc}.timeouts.{f}"), "must be more than 0");
+        }
+    }
+    let retries = match &u.retries {
+        None => RetryPolicy {
+            attempts: 1,
+            on_connect_failure: true,
+            on_reset: false,
+        },
+        Some(r) => {
+            if r.attempts > 10 {
+                errs.push(format!("{loc}.retries.attempts"), "at most 10");
+            }
+            if r.budget.is_some() {
+                errs.push(
+                    format!("{loc}.retries.budget"),
+                    "retry budgets are not available in this build yet (see the README's roadmap)",
+                );
+            }
+            let on = r.on.clone().unwrap_or_else(|| vec!["connect_failure".into()]);
+            let mut p = RetryPolicy {
+                attempts: r.attempts,
+                on_connect_failure: false,
+                on_reset: false,
+            };
+            for (i, cond) in on.iter().enumerate() {
+                match cond.as_str() {
+                    "connect_failure" => p.on_connect_failure = true,
+                    "reset" => p.on_reset = true,
+                    "502" | "503" | "504" | "timeout" => errs.push(
+                        format!("{loc}.retries.on[{i}]"),
+                        format!("retrying on '{cond}' is not available in this build yet (see the README's roadmap)"),
+                    ),
+                    other => errs.push(
+                        format!("{loc}.retries.on[{i}]"),
+                        format!("unknown retry condition '{other}' (connect_failure | reset)"),
+                    ),
+                }
+            }
+            p
+        }
+    };
+    if errs.0.len() > before {
+        return None;
+    }
+    Some(Upstream::new(
+        name.to_string(),
+        endpoints,
+        u.balance,
+        hash_on,
+        u.protocol,
+        u.host.clone(),
+        u.preserve_host,
+        health_check,
+        passive,
+        timeouts,
+        retries,
+    ))
+}
+
+fn parse_hash_on(s: &str) -> Result<HashOn, String> {
+    let bad = || format!("'{s}' is not header:NAME | cookie:NAME | ip | path");
+    match s.split_once(':') {
+        Some(("header", n)) => crate::util::header_name(n).map(HashOn::Header).map_err(|_| bad()),
+        Some(("cookie", n)) if !n.is_empty() => Ok(HashOn::Cookie(n.to_string())),
+        None if s == "ip" => Ok(HashOn::Ip),
+        None if s == "path" => Ok(HashOn::Path),
+        _ => Err(bad()),
+    }
+}
+
+/// Resolve `host:port` once, at load: Pingora's `HttpPeer::new` panics on a name that does
+/// not resolve, so no name ever reaches it. Offline (`portico -t`) checks the syntax only.
+fn resolve(address: &str, offline: bool) -> Result<SocketAddr, String> {
+    if let Ok(a) = address.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("'{address}' is not host:port"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("'{address}' is not host:port"));
+    }
+    if offline {
+        let port = port.parse::<u16>().unwrap_or(0);
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    match address.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("'{host}' does not resolve to any address")),
+        Err(e) => Err(format!("'{host}' does not resolve: {e}")),
+    }
+}

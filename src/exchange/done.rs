@@ -1,0 +1,73 @@
+//! The end of a request: its [`Outcome`], the metrics, the log chain, the access log line.
+
+use super::Ctx;
+use crate::access_log::Record;
+use crate::plugin::Outcome;
+use crate::shared::Shared;
+use pingora::prelude::*;
+use std::sync::Arc;
+
+/// Once per request.
+pub fn done(session: &Session, e: Option<&Error>, ctx: &mut Ctx, shared: &Shared) {
+    let status = session.response_written().map(|h| h.status.as_u16()).unwrap_or(0);
+    let route = if ctx.st.route.is_empty() { "none" } else { &ctx.st.route };
+    let upstream = ctx.upstream.as_ref().map(|u| u.name.as_str()).unwrap_or("none");
+    let endpoint = ctx
+        .endpoint
+        .and_then(|i| ctx.upstream.as_ref().map(|u| u.endpoints[i].address.as_str()));
+    let duration = ctx.st.started.elapsed();
+    crate::metrics::REQUESTS
+        .with_label_values(&[route, upstream, &status.to_string()])
+        .inc();
+    crate::metrics::DURATION
+        .with_label_values(&[route])
+        .observe(duration.as_secs_f64());
+    let chains = ctx.chains();
+    if !chains.log.is_empty() {
+        let outcome = Outcome {
+            status,
+            upstream_status: ctx.upstream_status,
+            upstream: ctx.upstream.as_ref().map(|u| Arc::from(u.name.as_str())),
+            endpoint: endpoint.map(str::to_string),
+            error: ctx.error_code,
+            failure: ctx.failure,
+            grpc_status: ctx.grpc_status,
+            duration,
+        };
+        for entry in &chains.log {
+            entry.plugin.log(&ctx.st, &outcome);
+        }
+    }
+    if let Some(format) = ctx.snap.access_log {
+        let req = session.req_header();
+        let header = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
+        let protocol = match req.version {
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2.0",
+            _ => "HTTP/1.1",
+        };
+        let record = Record {
+            time: None,
+            trace_id: &ctx.st.trace.request_id,
+            traceparent_id: &ctx.st.trace.trace_id,
+            client_ip: Some(ctx.st.client_ip),
+            method: req.method.as_str(),
+            host: &ctx.st.host,
+            target: req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            protocol,
+            status,
+            route,
+            upstream,
+            endpoint,
+            consumer: ctx.st.consumer.as_deref(),
+            duration,
+            bytes_sent: session.body_bytes_sent(),
+            bytes_received: session.body_bytes_read(),
+            user_agent: header("user-agent"),
+            referer: header("referer"),
+            error: ctx.error_code.or_else(|| e.map(|_| "proxy_error")),
+        };
+        shared.access_log.write(format, &record);
+    }
+    ctx.in_flight = None;
+}

@@ -1,0 +1,266 @@
+//! The steps of one request through the gateway, called from the thin hooks in `proxy.rs`:
+//!
+//! - here: the per-request state ([`Ctx`]), the first phase (trace ids, client address, host
+//!   and path checks, routing) and the choice of upstream;
+//! - `upstream.rs`: the endpoint of each attempt, retries, and the head sent upstream;
+//! - `body.rs`: the request body (limits, body plugins, framing);
+//! - `reply.rs`: replies Portico writes itself, and the final error handler;
+//! - `done.rs`: the end of a request — its outcome, metrics, the log chain, the access log.
+
+mod body;
+mod done;
+mod reply;
+mod upstream;
+
+pub use body::{end_body_once, read_small_body, request_body};
+pub use done::done;
+pub use reply::{by_status, fail, finish_response_head, send_reply, trailers_arrived};
+pub use upstream::{connect_failed, pick_peer, prepare_upstream_request, proxy_failed, upstream_answered};
+
+use crate::config::{canonical_ip, Route, Snapshot};
+use crate::plugin::{Chains, Failure, Reply, RequestState};
+use crate::respond;
+use crate::route::{normalize_host, normalize_path, RequestKey};
+use crate::upstream::{InFlight, Upstream};
+use http::header::{CONTENT_LENGTH, HOST};
+use http::Method;
+use pingora::http::RequestHeader;
+use pingora::prelude::*;
+use std::net::{IpAddr, Ipv4Addr};
+use std::ops::Deref;
+use std::sync::Arc;
+
+/// Per-request state of the gateway (Pingora's CTX).
+pub struct Ctx {
+    pub snap: Arc<Snapshot>,
+    pub st: RequestState,
+    pub route: Option<Arc<Route>>,
+    pub upstream: Option<Arc<Upstream>>,
+    /// Index of the endpoint of the current attempt.
+    pub endpoint: Option<usize>,
+    /// Endpoints already tried by this request.
+    pub tried: Vec<usize>,
+    /// Retry the same endpoint (a stale pooled connection, not the endpoint's fault).
+    retry_same: bool,
+    in_flight: Option<InFlight>,
+    /// Path and query for the upstream: normalised and rewritten.
+    upstream_path: Option<String>,
+    body_limit: u64,
+    body_seen: u64,
+    pub grpc: bool,
+    /// The gateway error code of the response, if Portico wrote one.
+    pub error_code: Option<&'static str>,
+    /// The TCP peer (may be a trusted proxy rather than the client).
+    pub peer_ip: IpAddr,
+    /// How the request body reaches the upstream (see `body.rs`).
+    pub(crate) body: body::BodyMode,
+    /// A reply a body plugin asked for after the upstream exchange began (written by `fail`).
+    pub(crate) pending_reply: Option<Reply>,
+    /// The upstream's own status, once one answered.
+    pub upstream_status: Option<u16>,
+    /// Why the exchange with the upstream failed, if it did.
+    pub failure: Option<Failure>,
+    /// The gRPC status of the answer (trailers, a trailers-only head, or Portico's own).
+    pub grpc_status: Option<u32>,
+}
+
+/// A cheap handle on the chains that apply to this request (the route's, or the global ones).
+pub struct ChainsRef(Result<Arc<Route>, Arc<Snapshot>>);
+
+impl Deref for ChainsRef {
+    type Target = Chains;
+    fn deref(&self) -> &Chains {
+        match &self.0 {
+            Ok(r) => &r.chains,
+            Err(s) => &s.global,
+        }
+    }
+}
+
+impl Ctx {
+    pub fn new(snap: Arc<Snapshot>) -> Self {
+        let mut st = RequestState::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        st.snapshot = Some(snap.clone());
+        Ctx {
+            snap,
+            st,
+            route: None,
+            upstream: None,
+            endpoint: None,
+            tried: Vec::new(),
+            retry_same: false,
+            in_flight: None,
+            upstream_path: None,
+            body_limit: u64::MAX,
+            body_seen: 0,
+            grpc: false,
+            error_code: None,
+            peer_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            body: body::BodyMode::Plain,
+            pending_reply: None,
+            upstream_status: None,
+            failure: None,
+            grpc_status: None,
+        }
+    }
+
+    pub fn chains(&self) -> ChainsRef {
+        ChainsRef(self.route.clone().ok_or_else(|| self.snap.clone()))
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> Reply {
+    Reply::error(400, "bad_request", message)
+}
+
+/// The request's host as routing compares it (see [`normalize_host`]): `:authority` /
+/// absolute-form authority, else `Host`. Ambiguity (two Host headers, or an authority that
+/// disagrees with Host) and invalid hosts are refused.
+fn request_host(req: &RequestHeader) -> Result<String, Reply> {
+    let mut hosts = req.headers.get_all(HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(bad_request("more than one Host header"));
+    }
+    let header = header
+        .map(|h| h.to_str().map_err(|_| bad_request("the Host header is not valid")))
+        .transpose()?;
+    let norm = |h: &str| normalize_host(h).map_err(|why| bad_request(format!("invalid host: {why}")));
+    match (req.uri.authority().map(|a| a.as_str()), header) {
+        (Some(a), Some(h)) => {
+            let a = norm(a)?;
+            if a != norm(h)? {
+                return Err(bad_request(
+                    "the request target's authority and the Host header disagree",
+                ));
+            }
+            Ok(a)
+        }
+        (Some(a), None) => norm(a),
+        (None, Some(h)) => norm(h),
+        (None, None) if req.version == http::Version::HTTP_10 => Ok(String::new()),
+        (None, None) => Err(bad_request("an HTTP/1.1 request needs a Host header")),
+    }
+}
+
+/// HTTP/2 lets a request repeat `content-length` (HTTP/1 framing is checked by the edge layer):
+/// equal copies become one, different ones are refused, so an HTTP/1 upstream never sees two.
+fn one_content_length(req: &mut RequestHeader) -> Result<(), Reply> {
+    let mut values = req.headers.get_all(CONTENT_LENGTH).iter();
+    let Some(first) = values.next().cloned() else {
+        return Ok(());
+    };
+    let mut repeated = false;
+    for v in values {
+        if v.as_bytes().trim_ascii() != first.as_bytes().trim_ascii() {
+            return Err(bad_request("the request has Content-Length headers that disagree"));
+        }
+        repeated = true;
+    }
+    if repeated {
+        let _ = req.insert_header(CONTENT_LENGTH, first);
+    }
+    Ok(())
+}
+
+pub(crate) fn declared_length(req: &RequestHeader) -> Option<u64> {
+    req.headers.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// First phase: trace ids, client address, host and path checks, routing, declared body size.
+pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
+    let snap = ctx.snap.clone();
+    let req = session.req_header();
+    ctx.st.trace = snap.trace.ids_for(&req.headers);
+    ctx.grpc = respond::is_grpc(req);
+    let peer = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    ctx.peer_ip = canonical_ip(peer);
+    ctx.st.client_ip = snap.client_ip.resolve(peer, &req.headers);
+    ctx.st.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    // HTTP/1 body reads: no progress for this long → 408 (HTTP/2 bodies: the edge's frame watch).
+    session.set_read_timeout(Some(snap.limits.body_timeout));
+
+    one_content_length(session.req_header_mut())?;
+    let req = session.req_header();
+    ctx.st.host = request_host(req)?;
+    ctx.st.path = normalize_path(req.uri.path()).map_err(|e| bad_request(e.message()))?;
+
+    let key = RequestKey {
+        host: &ctx.st.host,
+        path: &ctx.st.path,
+        method: &req.method,
+        headers: &req.headers,
+    };
+    let mut params = Vec::new();
+    let mut route = snap
+        .routes
+        .iter()
+        .find(|r| r.matcher.matches(&key, &mut params))
+        .cloned();
+    // A CORS preflight asks about another method: route it as that method would be, so the
+    // route's cors plugin can answer it.
+    if route.is_none() && req.method == Method::OPTIONS {
+        let asked = req
+            .headers
+            .get("access-control-request-method")
+            .and_then(|v| Method::from_bytes(v.as_bytes()).ok());
+        if let Some(m) = asked {
+            let key = RequestKey { method: &m, ..key };
+            route = snap
+                .routes
+                .iter()
+                .find(|r| r.matcher.matches(&key, &mut params))
+                .cloned();
+        }
+    }
+    let route = route.ok_or_else(|| {
+        Reply::error(
+            404,
+            "no_route",
+            format!("no route matches {} {}", req.method, ctx.st.path),
+        )
+    })?;
+    ctx.st.params = params;
+    ctx.st.route = route.name.clone();
+    ctx.body_limit = route.max_request_body_bytes;
+    ctx.route = Some(route);
+    if declared_length(req).is_some_and(|n| n > ctx.body_limit) {
+        return Err(too_large(ctx.body_limit));
+    }
+    Ok(())
+}
+
+pub(crate) fn too_large(limit: u64) -> Reply {
+    Reply::error(
+        413,
+        "payload_too_large",
+        format!("the request body is larger than {limit} bytes"),
+    )
+}
+
+/// After the request plugins: the upstream (a select plugin may have named another) and the
+/// path it receives.
+pub fn choose_upstream(session: &Session, ctx: &mut Ctx) -> Result<(), Reply> {
+    let route = ctx.route.clone().expect("routed");
+    let upstream = match &ctx.st.upstream_override {
+        Some(name) => ctx.snap.upstreams.get(name).cloned(),
+        None => route.upstream.clone(),
+    };
+    let Some(upstream) = upstream else {
+        return Err(Reply::error(502, "upstream_unavailable", "the route has no upstream"));
+    };
+    ctx.upstream = Some(upstream);
+    let path = match &route.rewrite {
+        Some(rw) => rw.apply(&ctx.st.path),
+        None => ctx.st.path.clone(),
+    };
+    ctx.upstream_path = Some(match session.req_header().uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    });
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! Replies Portico writes itself (with the same response-phase treatment as upstream replies),
+//! and the final error handler that turns a Pingora error into the contract's JSON error.
+
+use super::Ctx;
+use crate::plugin::{Failure, Reply};
+use crate::respond;
+use http::Method;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+
+/// The response head going to the client: the trace header, then the response plugins.
+pub fn finish_response_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx: &mut Ctx) {
+    let _ = resp.insert_header(ctx.snap.trace.header.clone(), ctx.st.trace.request_id.as_str());
+    // A trailers-only gRPC answer (or Portico's own gRPC error) carries its status in the head.
+    if let Some(code) = grpc_status(&resp.headers) {
+        ctx.grpc_status = Some(code);
+    }
+    let chains = ctx.chains();
+    for entry in &chains.response {
+        entry.plugin.response(req, resp, &mut ctx.st);
+    }
+}
+
+/// Write a reply of Portico's own, with the same response-phase treatment as upstream replies.
+pub async fn send_reply(session: &mut Session, ctx: &mut Ctx, reply: Reply) -> Result<()> {
+    let (mut head, body) = respond::render(&reply, &ctx.st, ctx.grpc);
+    ctx.error_code = reply.error_code();
+    finish_response_head(session.req_header(), &mut head, ctx);
+    // A request body we did not read would be parsed as the next request: close instead.
+    let unread_body = !session.is_body_empty() && ctx.body_seen == 0;
+    if unread_body || reply.status == 413 || reply.status == 400 {
+        session.set_keepalive(None);
+    }
+    let head_only = body.is_empty() || session.req_header().method == Method::HEAD;
+    session.write_response_header(Box::new(head), head_only).await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+/// A status and gateway error code for a Pingora error.
+fn classify(e: &Error) -> (u16, &'static str, &'static str) {
+    if let HTTPStatus(code) = e.etype() {
+        return by_status(*code);
+    }
+    match e.esource() {
+        ErrorSource::Upstream => match e.etype() {
+            ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout => {
+                (504, "upstream_timeout", "the upstream did not answer in time")
+            }
+            _ => (
+                502,
+                "upstream_unavailable",
+                "the upstream could not be reached or failed",
+            ),
+        },
+        ErrorSource::Downstream => match e.etype() {
+            ReadError | WriteError | ConnectionClosed => (0, "", ""),
+            ReadTimedout => (408, "request_timeout", "the request did not arrive in time"),
+            _ => (400, "bad_request", "the request could not be read"),
+        },
+        ErrorSource::Internal | ErrorSource::Unset => {
+            (500, "internal_error", "the gateway failed to handle the request")
+        }
+    }
+}
+
+pub fn by_status(code: u16) -> (u16, &'static str, &'static str) {
+    match code {
+        400 => (400, "bad_request", "the request is malformed"),
+        401 => (401, "unauthorized", "authentication is required"),
+        403 => (403, "forbidden", "the request is not allowed"),
+        404 => (404, "no_route", "no route matches the request"),
+        408 => (408, "request_timeout", "the request did not arrive in time"),
+        413 => (413, "payload_too_large", "the request body is too large"),
+        429 => (429, "rate_limited", "too many requests"),
+        431 => (431, "request_header_too_large", "the request head is too large"),
+        502 | 503 => (
+            code,
+            "upstream_unavailable",
+            "the upstream could not be reached or failed",
+        ),
+        504 => (504, "upstream_timeout", "the upstream did not answer in time"),
+        c if c >= 500 => (c, "internal_error", "the gateway failed to handle the request"),
+        c => (c, "bad_request", "the request could not be handled"),
+    }
+}
+
+/// The upstream's trailers arrived: a gRPC status lives there.
+pub fn trailers_arrived(trailers: &http::HeaderMap, ctx: &mut Ctx) {
+    if let Some(code) = grpc_status(trailers) {
+        ctx.grpc_status = Some(code);
+    }
+}
+
+/// `grpc-status` as a number, if present and well-formed.
+pub(super) fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
+}
+
+/// The final error handler: answer with the contract's JSON error if nothing was sent yet
+/// (or with the reply a body plugin asked for).
+pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
+    if let Some(reply) = ctx.pending_reply.take() {
+        let status = reply.status;
+        if session.response_written().is_none() {
+            let _ = send_reply(session, ctx, reply).await;
+        }
+        return status;
+    }
+    if matches!(e.esource(), ErrorSource::Upstream) && ctx.failure.is_none() {
+        ctx.failure = Some(match e.etype() {
+            ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout => Failure::Timeout,
+            ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure | ConnectProxyFailure => {
+                Failure::Connect
+            }
+            _ => Failure::Broken,
+        });
+    }
+    let (status, code, message) = classify(e);
+    if status == 0 {
+        return 0;
+    }
+    if session.response_written().is_some() {
+        return status;
+    }
+    let reply = Reply::error(status, code, message);
+    let _ = send_reply(session, ctx, reply).await;
+    status
+}

@@ -1,0 +1,194 @@
+//! Each attempt's endpoint, what happens when one fails, and the head the upstream receives.
+
+use super::Ctx;
+use crate::plugin::Failure;
+use crate::upstream::Upstream;
+use http::header::HOST;
+use http::HeaderValue;
+use pingora::http::RequestHeader;
+use pingora::prelude::*;
+
+/// Choose the endpoint of this attempt.
+pub fn pick_peer(session: &Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    let Some(up) = ctx.upstream.clone() else {
+        return Error::e_explain(HTTPStatus(502), "no upstream chosen");
+    };
+    let index = match (ctx.retry_same, ctx.endpoint) {
+        (true, Some(i)) => i,
+        _ => {
+            let key = (up.balance == crate::config::raw::Balance::ConsistentHash)
+                .then(|| up.hash_key(&session.req_header().headers, ctx.st.client_ip, &ctx.st.path));
+            match up.select(key.as_deref(), &ctx.tried) {
+                Some(i) => i,
+                None => return Error::e_explain(HTTPStatus(502), "every endpoint was tried"),
+            }
+        }
+    };
+    ctx.retry_same = false;
+    if !ctx.tried.contains(&index) {
+        ctx.tried.push(index);
+    }
+    ctx.endpoint = Some(index);
+    ctx.in_flight = Some(up.in_flight_guard(index));
+    let route = ctx.route.as_ref().expect("routed");
+    Ok(up.peer(index, &route.timeouts.over(&up.timeouts)))
+}
+
+pub(super) fn retries_left(ctx: &Ctx, up: &Upstream) -> bool {
+    (ctx.tried.len() as u32) <= up.retries.attempts && ctx.tried.len() < up.endpoints.len()
+}
+
+/// A connection to the endpoint failed: count it, and say whether to try another.
+pub fn connect_failed(ctx: &mut Ctx, e: &Error) -> bool {
+    ctx.failure = Some(if matches!(e.etype(), ConnectTimedout | TLSHandshakeTimedout) {
+        Failure::Timeout
+    } else {
+        Failure::Connect
+    });
+    let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) else {
+        return false;
+    };
+    up.record_failure(i);
+    up.retries.on_connect_failure && retries_left(ctx, &up)
+}
+
+/// The exchange failed after connecting. Only idempotent requests whose body is still
+/// replayable, and whose response has not started, are retried.
+pub fn proxy_failed(session: &mut Session, ctx: &mut Ctx, e: &mut Error, upstream_reused: bool) -> bool {
+    if matches!(e.esource(), ErrorSource::Upstream) {
+        ctx.failure = Some(if matches!(e.etype(), ReadTimedout | WriteTimedout) {
+            Failure::Timeout
+        } else {
+            Failure::Broken
+        });
+    }
+    let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) else {
+        return false;
+    };
+    let replayable = session.req_header().method.is_idempotent()
+        && !session.as_ref().retry_buffer_truncated()
+        && session.response_written().is_none();
+    if !replayable {
+        return false;
+    }
+    // A pooled connection the upstream had already closed is not the endpoint's fault:
+    // Pingora marks those "retry only if reused"; retry them on the same endpoint.
+    if matches!(e.retry, pingora::RetryType::ReusedOnly) {
+        e.retry.decide_reuse(upstream_reused);
+        if e.retry() {
+            ctx.retry_same = true;
+            return true;
+        }
+    }
+    up.record_failure(i);
+    up.retries.on_reset && retries_left(ctx, &up)
+}
+
+/// The upstream answered: passive health counts 502–504 as failures.
+pub fn upstream_answered(status: u16, ctx: &mut Ctx) {
+    if status >= 200 || status == 101 {
+        ctx.upstream_status = Some(status);
+        // An answer came after all: an earlier attempt's failure is not this request's.
+        ctx.failure = None;
+    }
+    if let (Some(up), Some(i)) = (&ctx.upstream, ctx.endpoint) {
+        if (502..=504).contains(&status) {
+            up.record_failure(i);
+        } else {
+            up.record_success(i);
+        }
+    }
+}
+
+/// Headers Portico sets on the way upstream; copies a client sent are replaced, never passed.
+const GATEWAY_SET: [&str; 8] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "forwarded",
+    "x-real-ip",
+    "traceparent",
+    "x-consumer",
+];
+
+pub fn prepare_upstream_request(session: &Session, req: &mut RequestHeader, ctx: &Ctx) {
+    if let Some(p) = &ctx.upstream_path {
+        if let Ok(uri) = p.parse::<http::Uri>() {
+            req.set_uri(uri);
+        }
+    }
+    let up = ctx.upstream.as_ref().expect("upstream chosen");
+    let original_host: Option<HeaderValue> = session.req_header().headers.get(HOST).cloned().or_else(|| {
+        session
+            .req_header()
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+
+    // X-Forwarded-For: a trusted proxy's list is extended; anyone else's is replaced.
+    let prior_xff = ctx
+        .snap
+        .client_ip
+        .is_trusted(ctx.peer_ip)
+        .then(|| {
+            let v: Vec<&str> = req
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            v.join(", ")
+        })
+        .filter(|s| !s.is_empty());
+    // Removing a header from Pingora's head also walks its case-preserving map: look first.
+    for h in GATEWAY_SET {
+        if req.headers.contains_key(h) {
+            req.remove_header(h);
+        }
+    }
+    if req.headers.contains_key(&ctx.snap.trace.header) {
+        req.remove_header(&ctx.snap.trace.header);
+    }
+    let xff = match prior_xff {
+        Some(p) => format!("{p}, {}", ctx.peer_ip),
+        None => ctx.peer_ip.to_string(),
+    };
+    let _ = req.insert_header("x-forwarded-for", xff);
+    let _ = req.insert_header("x-forwarded-proto", if ctx.st.tls { "https" } else { "http" });
+    if let Some(h) = &original_host {
+        let _ = req.insert_header("x-forwarded-host", h.clone());
+    }
+    let _ = req.insert_header("x-real-ip", ctx.st.client_ip.to_string());
+    let _ = req.insert_header("traceparent", ctx.st.trace.traceparent());
+    let _ = req.insert_header(ctx.snap.trace.header.clone(), ctx.st.trace.request_id.as_str());
+    if let Some(c) = &ctx.st.consumer {
+        if let Ok(v) = HeaderValue::from_str(c) {
+            let _ = req.insert_header("x-consumer", v);
+        }
+    }
+
+    let host = if up.preserve_host {
+        original_host
+    } else {
+        let h = up
+            .host
+            .as_deref()
+            .unwrap_or_else(|| &up.endpoints[ctx.endpoint.unwrap_or(0)].address);
+        HeaderValue::from_str(h).ok()
+    };
+    if let Some(h) = host {
+        let _ = req.insert_header(HOST, h);
+    }
+    // Body plugins may change the body's length: a body read whole declares its new length;
+    // a streamed one declares none (Pingora frames it chunked to HTTP/1).
+    if let Some(n) = ctx.body.whole_len() {
+        if req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+            req.remove_header(&http::header::TRANSFER_ENCODING);
+        }
+        let _ = req.insert_header(http::header::CONTENT_LENGTH, n.to_string());
+    } else if ctx.body.is_streaming() && req.headers.contains_key(http::header::CONTENT_LENGTH) {
+        req.remove_header(&http::header::CONTENT_LENGTH);
+    }
+}
