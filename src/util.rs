@@ -26,6 +26,26 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// Remove cookie `name` from the request's `Cookie` headers (the others stay, in order).
+pub fn remove_cookie(req: &mut pingora::http::RequestHeader, name: &str) {
+    let kept: Vec<String> = req
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty() && kv.split_once('=').map(|(k, _)| k) != Some(name))
+        .map(str::to_string)
+        .collect();
+    if req.headers.contains_key(http::header::COOKIE) {
+        req.remove_header(&http::header::COOKIE);
+    }
+    if !kept.is_empty() {
+        let _ = req.insert_header(http::header::COOKIE, kept.join("; "));
+    }
+}
+
 /// The (percent-decoded) value of query parameter `name`.
 pub fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
     let q = uri.query()?;

@@ -3,7 +3,6 @@
 
 use crate::config::ConfigError;
 use crate::plugin::{BuildContext, Phases, Plugin, PluginKind, Reply, RequestState, Verdict};
-use crate::plugins::jwt::JwtClaims;
 use async_trait::async_trait;
 use pingora::http::RequestHeader;
 use serde::Deserialize;
@@ -90,7 +89,7 @@ impl AllowServices {
         let raw = match &self.from {
             Source::Mtls => st.identity.clone()?,
             Source::Claim(c) => {
-                let claims = st.vars.get::<JwtClaims>()?;
+                let claims = st.claims()?;
                 claims.0.get(c)?.as_str()?.to_string()
             }
         };
