@@ -1,132 +1,21 @@
-//! Upstreams: endpoints, balancing, per-endpoint health (active and passive), and the peer
-//! Pingora connects to. Balancing is Portico's own (not Pingora's `LoadBalancer`) so that health
-//! lives per endpoint across reloads and every algorithm sees the same health view.
+//! Upstreams: endpoints, balancing (`balance.rs`), per-endpoint health, active and passive
+//! (`health.rs`), and the peer Pingora connects to. Balancing is Portico's own (not Pingora's
+//! `LoadBalancer`) so that health lives per endpoint across reloads and every algorithm sees the
+//! same health view.
+
+mod balance;
+mod health;
+
+pub use health::{EndpointHealth, HealthRegistry};
 
 use crate::config::raw::{Balance, CheckKind, Protocol};
-use crate::metrics;
+use balance::smooth_weighted_order;
+use health::now_ms;
 use pingora::upstreams::peer::HttpPeer;
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-/// Health of one endpoint of one upstream, shared by every snapshot that names it, so a reload
-/// neither forgets that an endpoint is down nor resets an ejection.
-#[derive(Debug)]
-pub struct EndpointHealth {
-    /// The active health check's verdict (starts healthy; the first probe runs at once).
-    healthy: AtomicBool,
-    successes: AtomicU32,
-    failures: AtomicU32,
-    /// Consecutive proxied failures (passive checks).
-    passive_failures: AtomicU32,
-    /// Ejected until this many ms after `EPOCH` (0 = not ejected).
-    ejected_until_ms: AtomicU64,
-    /// Requests now in flight to this endpoint (least_requests).
-    in_flight: AtomicUsize,
-    /// When the last active probe started.
-    pub(crate) last_probe: Mutex<Option<Instant>>,
-    labels: (String, String),
-}
-
-static EPOCH: once_cell::sync::Lazy<Instant> = once_cell::sync::Lazy::new(Instant::now);
-
-fn now_ms() -> u64 {
-    EPOCH.elapsed().as_millis() as u64 + 1
-}
-
-impl EndpointHealth {
-    fn new(upstream: &str, address: &str) -> Self {
-        let h = EndpointHealth {
-            healthy: AtomicBool::new(true),
-            successes: AtomicU32::new(0),
-            failures: AtomicU32::new(0),
-            passive_failures: AtomicU32::new(0),
-            ejected_until_ms: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-            last_probe: Mutex::new(None),
-            labels: (upstream.to_string(), address.to_string()),
-        };
-        h.publish();
-        h
-    }
-
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
-    pub fn is_ejected(&self) -> bool {
-        let until = self.ejected_until_ms.load(Ordering::Relaxed);
-        until != 0 && now_ms() < until
-    }
-
-    /// Usable for new requests: healthy and not ejected.
-    pub fn usable(&self) -> bool {
-        self.is_healthy() && !self.is_ejected()
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    fn publish(&self) {
-        metrics::upstream_healthy(&self.labels.0, &self.labels.1, self.usable());
-    }
-
-    /// Record an active probe result; returns true when the verdict changed.
-    pub fn record_probe(&self, ok: bool, healthy_threshold: u32, unhealthy_threshold: u32) -> bool {
-        let was = self.is_healthy();
-        if ok {
-            self.failures.store(0, Ordering::Relaxed);
-            let n = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
-            if !was && n >= healthy_threshold {
-                self.healthy.store(true, Ordering::Relaxed);
-            }
-        } else {
-            self.successes.store(0, Ordering::Relaxed);
-            let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-            if was && n >= unhealthy_threshold {
-                self.healthy.store(false, Ordering::Relaxed);
-            }
-        }
-        let changed = was != self.is_healthy();
-        if changed {
-            self.publish();
-        }
-        changed
-    }
-}
-
-/// Every endpoint's health, keyed by (upstream name, endpoint address); outlives snapshots.
-#[derive(Default)]
-pub struct HealthRegistry {
-    map: Mutex<HashMap<(String, String), Arc<EndpointHealth>>>,
-}
-
-impl HealthRegistry {
-    pub fn get(&self, upstream: &str, address: &str) -> Arc<EndpointHealth> {
-        let mut map = self.map.lock().unwrap();
-        map.entry((upstream.to_string(), address.to_string()))
-            .or_insert_with(|| Arc::new(EndpointHealth::new(upstream, address)))
-            .clone()
-    }
-
-    /// Forget endpoints the live config no longer names.
-    pub fn retain(&self, live: &HashMap<String, Arc<Upstream>>) {
-        let mut map = self.map.lock().unwrap();
-        map.retain(|(u, a), _| {
-            let keep = live
-                .get(u)
-                .is_some_and(|up| up.endpoints.iter().any(|e| &e.address == a));
-            if !keep {
-                metrics::forget_endpoint(u, a);
-            }
-            keep
-        });
-    }
-}
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug)]
 pub struct Endpoint {
@@ -255,74 +144,6 @@ impl Upstream {
         }
     }
 
-    /// Choose an endpoint index, skipping `tried` ones and, while any remain, unusable ones.
-    /// When every untried endpoint is down the pick ignores health (a request that might work
-    /// beats a certain 502). `None` when every endpoint was tried.
-    pub fn select(&self, hash_key: Option<&[u8]>, tried: &[usize]) -> Option<usize> {
-        let n = self.endpoints.len();
-        if tried.len() >= n {
-            return None;
-        }
-        let open = |i: usize| !tried.contains(&i);
-        let good = |i: usize| open(i) && self.endpoints[i].health.usable();
-        if let Some(i) = self.pick(hash_key, &good) {
-            return Some(i);
-        }
-        self.pick(hash_key, &open)
-    }
-
-    fn pick(&self, hash_key: Option<&[u8]>, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
-        let n = self.endpoints.len();
-        match self.balance {
-            Balance::RoundRobin => {
-                let len = self.rr_order.len();
-                let start = self.rr_next.fetch_add(1, Ordering::Relaxed);
-                (0..len)
-                    .map(|k| self.rr_order[(start + k) % len] as usize)
-                    .find(|&i| ok(i))
-            }
-            Balance::Random => {
-                let total = *self.cumulative.last().unwrap_or(&0);
-                for _ in 0..3 {
-                    let r = rand::random::<u64>() % total.max(1);
-                    let i = self.cumulative.partition_point(|&c| c <= r);
-                    if i < n && ok(i) {
-                        return Some(i);
-                    }
-                }
-                let start = rand::random::<usize>() % n;
-                (0..n).map(|k| (start + k) % n).find(|&i| ok(i))
-            }
-            Balance::ConsistentHash => {
-                // Weighted rendezvous hashing: stable per key, moves only 1/n of keys when an
-                // endpoint comes or goes, and falls back in a stable order.
-                let key = hash_key.unwrap_or(b"");
-                let mut best: Option<(f64, usize)> = None;
-                for (i, e) in self.endpoints.iter().enumerate() {
-                    if !ok(i) {
-                        continue;
-                    }
-                    let mut h = std::collections::hash_map::DefaultHasher::new();
-                    key.hash(&mut h);
-                    e.address.hash(&mut h);
-                    let u = ((h.finish() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-                    let score = -(e.weight as f64) / u.ln();
-                    if best.is_none_or(|(s, _)| score > s) {
-                        best = Some((score, i));
-                    }
-                }
-                best.map(|(_, i)| i)
-            }
-            Balance::LeastRequests => {
-                let start = rand::random::<usize>() % n;
-                (0..n).map(|k| (start + k) % n).filter(|&i| ok(i)).min_by_key(|&i| {
-                    let e = &self.endpoints[i];
-                    (e.health.in_flight() as u64 * 1_000_000) / e.weight.max(1) as u64
-                })
-            }
-        }
-    }
-
     /// The peer for endpoint `i`, with this upstream's timeouts (route overrides applied).
     pub fn peer(&self, i: usize, timeouts: &Timeouts) -> Box<HttpPeer> {
         let e = &self.endpoints[i];
@@ -401,43 +222,6 @@ pub struct InFlight(Arc<EndpointHealth>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Nginx's smooth weighted round robin: weights 5,1,1 give a,a,b,a,c,a,a rather than bursts.
-fn smooth_weighted_order(weights: &[u64]) -> Vec<u16> {
-    let g = weights.iter().copied().fold(0, gcd).max(1);
-    let w: Vec<i64> = weights.iter().map(|x| (x / g) as i64).collect();
-    let total: i64 = w.iter().sum();
-    if total > 1 << 16 {
-        // Too long to unroll: fall back to blocks in proportion (still exact over a cycle).
-        return w
-            .iter()
-            .enumerate()
-            .flat_map(|(i, &k)| std::iter::repeat_n(i as u16, k as usize))
-            .collect();
-    }
-    let mut current = vec![0i64; w.len()];
-    let mut order = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        let mut best = 0;
-        for i in 0..w.len() {
-            current[i] += w[i];
-            if current[i] > current[best] {
-                best = i;
-            }
-        }
-        current[best] -= total;
-        order.push(best as u16);
-    }
-    order
-}
-
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
     }
 }
 
