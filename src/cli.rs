@@ -130,7 +130,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("portico: the config is not valid:\n{e}");
+            eprintln!("portico: {e}");
             ExitCode::FAILURE
         }
     }

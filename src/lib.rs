@@ -17,6 +17,7 @@ pub mod echo;
 pub mod edge;
 pub mod exchange;
 pub mod health;
+pub mod listen;
 pub mod mediation;
 pub mod metrics;
 pub mod plugin;
@@ -28,6 +29,7 @@ pub mod route;
 pub mod scheduler;
 pub mod server;
 pub mod shared;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;
 pub mod trace;

@@ -1,8 +1,9 @@
 //! Assemble and run the Pingora server: proxy listeners, admin, health checks, SIGHUP reload.
 
 use crate::admin::AdminApp;
-use crate::edge::{EdgeApp, ProxyService};
+use crate::edge::EdgeApp;
 use crate::health::HealthChecker;
+use crate::listen::ListenerService;
 use crate::plugin::Registry;
 use crate::proxy::Gateway;
 use crate::shared::Shared;
@@ -32,26 +33,39 @@ pub fn guard_sighup() {
     let _ = signal_hook::flag::register(signal_hook::consts::SIGHUP, flag);
 }
 
-/// Run the gateway until a signal stops the process. Returns only if the config is bad.
+/// Run the gateway until a signal stops the process. Returns only if the config is bad or a
+/// port cannot be bound.
 pub fn run(opts: RunOptions) -> Result<(), String> {
-    let server = build(opts)?;
-    server.run_forever();
+    prepare(opts)?.server.run_forever();
 }
 
 /// Run the gateway in this process until `shutdown` says so (for embedding and tests; no
 /// process signals are taken over except SIGHUP for reload).
 pub fn run_until(opts: RunOptions, shutdown: Box<dyn ShutdownSignalWatch>) -> Result<(), String> {
-    let server = build(opts)?;
-    server.run(RunArgs {
-        shutdown_signal: shutdown,
-    });
+    prepare(opts)?.run(shutdown);
     Ok(())
 }
 
-fn build(opts: RunOptions) -> Result<Server, String> {
+/// A gateway whose config is loaded and whose ports are bound, ready to run.
+pub struct Prepared {
+    server: Server,
+    pub shared: Arc<Shared>,
+}
+
+impl Prepared {
+    /// Run until `shutdown` says so.
+    pub fn run(self, shutdown: Box<dyn ShutdownSignalWatch>) {
+        self.server.run(RunArgs {
+            shutdown_signal: shutdown,
+        });
+    }
+}
+
+/// Load the config, bind the ports (unless upgrading) and assemble the services.
+pub fn prepare(opts: RunOptions) -> Result<Prepared, String> {
     crate::metrics::init();
     crate::metrics::install_panic_hook();
-    let shared = Shared::load(&opts.config, opts.registry).map_err(|e| e.to_string())?;
+    let shared = Shared::load(&opts.config, opts.registry).map_err(|e| format!("the config is not valid:\n{e}"))?;
     let snap = shared.snapshot();
     let conf: ServerConf =
         serde_yaml::from_value(serde_yaml::Value::Mapping(snap.server.clone())).map_err(|e| format!("server: {e}"))?;
@@ -62,8 +76,23 @@ fn build(opts: RunOptions) -> Result<Server, String> {
     if opts.daemon {
         args.push("-d");
     }
+    // At start the ports are Portico's to bind (a taken one is an error now, not a Pingora
+    // retry loop); at an upgrade they come from the old process.
+    if !opts.upgrade {
+        let proxies = snap.listeners.iter().map(|l| (l.address.as_str(), "proxy listener"));
+        let admin = snap.admin.iter().map(|a| (a.address.as_str(), "admin listener"));
+        shared.bound.bind_all(proxies.chain(admin))?;
+    }
+    let pid_file = conf.pid_file.clone();
     let mut server = Server::new_with_opt_and_conf(Some(Opt::parse_from_args(args)), conf);
     server.bootstrap();
+    if !opts.daemon {
+        // Pingora writes the pid file only when it daemonizes; the upgrade steps need it in the
+        // foreground too (and after an upgrade, the new process owns it).
+        if let Err(e) = std::fs::write(&pid_file, format!("{}\n", std::process::id())) {
+            log::warn!("cannot write the pid file {pid_file}: {e}");
+        }
+    }
     add_services(&mut server, &shared);
     log::info!(
         "portico {} serving {} with {} route(s)",
@@ -75,7 +104,7 @@ fn build(opts: RunOptions) -> Result<Server, String> {
             .join(", "),
         snap.routes.len()
     );
-    Ok(server)
+    Ok(Prepared { server, shared })
 }
 
 fn add_services(server: &mut Server, shared: &Arc<Shared>) {
@@ -109,7 +138,12 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
             // idle keep-alive connection); 4 KiB holds a typical request head in one read.
             svc.add_listener(ListenerConfig::tcp(a.as_str()).l4_buffer(L4BufferSettings::default().read(4096)));
         }
-        server.add_service(ProxyService::new(svc, addresses, shared.clone()));
+        server.add_service(ListenerService::new(
+            svc,
+            addresses,
+            shared.clone(),
+            shared.bound.clone(),
+        ));
     }
     if let Some(admin) = &snap.admin {
         let mut svc = Listening::new(
@@ -118,7 +152,12 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
         );
         svc.add_tcp(&admin.address);
         svc.threads = Some(1);
-        server.add_service(svc);
+        server.add_service(ListenerService::new(
+            svc,
+            vec![admin.address.clone()],
+            shared.clone(),
+            shared.bound.clone(),
+        ));
     }
     server.add_service(background_service(
         "health checks",

@@ -19,6 +19,8 @@ pub struct Shared {
     pub source: Box<dyn ConfigSource>,
     pub access_log: AccessLog,
     pub listeners: ListenerStates,
+    /// The sockets Portico bound at start (empty after an upgrade: the old process's are used).
+    pub bound: crate::listen::Bound,
     reload_lock: Mutex<()>,
 }
 
@@ -54,6 +56,7 @@ impl Shared {
             source,
             access_log: AccessLog::default(),
             listeners,
+            bound: Default::default(),
             reload_lock: Mutex::new(()),
         }))
     }

@@ -1,5 +1,6 @@
-//! Helpers for testing Portico, and plugins built on it, against real sockets: a raw HTTP/1.1
-//! client, free ports, temp dirs, and a Portico process with its logs.
+//! Helpers for testing Portico, and plugins built on it, against real sockets (the `testing`
+//! feature): a raw HTTP/1.1 client, temp dirs, a Portico process or an in-process gateway that
+//! binds port 0 and reports the ports it got, upstreams that record what they receive.
 //! Readiness is always polled, never slept for.
 
 use std::io::{Read, Write};
@@ -342,6 +343,26 @@ impl Portico {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// The address Portico bound for a listener configured as `spec` (e.g. `127.0.0.1:0`), read
+    /// from its log (`bound proxy listener 127.0.0.1:0 at 127.0.0.1:41234`).
+    pub fn bound(&mut self, what: &str, spec: &str) -> String {
+        let needle = format!("bound {what} listener {spec} at ");
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(line) = self.stderr_text().lines().find(|l| l.contains(&needle)) {
+                let at = line.split(&needle).nth(1).unwrap_or("").trim();
+                return at.split_whitespace().next().unwrap_or("").to_string();
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("portico exited ({status}) before binding {spec}:\n{}", self.logs());
+            }
+            if Instant::now() > end {
+                panic!("timed out waiting for portico to bind {spec}:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Wait until the admin listener says every proxy listener is serving.
@@ -710,6 +731,91 @@ fn recording_conn(mut s: TcpStream, rec: std::sync::Arc<std::sync::Mutex<Recordi
         }
         if s.write_all(resp.as_bytes()).is_err() {
             return;
+        }
+    }
+}
+
+/// How test gateways write their listener and admin addresses: port 0, bound by Portico.
+pub const PROXY_SPEC: &str = "127.0.0.1:0";
+pub const ADMIN_SPEC: &str = "127.0.0.2:0";
+
+/// A gateway running in this process (with a registry of the test's own plugins), on ports it
+/// bound itself. Stopped when dropped. Reload it with [`InProcess::reload`] (POST /reload: a
+/// signal would reach every gateway of the test process).
+pub struct InProcess {
+    pub addr: String,
+    pub admin: String,
+    pub dir: TempDir,
+    config: PathBuf,
+    stop: Option<tokio::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct StopSignal(tokio::sync::Mutex<tokio::sync::mpsc::Receiver<()>>);
+
+#[async_trait::async_trait]
+impl pingora::server::ShutdownSignalWatch for StopSignal {
+    async fn recv(&self) -> pingora::server::ShutdownSignal {
+        self.0.lock().await.recv().await;
+        pingora::server::ShutdownSignal::GracefulTerminate
+    }
+}
+
+impl InProcess {
+    /// The config head for a test gateway in `dir`: fast shutdown, its own pid and upgrade
+    /// files, a listener and an admin listener on port 0 (on two loopback addresses, since the
+    /// address as written is the listener's identity).
+    pub fn head(dir: &Path) -> String {
+        format!(
+            "server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n  pid_file: {d}/portico.pid\n  upgrade_sock: {d}/upgrade.sock\nlisteners:\n  - address: {PROXY_SPEC}\nadmin:\n  address: {ADMIN_SPEC}\n",
+            d = dir.display()
+        )
+    }
+
+    /// Start a gateway on [`InProcess::head`] + `body`, with `registry`, and wait until it serves.
+    pub fn start(body: &str, registry: crate::plugin::Registry) -> InProcess {
+        let dir = TempDir::new("inproc");
+        let config = dir.write("portico.yaml", &format!("{}{body}", Self::head(dir.path())));
+        let prepared = crate::server::prepare(crate::server::RunOptions {
+            config: config.clone(),
+            upgrade: false,
+            daemon: false,
+            registry,
+        })
+        .unwrap_or_else(|e| panic!("the test gateway does not start: {e}"));
+        let addr = prepared.shared.bound.local_addr(PROXY_SPEC).expect("bound").to_string();
+        let admin = prepared.shared.bound.local_addr(ADMIN_SPEC).expect("bound").to_string();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let thread = std::thread::spawn(move || prepared.run(Box::new(StopSignal(tokio::sync::Mutex::new(rx)))));
+        wait_for("the in-process gateway", Duration::from_secs(20), || {
+            get(&admin, "/healthz").ok().filter(|r| r.status == 200)
+        });
+        InProcess {
+            addr,
+            admin,
+            dir,
+            config,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Replace the config's body and reload it; the reload's answer.
+    pub fn reload(&self, body: &str) -> Response {
+        let tmp = self.config.with_extension("tmp");
+        std::fs::write(&tmp, format!("{}{body}", Self::head(self.dir.path()))).expect("write config");
+        std::fs::rename(&tmp, &self.config).expect("replace config");
+        Request::new("POST", "/reload").send(&self.admin).expect("reload")
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.blocking_send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

@@ -24,11 +24,9 @@ mod h2_watch;
 mod head;
 mod per_ip;
 mod refuse;
-mod service;
 mod stream;
 
 pub use head::check_framing;
-pub use service::ProxyService;
 pub use stream::EdgeStream;
 
 use crate::proxy::Gateway;

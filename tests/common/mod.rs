@@ -53,14 +53,16 @@ impl Gw {
         Gw::start_full(body, 0, true)
     }
 
+    /// Start on port 0: Portico binds and logs the ports it got.
     fn start_full(body: &str, grace: u64, h2c: bool) -> Gw {
-        let (addr, admin) = (free_addr(), free_addr());
         let dir = TempDir::new("gw");
         let config = dir.write(
             "portico.yaml",
-            &format!("{}{body}", head_full(dir.path(), &addr, &admin, grace, h2c)),
+            &format!("{}{body}", head_full(dir.path(), PROXY_SPEC, ADMIN_SPEC, grace, h2c)),
         );
         let mut p = Portico::start_in(BIN, dir, config, &[]);
+        let addr = p.bound("proxy", PROXY_SPEC);
+        let admin = p.bound("admin", ADMIN_SPEC);
         p.wait_ready(&admin);
         Gw {
             p,
@@ -75,7 +77,7 @@ impl Gw {
     pub fn config(&self, body: &str) -> String {
         format!(
             "{}{body}",
-            head_full(self.p.dir.path(), &self.addr, &self.admin, 0, self.h2c)
+            head_full(self.p.dir.path(), PROXY_SPEC, ADMIN_SPEC, 0, self.h2c)
         )
     }
 
