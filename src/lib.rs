@@ -15,6 +15,7 @@ pub mod echo;
 pub mod edge;
 pub mod exchange;
 pub mod health;
+pub mod limiter;
 pub mod metrics;
 pub mod plugin;
 pub mod plugins;
