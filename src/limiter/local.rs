@@ -2,7 +2,7 @@
 //! `store: local` rate limits ([`LocalGcra`]) and quotas ([`LocalQuota`]).
 //!
 //! **Sharding.** A key is hashed once (SipHash with a per-table random seed, so clients cannot
-//! aim keys at one shard or at each other); the hash picks one of 64 shards, each a
+//! aim keys at one shard or at each other); the hash picks a shard (64, more for big tables), each a
 //! `Mutex<HashMap>`, and is itself the map key. Two threads on different keys almost never wait
 //! for each other, and a decision holds its lock for a few dozen nanoseconds.
 //!
@@ -12,7 +12,8 @@
 //! for a full table of a million keys), which would merge their budgets; that is the price of
 //! the bound.
 //!
-//! **Bounded memory.** Each shard holds at most its share of `max_keys` (default 1,000,000).
+//! **Bounded memory.** Each shard holds at most its share of `max_keys` (default 1,000,000), so
+//! the table holds at most `max_keys` keys (or one per shard when `max_keys` is below 64).
 //! When a new key meets a full shard, the shard first drops its idle keys — a full bucket, or a
 //! quota window that has ended — which is exact: a forgotten key decides as a full one. If that
 //! frees less than a sixteenth of the shard, it also evicts the keys that have the least to
@@ -35,7 +36,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// The default bound on keys per limiter.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
 
+/// The fewest shards a table has.
 const SHARDS: usize = 64;
+
+/// The most keys per shard: a hash map of 16,384 buckets holds 14,336 (7/8 full) before it
+/// doubles. Big tables get more shards rather than half-empty maps twice the size.
+const SHARD_KEYS: usize = 14_336;
 
 /// What a table stores per key.
 pub(crate) trait Slot: Copy {
@@ -89,7 +95,7 @@ pub(crate) struct Table<V> {
 
 impl<V: Slot> Table<V> {
     pub(crate) fn new(max_keys: usize) -> Self {
-        Self::with_shards(max_keys, SHARDS)
+        Self::with_shards(max_keys, SHARDS.max(max_keys.div_ceil(SHARD_KEYS)))
     }
 
     /// `max_keys` split over `shards` (each gets at least one entry).
@@ -143,35 +149,52 @@ impl<V: Slot> Table<V> {
     /// Drop every idle entry (for a background sweep; the table stays bounded without one).
     pub(crate) fn sweep(&self, now: u64) {
         for s in self.shards.iter() {
-            s.lock().retain(|_, v| !v.idle(now));
+            let mut map = s.lock();
+            let live = map.values().filter(|v| !v.idle(now)).count();
+            let mut fresh = Map::with_capacity_and_hasher(live, Default::default());
+            fresh.extend(map.drain().filter(|(_, v)| !v.idle(now)));
+            *map = fresh;
         }
     }
 }
 
 /// Free at least a sixteenth of a full shard: idle entries first, then the lowest scores.
+///
+/// The shard is rebuilt rather than pruned in place: removals leave tombstones, and a map whose
+/// free slots are used up by tombstones while it is more than half full doubles its buckets
+/// instead of reusing them. Rebuilt at `cap`, a shard's map never outgrows its first size.
 fn make_room<V: Slot>(map: &mut Map<V>, cap: usize, now: u64) {
-    map.retain(|_, v| !v.idle(now));
     let target = cap - (cap / 16).max(1);
-    if map.len() <= target {
-        return;
-    }
-    let evict = map.len() - target;
-    let mut scores: Vec<u64> = map.values().map(Slot::keep_score).collect();
-    let (_, &mut cut, _) = scores.select_nth_unstable(evict - 1);
-    // Everything below the cut goes, then just enough of the entries at the cut.
-    let mut at_cut = evict - scores.iter().filter(|&&s| s < cut).count();
-    map.retain(|_, v| {
-        let s = v.keep_score();
-        if s < cut {
-            false
-        } else if s == cut && at_cut > 0 {
-            at_cut -= 1;
-            false
-        } else {
-            true
+    let mut scores: Vec<u64> = map.values().filter(|v| !v.idle(now)).map(Slot::keep_score).collect();
+    let evict = scores.len().saturating_sub(target);
+    // Live entries scoring below `cut` go, then `at_cut` of those scoring `cut`.
+    let (cut, mut at_cut) = if evict > 0 {
+        let (_, &mut cut, _) = scores.select_nth_unstable(evict - 1);
+        (cut, evict - scores.iter().filter(|&&s| s < cut).count())
+    } else {
+        (0, 0)
+    };
+    let mut fresh = Map::with_capacity_and_hasher(cap, Default::default());
+    for (k, v) in map.drain() {
+        if v.idle(now) {
+            continue;
         }
-    });
-    metrics::LOCAL_EVICTIONS.inc_by(evict as u64);
+        if evict > 0 {
+            let s = v.keep_score();
+            if s < cut {
+                continue;
+            }
+            if s == cut && at_cut > 0 {
+                at_cut -= 1;
+                continue;
+            }
+        }
+        fresh.insert(k, v);
+    }
+    *map = fresh;
+    if evict > 0 {
+        metrics::LOCAL_EVICTIONS.inc_by(evict as u64);
+    }
 }
 
 /// A GCRA key's theoretical arrival time, µs since the epoch.
@@ -419,6 +442,33 @@ mod tests {
         for i in 0..4 {
             assert!(!l.check(&format!("busy-{i}")).admitted, "busy-{i} survived eviction");
         }
+    }
+
+    #[test]
+    fn a_full_shard_keeps_its_size_under_churn() {
+        let table: Table<Tat> = Table::with_shards(1000, 1);
+        let first_size = Map::<Tat>::with_capacity_and_hasher(1000, Default::default()).capacity();
+        for i in 0..50_000u64 {
+            // Every third key is idle at once; the rest live, with varied debts.
+            let tat = if i % 3 == 0 { 1 } else { 1_000 + i % 997 };
+            table.update(&i.to_string(), 100, |_| (Some(Tat(tat)), ()));
+            let shard = table.shards[0].lock();
+            assert!(shard.len() <= 1000);
+            assert!(
+                shard.capacity() <= first_size,
+                "grew to {} at key {i}",
+                shard.capacity()
+            );
+        }
+    }
+
+    #[test]
+    fn big_tables_get_more_shards_not_bigger_maps() {
+        assert_eq!(Table::<Tat>::new(1000).shards.len(), 64);
+        let t = Table::<Tat>::new(DEFAULT_MAX_KEYS);
+        assert_eq!(t.shards.len(), 70);
+        assert!(t.shards.iter().all(|s| s.cap <= SHARD_KEYS));
+        assert_eq!(t.shards.iter().map(|s| s.cap).sum::<usize>(), DEFAULT_MAX_KEYS);
     }
 
     #[test]

@@ -37,3 +37,33 @@ impl QuotaLimiter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plugin hooks are `async_trait` futures that must be `Send`: so must a check.
+    #[allow(dead_code)]
+    fn checks_are_send(r: &RateLimiter, q: &QuotaLimiter) {
+        fn send<T: Send>(_: T) {}
+        send(r.check("k"));
+        send(q.check("k"));
+    }
+
+    #[tokio::test]
+    async fn local_limiters_never_fail() {
+        use crate::limiter::{GcraParams, ManualClock, Period, DEFAULT_MAX_KEYS};
+        use std::sync::Arc;
+        use std::time::Duration;
+        let clock = Arc::new(ManualClock::new(Duration::from_secs(1_700_000_000)));
+        let p = GcraParams::new(1, Duration::from_secs(1), 0).unwrap();
+        let r = RateLimiter::Local(LocalGcra::new(p, DEFAULT_MAX_KEYS, clock.clone()));
+        assert!(r.check("k").await.unwrap().admitted);
+        assert!(!r.check("k").await.unwrap().admitted);
+        let q = QuotaLimiter::Local(LocalQuota::new(1, Period::Hour, DEFAULT_MAX_KEYS, clock));
+        assert!(q.check("k").await.unwrap().admitted);
+        let refused = q.check("k").await.unwrap();
+        assert!(!refused.admitted);
+        assert!(refused.headers().iter().any(|(k, _)| *k == "retry-after"));
+    }
+}
