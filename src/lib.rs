@@ -17,6 +17,7 @@ pub mod echo;
 pub mod edge;
 pub mod exchange;
 pub mod health;
+pub mod limiter;
 pub mod listen;
 pub mod mediation;
 pub mod metrics;

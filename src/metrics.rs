@@ -88,6 +88,7 @@ pub fn init() {
     Lazy::force(&CANARY_ROLLBACKS);
     Lazy::force(&PANICS);
     Lazy::force(&REJECTED_CONNECTIONS);
+    crate::limiter::metrics::init();
 }
 
 pub fn upstream_healthy(upstream: &str, endpoint: &str, up: bool) {

@@ -449,6 +449,18 @@ impl BuildContext {
             }));
     }
 
+    /// The process's Redis backend for the config's `redis.url` (`None` without a `redis`
+    /// section): one per URL, shared by every plugin and kept across reloads. Creating it only
+    /// parses the URL; the connection is made on first use (never by `portico -t`).
+    pub fn redis(&self) -> Result<Option<Arc<crate::limiter::RedisBackend>>, String> {
+        let Some(url) = &self.redis_url else {
+            return Ok(None);
+        };
+        let options = crate::limiter::RedisOptions::new(url.clone());
+        let fresh = crate::limiter::RedisBackend::with_clock(&options, self.clock())?;
+        Ok(Some(self.shared_state(&format!("redis/{url}"), || fresh)))
+    }
+
     /// The process's clock (a manual one in tests).
     pub fn clock(&self) -> Arc<dyn crate::clock::Clock> {
         self.resources.clock.clone()

@@ -409,7 +409,7 @@ mod tests {
 
     #[test]
     fn expiry_follows_the_injected_clock_even_for_cached_tokens() {
-        let clock = Arc::new(ManualClock::at(Duration::from_secs(T0)));
+        let clock = Arc::new(ManualClock::new(Duration::from_secs(T0)));
         let jwt = plugin(clock.clone());
         let t = token(serde_json::json!({"sub": "a", "exp": T0 + 60}));
         assert!(run(jwt.verify(&t)).is_ok(), "valid now");
@@ -421,7 +421,7 @@ mod tests {
 
     #[test]
     fn not_before_and_issued_at_follow_the_injected_clock() {
-        let clock = Arc::new(ManualClock::at(Duration::from_secs(T0)));
+        let clock = Arc::new(ManualClock::new(Duration::from_secs(T0)));
         let jwt = plugin(clock.clone());
         let later = token(serde_json::json!({"sub": "a", "exp": T0 + 3600, "nbf": T0 + 100}));
         assert_eq!(run(jwt.verify(&later)).unwrap_err(), "the token is not valid yet");
@@ -434,7 +434,7 @@ mod tests {
         );
         // A token expired by the system clock's standards but valid by the injected one passes:
         // nothing reads the system time.
-        let old = Arc::new(ManualClock::at(Duration::from_secs(1_000_000)));
+        let old = Arc::new(ManualClock::new(Duration::from_secs(1_000_000)));
         let jwt = plugin(old);
         let t = token(serde_json::json!({"sub": "a", "exp": 1_000_060}));
         assert!(run(jwt.verify(&t)).is_ok());
