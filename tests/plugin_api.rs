@@ -523,3 +523,64 @@ fn websocket_frames_do_not_count_against_the_body_limit() {
     writer.join().unwrap();
     assert!(echoed == payload, "frames crossed intact both ways");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Periodic tasks run while their config is live, and stop when a reload retires it.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TickerConfig {
+    name: String,
+}
+
+struct Ticker;
+
+#[async_trait]
+impl Plugin for Ticker {
+    fn kind(&self) -> PluginKind {
+        PluginKind::Mediate
+    }
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+}
+
+#[test]
+fn periodic_tasks_run_while_their_config_is_live() {
+    let up = EchoServer::start("up").unwrap();
+    let ticks: Arc<Mutex<HashMap<String, u64>>> = Default::default();
+    let mut registry = Registry::builtin();
+    let t = ticks.clone();
+    registry.register("ticker", move |cfg: TickerConfig, ctx: &BuildContext| {
+        let (t, name) = (t.clone(), cfg.name.clone());
+        ctx.every("tick", Duration::from_millis(100), move || {
+            let (t, name) = (t.clone(), name.clone());
+            async move {
+                *t.lock().unwrap().entry(name).or_default() += 1;
+            }
+        });
+        Ok(Ticker)
+    });
+    let body = |name: &str| {
+        format!(
+            "upstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up, plugins: [{{ ticker: {{ name: {name} }} }}] }}\n",
+            up.addr
+        )
+    };
+    let gw = InProcess::start(&body("first"), registry);
+    let count = |n: &str| ticks.lock().unwrap().get(n).copied().unwrap_or(0);
+    wait_for("the first config's task to run a few times", Duration::from_secs(10), || {
+        (count("first") >= 3).then_some(())
+    });
+    assert_eq!(gw.reload(&body("second")).status, 200);
+    wait_for("the second config's task to run", Duration::from_secs(10), || {
+        (count("second") >= 3).then_some(())
+    });
+    // The retired config's task stopped with it.
+    let retired = count("first");
+    let later = count("second") + 5;
+    wait_for("more runs of the live task", Duration::from_secs(10), || {
+        (count("second") >= later).then_some(())
+    });
+    assert_eq!(count("first"), retired, "the retired config's task no longer runs");
+}
