@@ -569,9 +569,11 @@ fn periodic_tasks_run_while_their_config_is_live() {
     };
     let gw = InProcess::start(&body("first"), registry);
     let count = |n: &str| ticks.lock().unwrap().get(n).copied().unwrap_or(0);
-    wait_for("the first config's task to run a few times", Duration::from_secs(10), || {
-        (count("first") >= 3).then_some(())
-    });
+    wait_for(
+        "the first config's task to run a few times",
+        Duration::from_secs(10),
+        || (count("first") >= 3).then_some(()),
+    );
     assert_eq!(gw.reload(&body("second")).status, 200);
     wait_for("the second config's task to run", Duration::from_secs(10), || {
         (count("second") >= 3).then_some(())

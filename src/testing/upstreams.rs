@@ -182,6 +182,10 @@ fn recording_conn(mut s: TcpStream, rec: std::sync::Arc<std::sync::Mutex<Recordi
         buf.drain(..end);
         let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
         let chunked = find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        // As gunicorn and most servers do: say Continue before reading an expected body.
+        if find("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
+            let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
         let body = if chunked {
             let mut body = Vec::new();
             loop {

@@ -1,0 +1,160 @@
+//! What users of nginx, Caddy or Traefik expect of a reverse proxy in front of real apps:
+//! the proxy answers in its own HTTP version, `Expect: 100-continue` meets the body limit
+//! cleanly, the pid file is written in the foreground, the access log goes to a file that
+//! SIGUSR1 reopens.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+/// An HTTP/1.0 upstream like python's http.server: `HTTP/1.0 200 OK`, a close-delimited body
+/// (or a Content-Length with `Connection: keep-alive`), then it closes.
+fn http10_upstream(with_length: bool) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if s.read(&mut b).unwrap_or(0) == 0 {
+                    break;
+                }
+                head.push(b[0]);
+            }
+            let resp = if with_length {
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nhello"
+            } else {
+                "HTTP/1.0 200 OK\r\nServer: SimpleHTTP/0.6 Python/3.11.7\r\nContent-Type: text/plain\r\n\r\nhello"
+            };
+            let _ = s.write_all(resp.as_bytes());
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_http10_upstream_does_not_downgrade_the_client() {
+    let (plain, keep) = (http10_upstream(false), http10_upstream(true));
+    let gw = Gw::start(&format!(
+        "upstreams:\n  plain: {{ endpoints: [\"{plain}\"] }}\n  keep: {{ endpoints: [\"{keep}\"] }}\nroutes:\n  - {{ name: plain, upstream: plain, match: {{ path_prefix: /plain }} }}\n  - {{ name: keep, upstream: keep }}\n"
+    ));
+    for path in ["/plain", "/keep"] {
+        let mut s = connect(&gw.addr, None).unwrap();
+        for i in 0..2 {
+            s.write_all(format!("GET {path}/{i} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .unwrap();
+            let mut first = [0u8; 12];
+            s.read_exact(&mut first).unwrap();
+            assert_eq!(&first, b"HTTP/1.1 200", "{path}: the gateway speaks HTTP/1.1");
+            let mut rest = read_response_after_status(&mut s);
+            assert_eq!(rest.body, b"hello", "{path}: the whole body, framed for HTTP/1.1");
+            rest.headers.retain(|(k, _)| k == "connection");
+            assert!(
+                rest.headers.iter().all(|(_, v)| !v.eq_ignore_ascii_case("close")),
+                "{path}: the client's connection stays open: {:?}",
+                rest.headers
+            );
+        }
+    }
+}
+
+/// Read the rest of a response whose first 12 bytes (`HTTP/1.1 200`) were already read.
+fn read_response_after_status(s: &mut std::net::TcpStream) -> Response {
+    // Re-frame: prepend a status line prefix so read_response can parse it.
+    let mut rest = Vec::new();
+    let mut b = [0u8; 1];
+    while !rest.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        rest.push(b[0]);
+    }
+    let head = format!("HTTP/1.1 200{}", String::from_utf8_lossy(&rest));
+    let headers: Vec<(String, String)> = head
+        .split("\r\n")
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let body = if let Some(n) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        let mut body = vec![0u8; n];
+        s.read_exact(&mut body).unwrap();
+        body
+    } else {
+        assert_eq!(find("transfer-encoding").as_deref(), Some("chunked"), "{head}");
+        let mut raw = Vec::new();
+        while !raw.ends_with(b"0\r\n\r\n") {
+            s.read_exact(&mut b).unwrap();
+            raw.push(b[0]);
+        }
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let mut out = Vec::new();
+        let mut rest = text.as_str();
+        loop {
+            let (size, after) = rest.split_once("\r\n").unwrap();
+            let n = usize::from_str_radix(size.trim(), 16).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&after.as_bytes()[..n]);
+            rest = &after[n + 2..];
+        }
+        out
+    };
+    Response {
+        status: 200,
+        headers,
+        body,
+    }
+}
+
+#[test]
+fn expect_continue_meets_the_body_limit() {
+    let up = RecordingUpstream::start();
+    let gw = Gw::start(&format!(
+        "upstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: small, upstream: up, max_request_body_bytes: 1KiB }}\n",
+        up.addr
+    ));
+    // A declared length over the limit: 413 at once, instead of 100 Continue.
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.write_all(b"PUT /x HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 60000000\r\n\r\n")
+        .unwrap();
+    let r = read_response(&mut s, false).unwrap();
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.json()["error"], "payload_too_large");
+    // Chunked: the upstream says 100 Continue, the body goes over the limit → the final 413
+    // JSON, not a reset.
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.write_all(b"PUT /x HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ntransfer-encoding: chunked\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let first = read_response(&mut s, false).unwrap();
+    let r = if first.status == 100 {
+        let chunk = format!("{:x}\r\n{}\r\n", 4096, "a".repeat(4096));
+        for _ in 0..4 {
+            if s.write_all(chunk.as_bytes()).is_err() {
+                break;
+            }
+        }
+        read_response(&mut s, false).unwrap()
+    } else {
+        first
+    };
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.json()["error"], "payload_too_large");
+    // The access log and the metrics record the final status, never the interim 100.
+    let lines = wait_for("two access-log lines", Duration::from_secs(10), || {
+        let out = gw.p.stdout_text();
+        let n: Vec<String> = out
+            .lines()
+            .filter(|l| l.contains("\"PUT\""))
+            .map(str::to_string)
+            .collect();
+        (n.len() >= 2).then_some(n)
+    });
+    assert!(lines.iter().all(|l| l.contains("\"status\":413")), "{lines:?}");
+    let m = gw.metrics();
+    assert_eq!(metric(&m, "portico_requests_total", &[("status", "100")]), 0.0);
+    assert_eq!(metric(&m, "portico_requests_total", &[("status", "413")]), 2.0);
+}
