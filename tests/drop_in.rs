@@ -158,3 +158,54 @@ fn expect_continue_meets_the_body_limit() {
     assert_eq!(metric(&m, "portico_requests_total", &[("status", "100")]), 0.0);
     assert_eq!(metric(&m, "portico_requests_total", &[("status", "413")]), 2.0);
 }
+
+#[test]
+fn the_pid_file_is_written_in_the_foreground() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&format!(
+        "upstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
+        up.addr
+    ));
+    let pid = std::fs::read_to_string(gw.p.dir.file("portico.pid")).expect("the pid file");
+    assert_eq!(pid.trim(), gw.p.pid().to_string());
+}
+
+#[test]
+fn sigusr1_reopens_the_access_log_file_and_loses_no_line() {
+    let up = EchoServer::start("up").unwrap();
+    let dir = TempDir::new("alog");
+    let log = dir.file("access.log");
+    let gw = Gw::start(&format!(
+        "access_log: {{ format: json, path: {} }}\nupstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
+        log.display(),
+        up.addr
+    ));
+    let lines = |p: &std::path::Path| std::fs::read_to_string(p).map(|t| t.lines().count()).unwrap_or(0);
+    let mut sent = 0;
+    for _ in 0..10 {
+        assert_eq!(gw.get("/before").status, 200);
+        sent += 1;
+    }
+    wait_for("the first lines in the file", Duration::from_secs(10), || {
+        (lines(&log) == 10).then_some(())
+    });
+    assert!(gw.p.stdout_text().is_empty(), "nothing on stdout when a path is set");
+    // logrotate: move the file away, then USR1.
+    let rotated = dir.file("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    gw.p.signal("USR1");
+    wait_for("the reopened file", Duration::from_secs(10), || {
+        assert_eq!(gw.get("/after").status, 200);
+        sent += 1;
+        log.exists().then_some(())
+    });
+    for _ in 0..5 {
+        assert_eq!(gw.get("/after").status, 200);
+        sent += 1;
+    }
+    wait_for("every line in one file or the other", Duration::from_secs(10), || {
+        (lines(&rotated) + lines(&log) == sent).then_some(())
+    });
+    assert!(lines(&rotated) >= 10, "the moved file keeps its lines");
+    assert!(lines(&log) >= 5, "later lines go to the new file");
+}

@@ -101,6 +101,8 @@ pub enum LogFormat {
 pub struct AccessLog {
     pub enabled: bool,
     pub format: LogFormat,
+    /// A file (appended to, reopened on SIGUSR1); stdout when absent.
+    pub path: Option<String>,
 }
 
 impl Default for AccessLog {
@@ -108,6 +110,7 @@ impl Default for AccessLog {
         AccessLog {
             enabled: true,
             format: LogFormat::Json,
+            path: None,
         }
     }
 }

@@ -23,6 +23,8 @@ pub struct Snapshot {
     pub limits: Limits,
     pub trace: TraceConfig,
     pub access_log: Option<raw::LogFormat>,
+    /// The access log's file (stdout when `None`).
+    pub access_log_path: Option<PathBuf>,
     pub consumers: Arc<Consumers>,
     pub listeners: Vec<raw::Listener>,
     pub admin: Option<raw::Admin>,

@@ -228,6 +228,18 @@ fn build(
         .as_ref()
         .and_then(|r| server::secret("redis", r.url.as_deref(), r.url_env.as_deref(), "url", errs));
 
+    let access_log_path = raw.access_log.path.as_ref().map(|p| {
+        let path = ctx_path(&base_dir, p);
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            errs.push("access_log.path", format!("the directory of '{p}' does not exist"));
+        }
+        path
+    });
+
     let consumers = Arc::new(consumers::compile_consumers(&raw.consumers, errs));
 
     let mut upstreams = HashMap::new();
@@ -287,6 +299,7 @@ fn build(
         limits,
         trace,
         access_log: raw.access_log.enabled.then_some(raw.access_log.format),
+        access_log_path,
         consumers,
         listeners: raw.listeners.into_iter().map(|(_, l)| l).collect(),
         admin: raw.admin,
@@ -318,6 +331,16 @@ fn name_routes_in(errs: &mut ConfigErrors, names: &[Option<String>]) {
                 e.message = format!("{} (route '{name}')", e.message);
             }
         }
+    }
+}
+
+/// A path written in the config: relative ones from `base_dir`.
+fn ctx_path(base_dir: &Path, p: &str) -> std::path::PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base_dir.join(p)
     }
 }
 
