@@ -11,6 +11,7 @@ pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod compression;
 pub mod config;
 pub mod demo;
 pub mod echo;

@@ -24,11 +24,17 @@ impl ProxyHttp for Gateway {
         Ctx::new(self.shared.snapshot())
     }
 
-    /// Trace ids, client address, path normalisation, routing, the request-phase plugins, the
-    /// upstream, and (on routes with body plugins) a small body read whole. `Ok(true)` means
-    /// Portico answered the request itself.
+    /// Trace ids, client address, host and path checks, routing, compression negotiation:
+    /// before Pingora's modules see the request.
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        exchange::early(session, ctx);
+        Ok(())
+    }
+
+    /// The request-phase plugins, the upstream, and (on routes with body plugins) a small body
+    /// read whole. `Ok(true)` means Portico answered the request itself.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let mut step = exchange::begin(session, ctx);
+        let mut step = ctx.early.take().unwrap_or(Ok(()));
         if step.is_ok() {
             for entry in &ctx.chains().request {
                 if let Verdict::Respond(reply) = entry.plugin.request(session.req_header_mut(), &mut ctx.st).await {
@@ -105,6 +111,7 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
         exchange::finish_response_head(session.req_header(), resp, ctx);
+        exchange::compress_or_not(session, resp, ctx);
         Ok(())
     }
 

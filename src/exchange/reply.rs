@@ -31,6 +31,7 @@ pub async fn send_reply(session: &mut Session, ctx: &mut Ctx, reply: Reply) -> R
     let (mut head, body) = respond::render(&reply, &ctx.st, ctx.grpc);
     ctx.error_code = reply.error_code();
     finish_response_head(session.req_header(), &mut head, ctx);
+    super::compress_or_not(session, &mut head, ctx);
     // A request body we did not read would be parsed as the next request: close instead.
     let unread_body = !session.is_body_empty() && ctx.body_seen == 0;
     if unread_body || reply.status == 413 || reply.status == 400 {

@@ -76,6 +76,7 @@ const SECTIONS: &[&str] = &[
     "client_ip",
     "limits",
     "access_log",
+    "compression",
     "admin",
     "redis",
     "consumers",
@@ -114,6 +115,7 @@ fn sections(doc: serde_yaml::Value, errs: &mut ConfigErrors) -> Parsed {
             "client_ip" => raw.client_ip = section(&v, "client_ip", errs),
             "limits" => raw.limits = section(&v, "limits", errs),
             "access_log" => raw.access_log = section(&v, "access_log", errs),
+            "compression" => raw.compression = section::<Option<raw::Compression>>(&v, "compression", errs),
             "admin" => raw.admin = section::<Option<raw::Admin>>(&v, "admin", errs),
             "redis" => raw.redis = section::<Option<raw::Redis>>(&v, "redis", errs),
             "consumers" => raw.consumers = items(&v, "consumers", errs),
@@ -240,6 +242,17 @@ fn build(
         path
     });
 
+    let compression = raw
+        .compression
+        .as_ref()
+        .and_then(|c| match crate::compression::Policy::compile(c) {
+            Ok(p) => Some(Arc::new(p)),
+            Err((field, message)) => {
+                errs.push(format!("compression.{field}"), message);
+                None
+            }
+        });
+
     let consumers = Arc::new(consumers::compile_consumers(&raw.consumers, errs));
 
     let mut upstreams = HashMap::new();
@@ -280,6 +293,7 @@ fn build(
             upstreams: &upstreams,
             broken_upstreams: &broken_upstreams,
             limits: &limits,
+            compression: compression.as_ref(),
             ctx: &ctx,
         },
         errs,
@@ -300,6 +314,7 @@ fn build(
         trace,
         access_log: raw.access_log.enabled.then_some(raw.access_log.format),
         access_log_path,
+        compression,
         consumers,
         listeners: raw.listeners.into_iter().map(|(_, l)| l).collect(),
         admin: raw.admin,
