@@ -104,8 +104,14 @@ impl ProxyHttp for Gateway {
         exchange::request_body(session, body, end_of_stream, ctx).await
     }
 
-    async fn upstream_response_filter(&self, _s: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
         exchange::upstream_answered(resp.status.as_u16(), ctx);
+        exchange::upstream_head(session.req_header(), resp, ctx);
         Ok(())
     }
 

@@ -315,3 +315,65 @@ fn compression_at_the_gateway() {
     // A route with `compression: off`.
     assert_eq!(fetch("/off/json", Some("gzip")).header("content-encoding"), None);
 }
+
+/// An app behind `strip_prefix: /files` that redirects in its own terms, as python's
+/// http.server does for a directory without its slash.
+fn redirecting_upstream() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if s.read(&mut b).unwrap_or(0) == 0 {
+                    break;
+                }
+                head.push(b[0]);
+            }
+            let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_string();
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let resp = match path.as_str() {
+                "/sub" => format!("HTTP/1.1 301 Moved\r\nLocation: http://{addr}/sub/\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"),
+                "/rel" => "HTTP/1.1 302 Found\r\nLocation: /sub/?from=rel\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string(),
+                "/away" => "HTTP/1.1 302 Found\r\nLocation: https://example.org/elsewhere\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string(),
+                p => format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{p}", p.len()),
+            };
+            let _ = s.write_all(resp.as_bytes());
+        }
+    });
+    addr
+}
+
+#[test]
+fn redirects_behind_a_rewrite_are_followable() {
+    let up = redirecting_upstream();
+    let gw = Gw::start(&format!(
+        "upstreams:\n  app: {{ endpoints: [\"{up}\"] }}\nroutes:\n  - {{ name: files, upstream: app, match: {{ path_prefix: /files }}, rewrite: {{ strip_prefix: /files }} }}\n  - {{ name: raw, upstream: app, match: {{ path_prefix: /raw }}, rewrite: {{ strip_prefix: /raw }}, rewrite_location: false }}\n"
+    ));
+    let host = "gw.example:8080";
+    let r = gw.send(Request::get("/files/sub").header("host", host));
+    assert_eq!(r.status, 301);
+    let loc = r.header("location").unwrap().to_string();
+    assert_eq!(
+        loc,
+        format!("http://{host}/files/sub/"),
+        "the app's own address becomes the gateway's"
+    );
+    // Follow it through the gateway.
+    let path = loc.strip_prefix(&format!("http://{host}")).unwrap();
+    let next = gw.send(Request::get(path).header("host", host));
+    assert_eq!((next.status, next.text().as_str()), (200, "/sub/"));
+    // A relative Location is mapped back through the rewrite too.
+    let r = gw.send(Request::get("/files/rel").header("host", host));
+    assert_eq!(r.header("location"), Some("/files/sub/?from=rel"));
+    // A Location elsewhere is left alone; and a route can switch the mapping off.
+    assert_eq!(
+        gw.send(Request::get("/files/away")).header("location"),
+        Some("https://example.org/elsewhere")
+    );
+    assert_eq!(
+        gw.send(Request::get("/raw/rel")).header("location"),
+        Some("/sub/?from=rel")
+    );
+}

@@ -9,6 +9,7 @@
 
 mod body;
 mod done;
+mod location;
 mod reply;
 mod upstream;
 
@@ -262,6 +263,11 @@ pub fn early(session: &mut Session, ctx: &mut Ctx) {
         ctx.compression = Some((policy, chosen));
     }
     ctx.early = Some(step);
+}
+
+/// An upstream's response head: its redirects mapped back to the client's terms.
+pub fn upstream_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx: &Ctx) {
+    location::rewrite_locations(req, resp, ctx);
 }
 
 /// A response head on its way to the client: compress it or not (before the module sees it).
