@@ -127,6 +127,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
         upgrade: cli.upgrade,
         daemon: cli.daemon,
         registry,
+        resources: None,
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

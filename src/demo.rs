@@ -185,5 +185,6 @@ pub fn run(listen: &str, admin: &str, registry: Registry) -> Result<(), String> 
         upgrade: false,
         daemon: false,
         registry,
+        resources: None,
     })
 }

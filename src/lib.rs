@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod plugin;
 pub mod plugins;
 pub mod proxy;
+pub mod resolver;
 pub mod resources;
 pub mod respond;
 pub mod route;

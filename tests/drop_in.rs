@@ -377,3 +377,68 @@ fn redirects_behind_a_rewrite_are_followable() {
         Some("/sub/?from=rel")
     );
 }
+
+/// An upstream named by a host name follows the name when it moves (Docker, Kubernetes), with
+/// no failed request; a name that stops resolving keeps its last good address.
+#[test]
+fn upstream_names_are_resolved_again() {
+    use portico::resolver::MapResolver;
+    // Two instances of "the service" on one port, at two loopback addresses.
+    let first = EchoServer::start_on("127.0.0.1:0".parse().unwrap(), "first").unwrap();
+    let port = first.addr.port();
+    let second = match EchoServer::start_on(format!("127.0.0.3:{port}").parse().unwrap(), "second") {
+        Ok(s) => s,
+        Err(e) => panic!("127.0.0.3:{port} is taken ({e}); rerun"),
+    };
+    let resolver = std::sync::Arc::new(MapResolver::default());
+    resolver.set("svc.test", "127.0.0.1".parse().unwrap());
+    let resources = portico::resources::Resources::with_resolver(resolver.clone());
+    let gw = InProcess::start_with(
+        &format!(
+            "upstreams:\n  svc: {{ endpoints: [\"svc.test:{port}\"], resolve_every: 200ms }}\nroutes:\n  - {{ name: r, upstream: svc }}\n"
+        ),
+        portico::Registry::builtin(),
+        Some(resources),
+    );
+    let failures = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let (addr, failures, stop) = (gw.addr.clone(), failures.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match get(&addr, "/x") {
+                    Ok(r) if r.status == 200 => {}
+                    _ => {
+                        failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    assert_eq!(service(&get(&gw.addr, "/x").unwrap()), "first");
+    resolver.set("svc.test", "127.0.0.3".parse().unwrap());
+    let start = std::time::Instant::now();
+    wait_for("the new address to be used", Duration::from_secs(10), || {
+        (service(&get(&gw.addr, "/x").unwrap()) == "second").then_some(())
+    });
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "followed within resolve_every (+ slack): {took:?}"
+    );
+    // The name stops resolving: the last good address stays in use.
+    resolver.remove("svc.test");
+    let mark = resolver.lookups();
+    wait_for("two failed lookups", Duration::from_secs(10), || {
+        (resolver.lookups() >= mark + 2).then_some(())
+    });
+    assert_eq!(service(&get(&gw.addr, "/x").unwrap()), "second");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    hammer.join().unwrap();
+    assert_eq!(
+        failures.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "no request failed"
+    );
+    assert!(second.requests() > 0);
+}

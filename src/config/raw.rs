@@ -232,6 +232,9 @@ pub struct Upstream {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub retries: Option<Retries>,
+    /// How often host names among the endpoints are resolved again (default 30s).
+    #[serde(default)]
+    pub resolve_every: Option<Dur>,
 }
 
 /// `- 127.0.0.1:9001` or `- { address: 127.0.0.1:9002, weight: 3 }`.

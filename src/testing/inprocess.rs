@@ -43,6 +43,16 @@ impl InProcess {
 
     /// Start a gateway on [`InProcess::head`] + `body`, with `registry`, and wait until it serves.
     pub fn start(body: &str, registry: crate::plugin::Registry) -> InProcess {
+        InProcess::start_with(body, registry, None)
+    }
+
+    /// As [`InProcess::start`], with process resources of the test's own (a manual clock, a
+    /// resolver table).
+    pub fn start_with(
+        body: &str,
+        registry: crate::plugin::Registry,
+        resources: Option<std::sync::Arc<crate::resources::Resources>>,
+    ) -> InProcess {
         let dir = TempDir::new("inproc");
         let config = dir.write("portico.yaml", &format!("{}{body}", Self::head(dir.path())));
         let prepared = crate::server::prepare(crate::server::RunOptions {
@@ -50,6 +60,7 @@ impl InProcess {
             upgrade: false,
             daemon: false,
             registry,
+            resources,
         })
         .unwrap_or_else(|e| panic!("the test gateway does not start: {e}"));
         let addr = prepared.shared.bound.local_addr(PROXY_SPEC).expect("bound").to_string();

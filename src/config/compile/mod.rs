@@ -258,7 +258,7 @@ fn build(
     let mut upstreams = HashMap::new();
     let mut broken_upstreams = broken_upstreams;
     for (name, u) in &raw.upstreams {
-        match upstreams::compile_upstream(name, u, &resources.health, offline, errs) {
+        match upstreams::compile_upstream(name, u, &resources.health, &*resources.resolver, offline, errs) {
             Some(up) => {
                 upstreams.insert(name.clone(), Arc::new(up));
             }
