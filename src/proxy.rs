@@ -162,8 +162,10 @@ impl ProxyHttp for Gateway {
         exchange::done(session, e, ctx, &self.shared);
     }
 
-    /// Pingora logs every final error; client disconnects are routine, not errors.
+    /// Pingora logs every final error at ERROR. What a client did — went away, sent too much
+    /// or too slowly, was refused with a 4xx — is routine and in the access log; ERROR is kept
+    /// for what an operator must act on (upstreams failing, Portico's own faults).
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
-        matches!(e.esource(), ErrorSource::Downstream) && matches!(e.etype(), ReadError | WriteError | ConnectionClosed)
+        matches!(e.esource(), ErrorSource::Downstream) || matches!(e.etype(), HTTPStatus(code) if *code < 500)
     }
 }
