@@ -77,7 +77,13 @@ pub static REJECTED_CONNECTIONS: Lazy<IntCounterVec> = Lazy::new(|| {
     )
     .expect("register portico_rejected_connections_total");
     // Every reason exists from the start, so alerts see 0 rather than nothing.
-    for reason in ["per_ip_limit", "header_timeout", "body_timeout"] {
+    for reason in [
+        "per_ip_limit",
+        "header_timeout",
+        "body_timeout",
+        "tls_handshake",
+        "client_cert",
+    ] {
         c.with_label_values(&[reason]);
     }
     c

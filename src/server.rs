@@ -1,7 +1,7 @@
 //! Assemble and run the Pingora server: proxy listeners, admin, health checks, SIGHUP reload.
 
 use crate::admin::AdminApp;
-use crate::edge::EdgeApp;
+use crate::edge::{EdgeApp, TlsListener, TlsListeners};
 use crate::health::HealthChecker;
 use crate::listen::ListenerService;
 use crate::plugin::Registry;
@@ -101,7 +101,7 @@ pub fn prepare(opts: RunOptions) -> Result<Prepared, String> {
             log::warn!("cannot write the pid file {pid_file}: {e}");
         }
     }
-    add_services(&mut server, &shared);
+    add_services(&mut server, &shared)?;
     log::info!(
         "portico {} serving {} with {} route(s)",
         env!("CARGO_PKG_VERSION"),
@@ -115,22 +115,27 @@ pub fn prepare(opts: RunOptions) -> Result<Prepared, String> {
     Ok(Prepared { server, shared })
 }
 
-fn add_services(server: &mut Server, shared: &Arc<Shared>) {
+fn add_services(server: &mut Server, shared: &Arc<Shared>) -> Result<(), String> {
     let snap = shared.snapshot();
-    // One proxy service per protocol setting (h2c is a per-service option in Pingora).
-    for h2c in [false, true] {
-        let addresses: Vec<String> = snap
+    // One proxy service per protocol setting (h2c is a per-service option in Pingora), and one
+    // for the TLS listeners (no h2c: ALPN decides; the edge does their handshakes).
+    for kind in [Kind::Plain, Kind::H2c, Kind::Tls] {
+        let listeners: Vec<&crate::config::raw::Listener> = snap
             .listeners
             .iter()
-            .filter(|l| l.http2 == h2c)
-            .map(|l| l.address.clone())
+            .filter(|l| match kind {
+                Kind::Tls => l.tls.is_some(),
+                Kind::Plain => l.tls.is_none() && !l.http2,
+                Kind::H2c => l.tls.is_none() && l.http2,
+            })
             .collect();
-        if addresses.is_empty() {
+        if listeners.is_empty() {
             continue;
         }
+        let addresses: Vec<String> = listeners.iter().map(|l| l.address.clone()).collect();
         let mut proxy = pingora::proxy::http_proxy(&server.configuration, Gateway { shared: shared.clone() });
         let mut options = HttpServerOptions::default();
-        options.h2c = h2c;
+        options.h2c = kind == Kind::H2c;
         // Fixed for the life of the service: a reload that changes it says so (shared.rs).
         options.h2_idle_timeout = Some(snap.limits.h2_idle_timeout);
         proxy.server_options = Some(options);
@@ -139,12 +144,45 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
         h2.max_header_list_size(snap.limits.max_request_header_bytes as u32);
         h2.max_concurrent_streams(100);
         proxy.h2_options = Some(h2);
-        let name = if h2c { "proxy h2c" } else { "proxy" };
-        let mut svc = Listening::new(name.to_string(), EdgeApp::new(proxy, shared.clone()));
+        let (name, app, read_buffer) = match kind {
+            // Pingora reads through a 64 KiB buffer per connection by default (~80 KB of RSS
+            // per idle keep-alive connection); 4 KiB holds a typical request head in one read.
+            Kind::Plain => ("proxy", EdgeApp::new(proxy, shared.clone()), 4096),
+            Kind::H2c => ("proxy h2c", EdgeApp::new(proxy, shared.clone()), 4096),
+            // A TLS record is up to 16 KiB: a smaller buffer splits every full record read.
+            Kind::Tls => {
+                let mut tls = Vec::new();
+                for l in &listeners {
+                    let state = shared
+                        .tls
+                        .get(&l.address)
+                        .ok_or_else(|| format!("{}: no TLS state (a bug)", l.address))?
+                        .clone();
+                    let settings = state
+                        .tls_settings(l.http2)
+                        .map_err(|e| format!("{}: cannot set up TLS: {e}", l.address))?;
+                    let at = shared
+                        .bound
+                        .local_addr(&l.address)
+                        .or_else(|| l.address.parse().ok())
+                        .ok_or_else(|| format!("'{}' is not ip:port", l.address))?;
+                    tls.push(TlsListener {
+                        at,
+                        acceptor: settings.build(),
+                        state,
+                    });
+                }
+                (
+                    "proxy tls",
+                    EdgeApp::with_tls(proxy, shared.clone(), TlsListeners(tls)),
+                    16 * 1024,
+                )
+            }
+        };
+        let mut svc = Listening::new(name.to_string(), app);
         for a in &addresses {
-            // Pingora reads through a 64 KiB buffer per connection by default (~80 KB of RSS per
-            // idle keep-alive connection); 4 KiB holds a typical request head in one read.
-            svc.add_listener(ListenerConfig::tcp(a.as_str()).l4_buffer(L4BufferSettings::default().read(4096)));
+            // Given to Pingora as plain TCP, TLS listeners included (see edge/tls.rs).
+            svc.add_listener(ListenerConfig::tcp(a.as_str()).l4_buffer(L4BufferSettings::default().read(read_buffer)));
         }
         server.add_service(ListenerService::new(
             svc,
@@ -179,6 +217,15 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) {
         "sighup reload",
         ReloadOnSighup { shared: shared.clone() },
     ));
+    Ok(())
+}
+
+/// Which proxy service a listener belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Plain,
+    H2c,
+    Tls,
 }
 
 /// SIGHUP → reload (validate → compile → swap; a bad file keeps the old config).

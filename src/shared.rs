@@ -7,7 +7,9 @@ use crate::access_log::AccessLog;
 use crate::config::{compile, ConfigErrors, ConfigSource, FileSource, Snapshot};
 use crate::plugin::Registry;
 use crate::resources::Resources;
+use crate::tls::ServerTls;
 use arc_swap::ArcSwap;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +23,9 @@ pub struct Shared {
     pub listeners: ListenerStates,
     /// The sockets Portico bound at start (empty after an upgrade: the old process's are used).
     pub bound: crate::listen::Bound,
+    /// Each TLS listener's certificates and client-CA policy as its handshakes use them, by
+    /// listener address: made at start, updated in place by reloads.
+    pub tls: HashMap<String, ServerTls>,
     reload_lock: Mutex<()>,
 }
 
@@ -51,7 +56,13 @@ impl Shared {
         let listeners = ListenerStates::new(snap.listeners.iter().map(|l| l.address.clone()).collect());
         let access_log = AccessLog::default();
         access_log.set_path(snap.access_log_path.clone());
+        let tls = snap
+            .listener_tls
+            .iter()
+            .map(|(address, config)| (address.clone(), ServerTls::new(config.clone())))
+            .collect();
         Ok(Arc::new(Shared {
+            tls,
             live: ArcSwap::from_pointee(snap),
             resources,
             registry,
@@ -94,7 +105,8 @@ impl Shared {
         let old = self.snapshot();
         let mut report = ReloadReport::default();
         // Sockets, threads and the admin port belong to the process: they stay as they are.
-        if next.listeners != old.listeners {
+        // A TLS listener's certificates and client CA are not part of its socket: they apply.
+        if socket_level(&next.listeners) != socket_level(&old.listeners) {
             report.not_applied.push("listeners");
             next.listeners = old.listeners.clone();
         }
@@ -117,6 +129,12 @@ impl Shared {
             );
         }
         self.access_log.set_path(next.access_log_path.clone());
+        // New TLS handshakes use the new certificates and client CA from now on.
+        for (address, running) in &self.tls {
+            if let Some(config) = next.listener_tls.get(address) {
+                running.apply(config.clone());
+            }
+        }
         self.live.store(Arc::new(next));
         let live = self.snapshot();
         self.resources.health.retain(&live.upstreams);
@@ -125,6 +143,15 @@ impl Shared {
         log::info!("config reloaded from {}", self.config_path().display());
         Ok(report)
     }
+}
+
+/// What of the listeners needs new sockets or a new service to change: the address, HTTP/2,
+/// and whether it speaks TLS (its certificates and client CA do not).
+fn socket_level(listeners: &[crate::config::raw::Listener]) -> Vec<(&str, bool, bool)> {
+    listeners
+        .iter()
+        .map(|l| (l.address.as_str(), l.http2, l.tls.is_some()))
+        .collect()
 }
 
 /// Whether each proxy listener is bound and its service is serving (for `/healthz`).

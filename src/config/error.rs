@@ -17,6 +17,18 @@ impl ConfigError {
         }
     }
 
+    /// The same error, located inside `prefix` (`cert` under `listeners[0].tls` becomes
+    /// `listeners[0].tls.cert`).
+    pub fn under(self, prefix: &str) -> Self {
+        let location = match (prefix.is_empty(), self.location.is_empty()) {
+            (true, _) => self.location,
+            (false, true) => prefix.to_string(),
+            (false, false) if self.location.starts_with('[') => format!("{prefix}{}", self.location),
+            (false, false) => format!("{prefix}.{}", self.location),
+        };
+        ConfigError { location, ..self }
+    }
+
     /// A serde_yaml error, whose text already carries the path (`routes[0].match: ...`) and
     /// usually `at line L column C`. `prefix` locates values parsed on their own (plugin blocks).
     pub fn from_yaml(prefix: &str, e: &serde_yaml::Error) -> Self {

@@ -29,6 +29,9 @@ pub struct Snapshot {
     pub access_log_path: Option<PathBuf>,
     pub consumers: Arc<Consumers>,
     pub listeners: Vec<raw::Listener>,
+    /// Each TLS listener's certificates and client-CA policy, loaded, by listener address. A
+    /// reload applies them to the running listeners (see `Shared::reload`).
+    pub listener_tls: HashMap<String, crate::tls::ServerTlsConfig>,
     pub admin: Option<raw::Admin>,
     /// The admin token POST endpoints require (`admin.token` / `token_env`); applied by reloads.
     pub admin_token: Option<String>,

@@ -14,6 +14,9 @@
 //!   connection's life (`per_ip.rs`);
 //! - at most `limits.keepalive_requests` requests per connection.
 //!
+//! On TLS listeners the edge layer also does the TLS handshake (`tls.rs`), under
+//! `limits.header_timeout` from accept, so every limit above applies to the decrypted stream.
+//!
 //! The bytes read are replayed to Pingora through [`EdgeStream`], so it parses exactly what was
 //! checked. HTTP/2 (ALPN or the h2c preface) goes to Pingora's own handling, with its header
 //! list bounded by the same limit and its frames watched for the same deadlines (`h2_watch.rs`).
@@ -25,9 +28,11 @@ mod head;
 mod per_ip;
 mod refuse;
 mod stream;
+mod tls;
 
 pub use head::check_framing;
 pub use stream::EdgeStream;
+pub use tls::{TlsListener, TlsListeners};
 
 use crate::proxy::Gateway;
 use crate::shared::Shared;
@@ -36,6 +41,7 @@ use head::{read_head, Head};
 use per_ip::ConnectionCounts;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
@@ -56,10 +62,17 @@ pub struct EdgeApp {
     /// Connections accepted whose first bytes have not arrived yet.
     awaiting_first_bytes: AtomicUsize,
     per_ip: ConnectionCounts,
+    /// TLS listeners of this service (empty: plain TCP only).
+    tls: TlsListeners,
 }
 
 impl EdgeApp {
     pub fn new(proxy: HttpProxy<Gateway>, shared: Arc<Shared>) -> Self {
+        Self::with_tls(proxy, shared, TlsListeners::default())
+    }
+
+    /// An edge for TLS listeners (given to Pingora as plain TCP): the edge does the handshake.
+    pub fn with_tls(proxy: HttpProxy<Gateway>, shared: Arc<Shared>, tls: TlsListeners) -> Self {
         let h2c = proxy.server_options.as_ref().is_some_and(|o| o.h2c);
         EdgeApp {
             proxy: Arc::new(proxy),
@@ -67,7 +80,46 @@ impl EdgeApp {
             h2c,
             awaiting_first_bytes: AtomicUsize::new(0),
             per_ip: ConnectionCounts::default(),
+            tls,
         }
+    }
+
+    /// The TLS handshake of a connection accepted on a TLS listener, within `deadline`; `None`
+    /// closes the connection (counted by reason).
+    async fn handshake(&self, stream: Stream, deadline: Instant) -> Option<Stream> {
+        let local = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        let Some(listener) = local.and_then(|a| self.tls.find(a)) else {
+            log::error!("a connection on {local:?} matches no TLS listener; closed");
+            return None;
+        };
+        // Pingora's listener hands over its plain TCP stream; the acceptor wants it as such.
+        let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else {
+            log::error!("a connection on a TLS listener is not a TCP stream; closed");
+            return None;
+        };
+        self.awaiting_first_bytes.fetch_add(1, Ordering::AcqRel);
+        let done = tokio::time::timeout_at(deadline, listener.acceptor.tls_handshake(*tcp)).await;
+        self.awaiting_first_bytes.fetch_sub(1, Ordering::AcqRel);
+        let reject = |reason: &str| {
+            crate::metrics::REJECTED_CONNECTIONS.with_label_values(&[reason]).inc();
+            None
+        };
+        let tls = match done {
+            Err(_) => return reject("header_timeout"),
+            Ok(Err(e)) => {
+                log::debug!("TLS handshake failed: {e}");
+                return reject("tls_handshake");
+            }
+            Ok(Ok(tls)) => tls,
+        };
+        // A resumed TLS session skips the client-certificate verifier: with
+        // `require_client_cert`, only a certificate the current policy accepts may go on.
+        if !listener.state.admits(tls.ssl_digest().as_deref()) {
+            return reject("client_cert");
+        }
+        Some(Box::new(tls))
     }
 }
 
@@ -94,6 +146,11 @@ impl ServerApp for EdgeApp {
             None => None,
         };
         let limits = &snap.limits;
+        let stream = if self.tls.is_empty() {
+            stream
+        } else {
+            self.handshake(stream, accepted + limits.header_timeout).await?
+        };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             let mut conn = EdgeStream::new(stream);
             conn.watch_h2(limits.header_timeout, limits.body_timeout);

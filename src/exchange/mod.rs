@@ -188,7 +188,12 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
         .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     ctx.peer_ip = canonical_ip(peer);
     ctx.st.client_ip = snap.client_ip.resolve(peer, &req.headers);
-    ctx.st.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    let ssl = session.digest().and_then(|d| d.ssl_digest.as_ref());
+    ctx.st.tls = ssl.is_some();
+    // The service the verified client certificate names (mTLS): `allow_services` reads it.
+    ctx.st.identity = ssl
+        .and_then(|d| crate::tls::identity_of(d))
+        .map(|id| id.principal().to_string());
     // HTTP/1 body reads: no progress for this long → 408 (HTTP/2 bodies: the edge's frame watch).
     session.set_read_timeout(Some(snap.limits.body_timeout));
 

@@ -9,10 +9,12 @@
 //! - `process.rs`: a Portico process with its logs, metrics;
 //! - `upstreams.rs`: upstreams that serve set content or record every byte they receive;
 //! - `inprocess.rs`: a gateway in the test's own process, with the test's plugins;
-//! - `redis.rs`: a redis-server of the test's own.
+//! - `redis.rs`: a redis-server of the test's own;
+//! - `pki.rs`: a test CA and the certificates it signs (rcgen, made at test time).
 
 mod client;
 mod inprocess;
+pub mod pki;
 mod process;
 mod redis;
 mod upstreams;

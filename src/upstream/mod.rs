@@ -9,6 +9,7 @@ mod health;
 pub use health::{EndpointHealth, HealthRegistry};
 
 use crate::config::raw::{Balance, CheckKind, Protocol};
+use crate::tls::UpstreamTlsSettings;
 use balance::smooth_weighted_order;
 use health::now_ms;
 use pingora::upstreams::peer::HttpPeer;
@@ -135,6 +136,8 @@ pub struct Upstream {
     pub retries: RetryPolicy,
     /// How often host names are resolved again (`None`: never, or no names).
     pub resolve_every: Option<Duration>,
+    /// TLS to the endpoints (`tls:`), checked at load.
+    pub tls: Option<UpstreamTlsSettings>,
     /// Smooth weighted round-robin order of endpoint indexes.
     rr_order: Vec<u16>,
     rr_next: AtomicUsize,
@@ -181,6 +184,7 @@ impl Upstream {
             timeouts,
             retries,
             resolve_every: None,
+            tls: None,
         }
     }
 
@@ -197,6 +201,10 @@ impl Upstream {
         if self.protocol == Protocol::H2c {
             o.set_http_version(2, 2);
             o.max_h2_streams = 100;
+        }
+        if let Some(tls) = &self.tls {
+            // Scheme, SNI, verification, CA, client certificate, ALPN (`h2` for `protocol: h2`).
+            tls.apply_to_peer(&mut peer);
         }
         Box::new(peer)
     }

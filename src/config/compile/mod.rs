@@ -198,7 +198,7 @@ fn build(
     let base_dir = std::env::current_dir().unwrap_or_default();
 
     let server = server::check_server(&raw.server, errs);
-    server::check_listeners(&raw, errs);
+    let listener_tls = server::check_listeners(&raw, &base_dir, errs);
     let admin_token = server::admin_token(&raw, errs);
     let limits = server::check_limits(&raw.limits, errs);
 
@@ -258,7 +258,13 @@ fn build(
     let mut upstreams = HashMap::new();
     let mut broken_upstreams = broken_upstreams;
     for (name, u) in &raw.upstreams {
-        match upstreams::compile_upstream(name, u, &resources.health, &*resources.resolver, offline, errs) {
+        let inputs = upstreams::UpstreamInputs {
+            health: &resources.health,
+            resolver: &*resources.resolver,
+            offline,
+            base_dir: &base_dir,
+        };
+        match upstreams::compile_upstream(name, u, &inputs, errs) {
             Some(up) => {
                 upstreams.insert(name.clone(), Arc::new(up));
             }
@@ -317,6 +323,7 @@ fn build(
         compression,
         consumers,
         listeners: raw.listeners.into_iter().map(|(_, l)| l).collect(),
+        listener_tls,
         admin: raw.admin,
         admin_token,
         server,

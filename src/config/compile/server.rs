@@ -5,7 +5,9 @@ use super::socket_addr;
 use crate::config::error::{ConfigError, ConfigErrors};
 use crate::config::raw::{self, RawConfig};
 use crate::config::snapshot::Limits;
-use std::collections::HashSet;
+use crate::tls::ServerTlsConfig;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::time::Duration;
 
 /// Portico's defaults for Pingora's server settings, where Pingora's own are not safe.
@@ -130,7 +132,14 @@ pub(super) fn check_limits(l: &raw::Limits, errs: &mut ConfigErrors) -> Limits {
 }
 
 /// Listener addresses: well-formed, not repeated; the admin listener on a port of its own.
-pub(super) fn check_listeners(raw: &RawConfig, errs: &mut ConfigErrors) {
+/// TLS blocks are loaded (certificates, keys and client CA read and checked) and returned by
+/// listener address.
+pub(super) fn check_listeners(
+    raw: &RawConfig,
+    base_dir: &Path,
+    errs: &mut ConfigErrors,
+) -> HashMap<String, ServerTlsConfig> {
+    let mut tls = HashMap::new();
     if raw.listeners.is_empty() {
         errs.push("listeners", "at least one listener is needed");
     }
@@ -142,11 +151,17 @@ pub(super) fn check_listeners(raw: &RawConfig, errs: &mut ConfigErrors) {
             Some(_) => {}
             None => errs.push(loc, format!("'{}' is not ip:port (e.g. 0.0.0.0:8080)", l.address)),
         }
-        if l.tls.is_some() {
-            errs.push(
-                format!("listeners[{i}].tls"),
-                "TLS listeners are not available in this build yet (see the README's roadmap)",
-            );
+        if let Some(block) = &l.tls {
+            match ServerTlsConfig::load(base_dir, block) {
+                Ok(config) => {
+                    tls.insert(l.address.clone(), config);
+                }
+                Err(list) => {
+                    for e in list {
+                        errs.0.push(e.under(&format!("listeners[{i}].tls")));
+                    }
+                }
+            }
         }
     }
     if let Some(a) = &raw.admin {
@@ -159,6 +174,7 @@ pub(super) fn check_listeners(raw: &RawConfig, errs: &mut ConfigErrors) {
             None => errs.push("admin.address", format!("'{}' is not ip:port", a.address)),
         }
     }
+    tls
 }
 
 /// The token admin POSTs need (`admin.token` / `token_env`), if one is set.

@@ -3,22 +3,33 @@
 
 use crate::config::error::ConfigErrors;
 use crate::config::raw::{self, Balance, CheckKind, Protocol};
+use crate::tls::UpstreamTlsSettings;
 use crate::upstream::{
     Endpoint, HashOn, HealthCheckSpec, HealthRegistry, PassiveSpec, RetryPolicy, Timeouts, Upstream,
 };
 use http::HeaderValue;
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
+
+/// What compiling an upstream needs besides its block.
+pub(super) struct UpstreamInputs<'a> {
+    pub health: &'a HealthRegistry,
+    pub resolver: &'a dyn crate::resolver::Resolve,
+    /// `portico -t`: names are checked for syntax, not resolved.
+    pub offline: bool,
+    /// Where relative file paths (CA, client certificate) start.
+    pub base_dir: &'a Path,
+}
 
 pub(super) fn compile_upstream(
     name: &str,
     u: &raw::Upstream,
-    health: &HealthRegistry,
-    resolver: &dyn crate::resolver::Resolve,
-    offline: bool,
+    inputs: &UpstreamInputs<'_>,
     errs: &mut ConfigErrors,
 ) -> Option<Upstream> {
+    let (health, resolver, offline) = (inputs.health, inputs.resolver, inputs.offline);
     let loc = format!("upstreams.{name}");
     let before = errs.0.len();
     if u.endpoints.is_empty() {
@@ -63,18 +74,25 @@ pub(super) fn compile_upstream(
         }
         (None, _) => HashOn::Ip,
     };
-    if u.tls.is_some() {
-        errs.push(
-            format!("{loc}.tls"),
-            "TLS to upstreams is not available in this build yet (see the README's roadmap)",
-        );
-    }
-    if u.protocol == Protocol::H2 {
-        errs.push(
-            format!("{loc}.protocol"),
-            "'h2' needs TLS to the upstream; use 'h2c' for plaintext HTTP/2",
-        );
-    }
+    let tls = match &u.tls {
+        Some(block) => match UpstreamTlsSettings::load(inputs.base_dir, block, u.protocol) {
+            Ok(t) => Some(t),
+            Err(list) => {
+                for e in list {
+                    errs.0.push(e.under(&loc));
+                }
+                None
+            }
+        },
+        None if u.protocol == Protocol::H2 => {
+            errs.push(
+                format!("{loc}.protocol"),
+                "'h2' needs TLS to the upstream (a 'tls' block); use 'h2c' for plaintext HTTP/2",
+            );
+            None
+        }
+        None => None,
+    };
     if let Some(h) = &u.host {
         if HeaderValue::from_str(h).is_err() || h.is_empty() {
             errs.push(format!("{loc}.host"), "not a valid Host value");
@@ -213,6 +231,7 @@ pub(super) fn compile_upstream(
         timeouts,
         retries,
     );
+    up.tls = tls;
     if up.endpoints.iter().any(|e| e.name.is_some()) {
         up.resolve_every = Some(resolve_every);
     }
