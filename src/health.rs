@@ -15,7 +15,8 @@ use pingora::services::background::BackgroundService;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use pingora::connectors::TransportConnector;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub struct HealthChecker {
@@ -27,9 +28,11 @@ impl BackgroundService for HealthChecker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // HTTP probes of TLS upstreams connect as proxied requests do (SNI, CA, client cert).
+        let tls = Arc::new(TransportConnector::new(None));
         loop {
             tokio::select! {
-                _ = tick.tick() => self.round(),
+                _ = tick.tick() => self.round(&tls),
                 _ = shutdown.changed() => return,
             }
         }
@@ -38,7 +41,7 @@ impl BackgroundService for HealthChecker {
 
 impl HealthChecker {
     /// Start the probes and resolutions that are due.
-    fn round(&self) {
+    fn round(&self, tls: &Arc<TransportConnector>) {
         let snap = self.shared.snapshot();
         for up in snap.upstreams.values() {
             if let Some(every) = up.resolve_every {
@@ -78,7 +81,7 @@ impl HealthChecker {
             let Some(spec) = &up.health_check else {
                 continue;
             };
-            for ep in &up.endpoints {
+            for (i, ep) in up.endpoints.iter().enumerate() {
                 {
                     let mut last = ep.health.last_probe.lock().unwrap();
                     if last.is_some_and(|t| t.elapsed() < spec.interval) {
@@ -89,8 +92,26 @@ impl HealthChecker {
                 let (spec, health, addr) = (spec.clone(), ep.health.clone(), ep.addr());
                 let host = spec.host.clone().unwrap_or_else(|| ep.address.clone());
                 let label = (up.name.clone(), ep.address.clone());
+                let over_tls = (up.tls.is_some() && spec.kind == CheckKind::Http).then(|| {
+                    let mut peer = up.peer(i, &up.timeouts);
+                    // A probe speaks HTTP/1.1 whatever the upstream's protocol.
+                    peer.options.alpn = pingora::protocols::ALPN::H1;
+                    (tls.clone(), peer)
+                });
                 tokio::spawn(async move {
-                    let result = tokio::time::timeout(spec.timeout, probe(addr, &host, &spec)).await;
+                    let check = async {
+                        match over_tls {
+                            Some((connector, peer)) => {
+                                let stream = connector
+                                    .new_stream(&*peer)
+                                    .await
+                                    .map_err(|e| format!("connect: {e}"))?;
+                                http_probe(stream, &host, &spec).await
+                            }
+                            None => probe(addr, &host, &spec).await,
+                        }
+                    };
+                    let result = tokio::time::timeout(spec.timeout, check).await;
                     let ok = matches!(result, Ok(Ok(())));
                     report(&health, &spec, ok, &label, result);
                 });
@@ -122,10 +143,20 @@ fn report(
 
 /// One probe: a TCP connect, or an HTTP GET whose status must be in `healthy_status`.
 pub async fn probe(addr: SocketAddr, host: &str, spec: &HealthCheckSpec) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     if spec.kind == CheckKind::Tcp {
         return Ok(());
     }
+    http_probe(stream, host, spec).await
+}
+
+/// An HTTP/1.1 GET of `spec.path` on a connected stream (plain or TLS): the status must be in
+/// `healthy_status`.
+async fn http_probe<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    host: &str,
+    spec: &HealthCheckSpec,
+) -> Result<(), String> {
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: portico-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
         spec.path

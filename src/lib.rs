@@ -17,6 +17,7 @@ pub mod demo;
 pub mod echo;
 pub mod edge;
 pub mod exchange;
+pub mod grpc;
 pub mod health;
 pub mod limiter;
 pub mod listen;

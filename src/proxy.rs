@@ -111,6 +111,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         exchange::upstream_answered(resp.status.as_u16(), ctx);
+        if resp.status.as_u16() == 101 {
+            exchange::upgraded(session, ctx);
+        }
         exchange::upstream_head(session.req_header(), resp, ctx);
         Ok(())
     }
@@ -128,6 +131,11 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
+        if exchange::past_deadline(ctx) && !end_of_stream {
+            // A gRPC stream still running at its deadline (grpc-timeout) is ended.
+            ctx.failure = Some(crate::plugin::Failure::Timeout);
+            return Error::e_explain(ReadTimedout, "the gRPC deadline (grpc-timeout) passed");
+        }
         for entry in &ctx.chains().response_body {
             if let Err(abort) = entry.plugin.response_body(body, end_of_stream, &mut ctx.st) {
                 log::warn!("plugin {} ended the response: {}", entry.name, abort.0);

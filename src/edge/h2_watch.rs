@@ -10,7 +10,7 @@
 //!   and every other non-DATA frame must arrive whole within `header_timeout` of its first
 //!   byte, else the connection is closed;
 //! - a request body (DATA frames of a stream the client has not ended, and whose answer the
-//!   server has not ended) that makes no progress for `body_timeout` is reset: Portico feeds the
+//!   server has not started) that makes no progress for `body_timeout` is reset: Portico feeds the
 //!   `h2` server a RST_STREAM for that stream as if the client had sent it, so the request is
 //!   abandoned and its upstream connection released. If the client stalled in the middle of a
 //!   frame, no frame can be fed in: the connection is closed instead.
@@ -234,17 +234,20 @@ impl H2Watch {
         }
     }
 
-    /// Bytes the server wrote: a stream whose answer ended no longer times its request body.
+    /// Bytes the server wrote: a stream whose answer started (or ended) no longer times its
+    /// request body. From its response head on, a stream is an exchange both ways (a gRPC
+    /// stream, a long upload answered as it goes): its idle limit is the upstream's read
+    /// timeout (the route's own, when it sets one), which Pingora keeps on the other side.
     pub fn server_bytes(&mut self, bytes: &[u8]) {
         let bodies = &mut self.bodies;
         self.outbound.scan(bytes, |e| {
             if let Event::Done { kind, flags, stream } = e {
-                let ended = match kind {
-                    HEADERS | DATA => flags & END_STREAM != 0,
-                    RST_STREAM => true,
+                let answered = match kind {
+                    HEADERS | RST_STREAM => true,
+                    DATA => flags & END_STREAM != 0,
                     _ => false,
                 };
-                if ended {
+                if answered {
                     bodies.remove(&stream);
                 }
             }
@@ -375,6 +378,21 @@ mod tests {
         // A POST the client reset.
         w.client_bytes(&frame(HEADERS, END_HEADERS, 7, b"a"), t0);
         w.client_bytes(&frame(RST_STREAM, 0, 7, &[0, 0, 0, 8]), t0);
+        assert_eq!(w.check(t0 + 60 * S), Verdict::Wait(None));
+    }
+
+    #[test]
+    fn a_stream_whose_answer_started_is_not_timed() {
+        let t0 = Instant::now();
+        let mut w = opened(t0);
+        // A gRPC bidirectional stream: the client keeps its side open, the server has answered
+        // its head; both idle. The upstream's read timeout bounds it, not body_timeout.
+        w.client_bytes(&frame(HEADERS, END_HEADERS, 1, b"a"), t0);
+        w.client_bytes(&frame(DATA, 0, 1, b"msg"), t0);
+        w.server_bytes(&frame(HEADERS, END_HEADERS, 1, b"x"));
+        // Another stream, not answered yet, is still timed.
+        w.client_bytes(&frame(HEADERS, END_HEADERS, 3, b"a"), t0);
+        assert_eq!(w.check(t0 + 5 * S), Verdict::Reset(3));
         assert_eq!(w.check(t0 + 60 * S), Verdict::Wait(None));
     }
 

@@ -16,7 +16,9 @@ mod upstream;
 pub use body::{end_body_once, read_small_body, request_body};
 pub use done::done;
 pub use reply::{by_status, fail, finish_response_head, send_reply, trailers_arrived};
-pub use upstream::{connect_failed, pick_peer, prepare_upstream_request, proxy_failed, upstream_answered};
+pub use upstream::{
+    connect_failed, past_deadline, pick_peer, prepare_upstream_request, proxy_failed, upgraded, upstream_answered,
+};
 
 use crate::config::{canonical_ip, Route, Snapshot};
 use crate::plugin::{Chains, Failure, Reply, RequestState};
@@ -49,6 +51,8 @@ pub struct Ctx {
     body_limit: u64,
     body_seen: u64,
     pub grpc: bool,
+    /// A gRPC call's deadline (its `grpc-timeout`): the upstream call ends by then.
+    pub deadline: Option<std::time::Instant>,
     /// The gateway error code of the response, if Portico wrote one.
     pub error_code: Option<&'static str>,
     /// The TCP peer (may be a trusted proxy rather than the client).
@@ -100,6 +104,7 @@ impl Ctx {
             body_limit: u64::MAX,
             body_seen: 0,
             grpc: false,
+            deadline: None,
             error_code: None,
             peer_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             body: body::BodyMode::Plain,
@@ -181,6 +186,9 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
     let req = session.req_header();
     ctx.st.trace = snap.trace.ids_for(&req.headers);
     ctx.grpc = respond::is_grpc(req);
+    if ctx.grpc {
+        ctx.deadline = crate::grpc::timeout(&req.headers).map(|t| std::time::Instant::now() + t);
+    }
     let peer = session
         .client_addr()
         .and_then(|a| a.as_inet())

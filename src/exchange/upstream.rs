@@ -31,7 +31,24 @@ pub fn pick_peer(session: &Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
     ctx.endpoint = Some(index);
     ctx.in_flight = Some(up.in_flight_guard(index));
     let route = ctx.route.as_ref().expect("routed");
-    Ok(up.peer(index, &route.timeouts.over(&up.timeouts)))
+    let mut timeouts = route.timeouts.over(&up.timeouts);
+    if let Some(deadline) = ctx.deadline {
+        // A gRPC call's deadline: connecting and every wait for the upstream end by then.
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            ctx.failure = Some(Failure::Timeout);
+            return Error::e_explain(HTTPStatus(504), "the gRPC deadline (grpc-timeout) passed");
+        }
+        timeouts.connect = timeouts.connect.min(left);
+        timeouts.read = timeouts.read.min(left);
+        timeouts.write = timeouts.write.min(left);
+    }
+    Ok(up.peer(index, &timeouts))
+}
+
+/// Whether a gRPC call's deadline has passed (its response is then ended).
+pub fn past_deadline(ctx: &Ctx) -> bool {
+    ctx.deadline.is_some_and(|d| std::time::Instant::now() >= d)
 }
 
 pub(super) fn retries_left(ctx: &Ctx, up: &Upstream) -> bool {
@@ -97,6 +114,15 @@ pub fn upstream_answered(status: u16, ctx: &mut Ctx) {
         } else {
             up.record_success(i);
         }
+    }
+}
+
+/// The upstream accepted an upgrade (WebSocket): from now on the connection is a stream both
+/// ways, and the client's side may idle as long as the upstream's may — the route's read
+/// timeout when it sets one, else the upstream's — instead of `body_timeout`.
+pub fn upgraded(session: &mut Session, ctx: &Ctx) {
+    if let (Some(route), Some(up)) = (&ctx.route, &ctx.upstream) {
+        session.set_read_timeout(Some(route.timeouts.over(&up.timeouts).read));
     }
 }
 
