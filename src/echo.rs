@@ -4,14 +4,17 @@
 //!
 //! Query parameters steer it: `?status=503` answers that status, `?delay_ms=200` waits first.
 //! `GET /healthz` answers the status set with [`EchoServer::set_health`] (200 at start).
+//!
+//! [`EchoServer::start_tls`] serves the same over TLS (an upstream for TLS tests); its JSON
+//! then also says what the TLS handshake showed: `"tls": {"sni", "client_cn"}`.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 struct State {
     name: String,
@@ -33,6 +36,16 @@ impl EchoServer {
     }
 
     pub fn start_on(addr: SocketAddr, name: &str) -> io::Result<EchoServer> {
+        Self::start_with(addr, name, None)
+    }
+
+    /// Start one on `127.0.0.1:0` that speaks TLS with `config` (its certificate, and client
+    /// certificates it asks for).
+    pub fn start_tls(name: &str, config: Arc<rustls::ServerConfig>) -> io::Result<EchoServer> {
+        Self::start_with("127.0.0.1:0".parse().unwrap(), name, Some(config))
+    }
+
+    fn start_with(addr: SocketAddr, name: &str, tls: Option<Arc<rustls::ServerConfig>>) -> io::Result<EchoServer> {
         let std_listener = std::net::TcpListener::bind(addr)?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
@@ -53,7 +66,7 @@ impl EchoServer {
                 rt.block_on(async move {
                     let listener = TcpListener::from_std(std_listener).expect("listener");
                     tokio::select! {
-                        _ = accept_loop(listener, st) => {}
+                        _ = accept_loop(listener, st, tls) => {}
                         _ = stopped => {}
                     }
                 });
@@ -84,22 +97,49 @@ impl Drop for EchoServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+async fn accept_loop(listener: TcpListener, state: Arc<State>, tls: Option<Arc<rustls::ServerConfig>>) {
+    let acceptor = tls.map(pingora::tls::TlsAcceptor::from);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let _ = serve(stream, state).await;
+            match acceptor {
+                None => {
+                    let _ = serve(stream, state, None).await;
+                }
+                Some(a) => {
+                    let Ok(tls) = a.accept(stream).await else { return };
+                    let conn = tls.get_ref().1;
+                    let seen = serde_json::json!({
+                        "sni": conn.server_name(),
+                        "alpn": conn.alpn_protocol().map(|p| String::from_utf8_lossy(p).to_string()),
+                        "client_cn": conn.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c)),
+                    });
+                    let _ = serve(tls, state, Some(seen)).await;
+                }
+            }
         });
     }
 }
 
+/// The subject CN of a certificate (DER).
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(cn)
+}
+
 const MAX_HEAD: usize = 64 << 10;
 
-async fn serve(mut stream: TcpStream, state: Arc<State>) -> io::Result<()> {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    state: Arc<State>,
+    tls: Option<serde_json::Value>,
+) -> io::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
         // Read a head.
@@ -193,7 +233,7 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> io::Result<()> {
                 .and_then(|v| v.parse::<u16>().ok())
                 .filter(|s| (200..600).contains(s))
                 .unwrap_or(200);
-            let v = serde_json::json!({
+            let mut v = serde_json::json!({
                 "service": state.name,
                 "method": method,
                 "path": path,
@@ -202,6 +242,9 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> io::Result<()> {
                 "body_bytes": body.len(),
                 "body": String::from_utf8(body.clone()).ok().filter(|b| b.len() <= 4096),
             });
+            if let Some(seen) = &tls {
+                v["tls"] = seen.clone();
+            }
             (status, v.to_string())
         };
         let mut resp = format!(
@@ -221,7 +264,7 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> io::Result<()> {
     }
 }
 
-async fn read_chunked(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Vec<u8>> {
+async fn read_chunked<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> io::Result<Vec<u8>> {
     let mut body = Vec::new();
     loop {
         let line_end = loop {
@@ -255,7 +298,7 @@ async fn read_chunked(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<V
     }
 }
 
-async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<()> {
+async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> io::Result<()> {
     let mut chunk = [0u8; 16384];
     let n = stream.read(&mut chunk).await?;
     if n == 0 {

@@ -10,12 +10,12 @@ use crate::config::raw::CheckKind;
 use crate::shared::Shared;
 use crate::upstream::{EndpointHealth, HealthCheckSpec};
 use async_trait::async_trait;
+use pingora::connectors::TransportConnector;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use pingora::connectors::TransportConnector;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -93,29 +93,37 @@ pub fn connect(addr: &str, from: Option<IpAddr>) -> std::io::Result<TcpStream> {
 /// Send one request on a fresh connection and read the whole response.
 pub fn send(addr: &str, req: &Request<'_>) -> std::io::Result<Response> {
     let mut stream = connect(addr, req.from)?;
-    let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.path);
-    if !req.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-        head.push_str(&format!("host: {addr}\r\n"));
-    }
-    for (k, v) in &req.headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(b) = &req.body {
-        if !req
-            .headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"))
-        {
-            head.push_str(&format!("content-length: {}\r\n", b.len()));
-        }
-    }
-    head.push_str("connection: close\r\n\r\n");
-    let mut bytes = head.into_bytes();
-    if let Some(b) = &req.body {
-        bytes.extend_from_slice(b);
-    }
-    stream.write_all(&bytes)?;
+    stream.write_all(&req.to_bytes(addr))?;
     read_response(&mut stream, req.method == "HEAD")
+}
+
+impl Request<'_> {
+    /// The request as HTTP/1.1 bytes (`Connection: close`; `host: addr` unless given).
+    pub fn to_bytes(&self, addr: &str) -> Vec<u8> {
+        let req = self;
+        let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.path);
+        if !req.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            head.push_str(&format!("host: {addr}\r\n"));
+        }
+        for (k, v) in &req.headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if let Some(b) = &req.body {
+            if !req
+                .headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"))
+            {
+                head.push_str(&format!("content-length: {}\r\n", b.len()));
+            }
+        }
+        head.push_str("connection: close\r\n\r\n");
+        let mut bytes = head.into_bytes();
+        if let Some(b) = &req.body {
+            bytes.extend_from_slice(b);
+        }
+        bytes
+    }
 }
 
 /// `GET path` with no extra headers.
@@ -143,7 +151,7 @@ pub fn raw(addr: &str, bytes: &[u8], timeout: Duration) -> std::io::Result<Vec<u
 }
 
 /// Read one response from a stream (content-length, chunked, or until close).
-pub fn read_response(stream: &mut TcpStream, head_only: bool) -> std::io::Result<Response> {
+pub fn read_response<S: Read>(stream: &mut S, head_only: bool) -> std::io::Result<Response> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     let head_end = loop {

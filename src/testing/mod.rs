@@ -10,13 +10,15 @@
 //! - `upstreams.rs`: upstreams that serve set content or record every byte they receive;
 //! - `inprocess.rs`: a gateway in the test's own process, with the test's plugins;
 //! - `redis.rs`: a redis-server of the test's own;
-//! - `pki.rs`: a test CA and the certificates it signs (rcgen, made at test time).
+//! - `pki.rs`: a test CA and the certificates it signs (rcgen, made at test time);
+//! - `tls.rs`: TLS clients and server configs over those certificates.
 
 mod client;
 mod inprocess;
 pub mod pki;
 mod process;
 mod redis;
+pub mod tls;
 mod upstreams;
 
 pub use client::*;

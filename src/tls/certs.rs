@@ -171,10 +171,15 @@ impl CertAndKey {
 
     /// The leaf's DNS names (subjectAltName), lower case, wildcards as written (`*.example.com`).
     pub fn dns_names(&self) -> Vec<String> {
-        let Some(leaf) = self.chain().first() else {
-            return Vec::new();
-        };
-        let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
+        match self.chain().first() {
+            Some(leaf) => Self::dns_names_of(leaf.as_ref()),
+            None => Vec::new(),
+        }
+    }
+
+    /// The DNS names (subjectAltName) of a certificate (DER), lower case.
+    pub fn dns_names_of(der: &[u8]) -> Vec<String> {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
             return Vec::new();
         };
         let Ok(Some(san)) = cert.subject_alternative_name() else {

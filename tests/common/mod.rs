@@ -1,6 +1,8 @@
 //! Shared harness: a Portico process on free ports with the test's config body.
 #![allow(dead_code, unused_imports)]
 
+pub mod grpc;
+
 pub use portico::echo::EchoServer;
 pub use portico::testing::*;
 use std::time::Duration;
@@ -16,6 +18,10 @@ pub struct Gw {
     pub expect_exit: bool,
     /// The listener also speaks h2c.
     pub h2c: bool,
+    /// Listeners of the test's own (YAML list items), instead of the one plain listener.
+    pub listeners: Option<String>,
+    /// Every listener's bound address, in the order of the specs it was started with.
+    pub addrs: Vec<String>,
 }
 
 /// The parts every test config shares: fast shutdown, private pid and upgrade socket files.
@@ -34,6 +40,14 @@ pub fn head_full(dir: &std::path::Path, addr: &str, admin: &str, grace: u64, h2c
         "server:\n  threads: 2\n  grace_period_seconds: {grace}\n  graceful_shutdown_timeout_seconds: 1\n  pid_file: {d}/portico.pid\n  upgrade_sock: {d}/upgrade.sock\nlisteners:\n  - address: {addr}\n{h2}admin:\n  address: {admin}\n",
         d = dir.display(),
         h2 = if h2c { "    http2: true\n" } else { "" }
+    )
+}
+
+/// The shared head with listeners of the test's own (YAML list items).
+pub fn head_listeners(dir: &std::path::Path, listeners: &str) -> String {
+    format!(
+        "server:\n  threads: 2\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n  pid_file: {d}/portico.pid\n  upgrade_sock: {d}/upgrade.sock\nlisteners:\n{listeners}admin:\n  address: {ADMIN_SPEC}\n",
+        d = dir.display(),
     )
 }
 
@@ -66,19 +80,54 @@ impl Gw {
         p.wait_ready(&admin);
         Gw {
             p,
+            addrs: vec![addr.clone()],
             addr,
             admin,
             expect_exit: false,
             h2c,
+            listeners: None,
+        }
+    }
+
+    /// Start with `listeners` (YAML list items, e.g. `  - address: 127.0.0.3:0\n    tls: …`);
+    /// `specs` are their addresses as written (distinct; not 127.0.0.2:0, the admin's), and
+    /// `addrs` holds where each was bound, in that order.
+    pub fn start_listeners(listeners: &str, specs: &[&str], body: &str) -> Gw {
+        let dir = TempDir::new("gw");
+        let config = dir.write(
+            "portico.yaml",
+            &format!("{}{body}", head_listeners(dir.path(), listeners)),
+        );
+        let mut p = Portico::start_in(BIN, dir, config, &[]);
+        let addrs: Vec<String> = specs.iter().map(|s| p.bound("proxy", s)).collect();
+        let admin = p.bound("admin", ADMIN_SPEC);
+        p.wait_ready(&admin);
+        Gw {
+            p,
+            addr: addrs[0].clone(),
+            addrs,
+            admin,
+            expect_exit: false,
+            h2c: false,
+            listeners: Some(listeners.to_string()),
         }
     }
 
     /// The full config text for a new `body` (same listeners and files).
     pub fn config(&self, body: &str) -> String {
-        format!(
-            "{}{body}",
-            head_full(self.p.dir.path(), PROXY_SPEC, ADMIN_SPEC, 0, self.h2c)
-        )
+        match &self.listeners {
+            Some(l) => format!("{}{body}", head_listeners(self.p.dir.path(), l)),
+            None => format!(
+                "{}{body}",
+                head_full(self.p.dir.path(), PROXY_SPEC, ADMIN_SPEC, 0, self.h2c)
+            ),
+        }
+    }
+
+    /// Reload with new listener items (their certificates, say) and `body`, by SIGHUP.
+    pub fn reload_listeners(&mut self, listeners: &str, body: &str) {
+        self.listeners = Some(listeners.to_string());
+        self.reload(body);
     }
 
     pub fn get(&self, path: &str) -> Response {
