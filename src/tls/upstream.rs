@@ -25,7 +25,8 @@ use std::sync::Arc;
 /// An upstream's TLS, checked and ready to apply to each of its peers.
 #[derive(Clone)]
 pub struct UpstreamTlsSettings {
-    /// Empty only with `verify: false` and no `sni`: then no SNI is sent.
+    /// Empty only with `verify: false` and no `sni`: then no SNI is sent (the peer gets the
+    /// endpoint's IP address as its name, which rustls never sends as SNI).
     sni: String,
     verify: bool,
     /// `None`: the connector's roots (`ServerConf.ca_file`, else the system's).
@@ -134,7 +135,14 @@ impl UpstreamTlsSettings {
     /// settings are also mixed into `peer.group_key`, which the pool does compare.
     pub fn apply_to_peer(&self, peer: &mut HttpPeer) {
         peer.scheme = Scheme::HTTPS;
-        peer.sni = self.sni.clone();
+        peer.sni = if self.sni.is_empty() {
+            // `verify: false` without a name. Pingora's rustls connector cannot parse an empty
+            // server name (the connect fails); the endpoint's IP address parses, and rustls
+            // sends no SNI for an IP address. Verification is off either way (`verify_cert`).
+            peer._address.as_inet().map(|a| a.ip().to_string()).unwrap_or_default()
+        } else {
+            self.sni.clone()
+        };
         peer.client_cert_key = self.client_cert_key.clone();
         peer.group_key ^= self.reuse_key;
         let o = &mut peer.options;
@@ -230,7 +238,8 @@ mod tests {
         let s = UpstreamTlsSettings::load(Path::new("."), &tls(None, false), Protocol::Http1).unwrap();
         let mut p = peer();
         s.apply_to_peer(&mut p);
-        assert!(p.is_tls() && p.sni.is_empty() && !p.options.verify_cert && !p.options.verify_hostname);
+        assert!(p.is_tls() && !p.options.verify_cert && !p.options.verify_hostname);
+        assert_eq!(p.sni, "127.0.0.1", "an IP address: rustls sends no SNI for it");
     }
 
     #[test]
