@@ -32,6 +32,9 @@ enum Command {
         /// The gateway's address.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
+        /// The gateway's HTTPS address (TLS with the demo certificates; h2 by ALPN; mTLS).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        tls_listen: String,
         /// The admin listener's address.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: String,
@@ -81,8 +84,13 @@ pub fn main_with(registry: Registry) -> ExitCode {
     server::guard_sighup();
     let cli = Cli::parse();
     init_logging();
-    if let Some(Command::Demo { listen, admin }) = cli.command {
-        return match crate::demo::run(&listen, &admin, registry) {
+    if let Some(Command::Demo {
+        listen,
+        tls_listen,
+        admin,
+    }) = cli.command
+    {
+        return match crate::demo::run(&listen, &tls_listen, &admin, registry) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("portico demo: {e}");

@@ -16,11 +16,19 @@ impl Drop for Kill {
 
 #[test]
 fn demo_answers_the_commands_it_prints() {
-    let (listen, admin) = (free_addr(), free_addr());
+    let (listen, tls_listen, admin) = (free_addr(), free_addr(), free_addr());
     let dir = TempDir::new("demo");
     let out_path = dir.file("demo.out");
     let child = Command::new(BIN)
-        .args(["demo", "--listen", &listen, "--admin", &admin])
+        .args([
+            "demo",
+            "--listen",
+            &listen,
+            "--tls-listen",
+            &tls_listen,
+            "--admin",
+            &admin,
+        ])
         .stdout(std::fs::File::create(&out_path).unwrap())
         .stderr(Stdio::null())
         .spawn()
@@ -63,6 +71,23 @@ fn demo_answers_the_commands_it_prints() {
     assert!(run("/office").contains("\"error\":\"forbidden\""));
     assert!(run("x-big").contains("\"error\":\"request_header_too_large\""));
     assert!(run("/upload").contains("\"error\":\"payload_too_large\""));
+    // HTTPS with the demo CA, h2 by ALPN, the SNI certificate, the mTLS identity.
+    let https: serde_json::Value = serde_json::from_str(&run("--cacert")).unwrap();
+    assert_eq!(https["headers"]["x-forwarded-proto"], "https");
+    assert_eq!(run("http_version").trim(), "2");
+    let sni = commands
+        .iter()
+        .find(|c| c.contains("--resolve"))
+        .expect("an SNI command");
+    let out = Command::new("sh").arg("-c").arg(sni).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CN=api.example.com"));
+    assert!(run("--cert ").contains("\"path\":\"/mesh/orders\""));
+    let anonymous = commands
+        .iter()
+        .find(|c| c.contains("/mesh/orders") && !c.contains("--cert "))
+        .unwrap();
+    let out = Command::new("sh").arg("-c").arg(anonymous).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"error\":\"unauthorized\""));
     // What the walkthrough promises.
     let users = get(&listen, "/users/7").unwrap();
     assert_eq!(echoed(&users)["path"], "/v1/users/7");
