@@ -89,6 +89,8 @@ pub fn init() {
     Lazy::force(&PANICS);
     Lazy::force(&REJECTED_CONNECTIONS);
     crate::limiter::metrics::init();
+    crate::plugins::aggregate::init_metrics();
+    crate::plugins::transform::init_metrics();
 }
 
 pub fn upstream_healthy(upstream: &str, endpoint: &str, up: bool) {

@@ -332,7 +332,9 @@ pub trait Plugin: Send + Sync + 'static {
 
     /// A response body chunk (`None` at a bodiless end); may rewrite or hold back bytes. Pingora
     /// sends the response head before the body, so decide in [`Plugin::response`] (and fix the
-    /// framing there) whether to rewrite. `Err` ends the response at once.
+    /// framing there) whether to rewrite. `Err` ends the response at once. A reply Portico
+    /// writes itself comes whole, in one call with `end_of_stream`, before its head is written
+    /// (the core then sets its exact `content-length`; an `Err` leaves that body unchanged).
     fn response_body(
         &self,
         _body: &mut Option<Bytes>,
