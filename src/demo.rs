@@ -92,6 +92,28 @@ routes:
     upstream: v2
     plugins:
       - ip_filter: {{ allow: [10.0.0.0/8] }}
+  - name: dashboard
+    match: {{ path: "/dashboard/{{id}}", methods: [GET] }}
+    plugins:
+      - aggregate:
+          on_error: partial
+          timeout: 2s
+          calls:
+            user: {{ upstream: v1, path: "/users/{{id}}" }}
+            orders: {{ upstream: v2, path: "/orders?user={{id}}&seen_by=${{user.service}}", depends_on: [user] }}
+      - transform: {{ response: {{ remove: [user.headers, orders.headers] }} }}
+  - name: catalog
+    match: {{ path_prefix: /catalog }}
+    upstream: v2
+    plugins:
+      - transform:
+          response: {{ xml_to_json: true, select: [echo.@service, echo.path, echo.query], rename: {{ echo.@service: service }}, wrap: data }}
+  - name: intake
+    match: {{ path_prefix: /intake }}
+    upstream: v1
+    plugins:
+      - transform:
+          request: {{ rename: {{ name: fullName }}, remove: [debug], set: {{ meta.trace: "${{trace_id}}" }} }}
 "#
     )
 }
@@ -133,6 +155,13 @@ IP filter: only 10.0.0.0/8 may call /office (you get a 403 JSON error)
 Edge limits: a 40 KB header gets 431; /upload takes 16-byte bodies at most (413)
   $ curl -s -i -H "x-big: $(head -c 40000 /dev/zero | tr '\0' a)" {g}/users/1
   $ curl -s -i -d 'a body longer than sixteen bytes' {g}/upload
+Aggregation: one answer from v1 (/users/42) and v2 (/orders, using v1's answer: depends_on)
+  $ curl -s {g}/dashboard/42
+XML to JSON: the upstream answers XML (first), the catalog route turns it into JSON
+  $ curl -s '{g}/users/1?format=xml'
+  $ curl -s -i '{g}/catalog/items?format=xml'
+Request body mediation: name -> fullName, debug removed, the trace id added (see "body")
+  $ curl -s -H 'content-type: application/json' -d '{{"name":"ann","debug":true}}' {g}/intake
 Mint your own token:
   portico jwt --secret '{secret}' --sub alice --claim scope=orders:read --ttl 10m
 

@@ -328,3 +328,24 @@ fn reason(status: u16) -> &'static str {
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Status")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xml_answer_converts_back() {
+        let v = serde_json::json!({
+            "service": "v1", "method": "GET", "path": "/a", "query": "x=<&>",
+            "headers": {"host": "h", "x-two": ["1", "2\""]}, "body_bytes": 0, "body": null
+        });
+        let doc = crate::mediation::xml::to_json(to_xml(&v).as_bytes()).unwrap();
+        assert_eq!(doc["echo"]["@service"], "v1");
+        assert_eq!(doc["echo"]["query"], "x=<&>");
+        assert_eq!(doc["echo"]["body_bytes"], "0");
+        assert_eq!(
+            doc["echo"]["headers"]["header"][2],
+            serde_json::json!({"@name": "x-two", "#text": "2\""})
+        );
+    }
+}

@@ -82,4 +82,27 @@ fn demo_answers_the_commands_it_prints() {
     assert!(e["headers"].get("x-secret").is_none());
     assert_eq!(e["headers"]["x-client-ip"], "127.0.0.1");
     assert_eq!(mediated.header("x-route"), Some("mediated"));
+    // Aggregation (depends_on) and XML→JSON, as the walkthrough shows them.
+    let dash: serde_json::Value = serde_json::from_str(&run("/dashboard/42")).unwrap();
+    assert_eq!(dash["user"]["path"], "/users/42");
+    assert_eq!(dash["orders"]["service"], "v2");
+    assert_eq!(dash["orders"]["query"], "user=42&seen_by=v1");
+    assert!(dash["user"].get("headers").is_none());
+    assert!(run("/users/1?format=xml").starts_with("<?xml"));
+    let catalog = run("/catalog/items");
+    assert!(
+        catalog.to_ascii_lowercase().contains("content-type: application/json"),
+        "{catalog}"
+    );
+    let json = catalog.split("\r\n\r\n").nth(1).unwrap_or("");
+    let catalog: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(
+        catalog,
+        serde_json::json!({"data": {"echo": {"service": "v2", "path": "/catalog/items", "query": "format=xml"}}})
+    );
+    let intake: serde_json::Value = serde_json::from_str(&run("/intake")).unwrap();
+    let sent: serde_json::Value = serde_json::from_str(intake["body"].as_str().unwrap()).unwrap();
+    assert_eq!(sent["fullName"], "ann");
+    assert!(sent.get("debug").is_none());
+    assert!(sent["meta"]["trace"].as_str().is_some_and(|t| !t.is_empty()));
 }

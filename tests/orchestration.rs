@@ -65,10 +65,17 @@ fn profile_aggregates_users_and_orders_concurrently() {
         assert_eq!(r.json()["orders"]["query"], "user=8&delay_ms=300");
     }
     assert!(best >= Duration::from_millis(300), "{best:?}");
-    assert!(best < Duration::from_millis(500), "the calls did not run concurrently: {best:?}");
+    assert!(
+        best < Duration::from_millis(500),
+        "the calls did not run concurrently: {best:?}"
+    );
     let m = gw.metrics();
     assert_eq!(
-        metric(&m, "portico_aggregate_calls_total", &[("route", "profile"), ("result", "ok")]),
+        metric(
+            &m,
+            "portico_aggregate_calls_total",
+            &[("route", "profile"), ("result", "ok")]
+        ),
         2.0
     );
 }
@@ -156,7 +163,10 @@ fn partial_and_fail() {
     assert_eq!(r.status, 504, "{}", r.text());
     assert_eq!(r.json()["error"], "upstream_timeout");
     assert!(r.json()["message"].as_str().unwrap().contains("'orders'"));
-    assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(1400), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1400),
+        "{took:?}"
+    );
 
     // The overall timeout bounds a call without its own.
     let t = Instant::now();
@@ -167,10 +177,17 @@ fn partial_and_fail() {
         r.json()["message"],
         "aggregate call 'orders' failed: no answer within the aggregate's timeout (1s 500ms)"
     );
-    assert!(took >= Duration::from_millis(1500) && took < Duration::from_millis(3000), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_millis(3000),
+        "{took:?}"
+    );
     let m = gw.metrics();
     assert_eq!(
-        metric(&m, "portico_aggregate_calls_total", &[("route", "pslow"), ("call", "orders"), ("result", "timeout")]),
+        metric(
+            &m,
+            "portico_aggregate_calls_total",
+            &[("route", "pslow"), ("call", "orders"), ("result", "timeout")]
+        ),
         1.0
     );
 }
@@ -355,7 +372,10 @@ fn a_transform_reshapes_the_aggregate_answer() {
     assert_eq!(r.header("x-shaped"), Some("yes"));
     assert_eq!(r.header("transfer-encoding"), None);
     assert_eq!(r.header("content-length"), Some(r.body.len().to_string().as_str()));
-    assert_eq!(r.json(), serde_json::json!({"data": {"user": {"p": "/users/9", "service": "users"}}}));
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"data": {"user": {"p": "/users/9", "service": "users"}}})
+    );
     // Portico's own errors keep the contract's shape.
     let r = gw.get("/nowhere");
     assert_eq!(r.status, 404);

@@ -261,7 +261,7 @@ enum Passing {
     /// Byte for byte.
     Raw,
     /// Decoded piece by piece (the head already announced a plain body).
-    Gunzip(GunzipStream),
+    Gunzip(Box<GunzipStream>),
 }
 
 impl Passing {
@@ -435,7 +435,7 @@ impl Plugin for TransformPlugin {
                     passed(st, RESPONSE, Reason::TooLarge);
                     held.passing = Some(match held.how.coding {
                         Coding::Identity => Passing::Raw,
-                        Coding::Gzip => Passing::Gunzip(GunzipStream::new(cap)),
+                        Coding::Gzip => Passing::Gunzip(Box::new(GunzipStream::new(cap))),
                     });
                     *body = Some(all);
                 }
