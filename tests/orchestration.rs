@@ -289,6 +289,49 @@ fn every_sub_call_carries_the_trace_and_reuses_connections() {
     assert!(rec.garbage().is_empty());
 }
 
+#[test]
+fn answers_are_embedded_by_type_and_bounded() {
+    let small = ContentServer::start(r#"{"id": 1}"#);
+    let echo = EchoServer::start("echo").unwrap();
+    let body = format!(
+        r#"{}routes:
+  - name: kinds
+    match: {{ path: "/kinds" }}
+    plugins:
+      - aggregate:
+          calls:
+            json: {{ upstream: small, path: /j }}
+            xml: {{ upstream: echo, path: "/x?format=xml" }}
+  - name: bounded
+    match: {{ path: "/bounded" }}
+    plugins:
+      - aggregate:
+          on_error: partial
+          max_body: 1KiB
+          forward_headers: [x-pad]
+          calls:
+            small: {{ upstream: small, path: /s }}
+            big: {{ upstream: echo, path: /b }}
+"#,
+        upstreams(&[("small", small.addr.to_string()), ("echo", echo.addr.to_string())])
+    );
+    let gw = Gw::start(&body);
+    let v = gw.get("/kinds").json();
+    assert_eq!(v["json"], serde_json::json!({"id": 1}));
+    let xml = v["xml"].as_str().expect("a non-JSON answer is a string");
+    assert!(xml.starts_with("<?xml") && xml.contains("<path>/x</path>"), "{xml}");
+    // The echo answer carries the 2 KB header back: over max_body, not read further.
+    let r = gw.send(Request::get("/bounded").header("x-pad", "p".repeat(2000)));
+    let v = r.json();
+    assert_eq!(v["small"]["id"], 1);
+    assert!(v["big"].is_null());
+    assert_eq!(v["errors"]["big"]["status"], 502);
+    assert_eq!(
+        v["errors"]["big"]["message"],
+        "the answer is larger than max_body (1024 bytes)"
+    );
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
