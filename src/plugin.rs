@@ -363,6 +363,8 @@ pub struct BuildContext {
     pub route_params: Vec<String>,
     /// Names of every upstream in the config.
     pub upstreams: Vec<String>,
+    /// Names of every route in the config (e.g. for a global plugin's per-route metrics).
+    pub routes: Vec<String>,
     /// The config's consumers (names, and API keys by hash).
     pub consumers: std::sync::Arc<crate::config::Consumers>,
     /// The config's `redis.url`, if any.
@@ -389,6 +391,7 @@ impl BuildContext {
             route: None,
             route_params: Vec::new(),
             upstreams: Vec::new(),
+            routes: Vec::new(),
             consumers: Default::default(),
             redis_url: None,
             plugin: String::new(),

@@ -6,6 +6,7 @@ use crate::health::HealthChecker;
 use crate::listen::ListenerService;
 use crate::plugin::Registry;
 use crate::proxy::Gateway;
+use crate::resources::Resources;
 use crate::shared::Shared;
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
@@ -63,9 +64,16 @@ impl Prepared {
 
 /// Load the config, bind the ports (unless upgrading) and assemble the services.
 pub fn prepare(opts: RunOptions) -> Result<Prepared, String> {
+    prepare_with(opts, Resources::new(128))
+}
+
+/// As [`prepare`], with process resources of the caller's (tests give a manual clock).
+pub fn prepare_with(opts: RunOptions, resources: Arc<Resources>) -> Result<Prepared, String> {
     crate::metrics::init();
     crate::metrics::install_panic_hook();
-    let shared = Shared::load(&opts.config, opts.registry).map_err(|e| format!("the config is not valid:\n{e}"))?;
+    let source = Box::new(crate::config::FileSource(opts.config.clone()));
+    let shared =
+        Shared::load_from(source, opts.registry, resources).map_err(|e| format!("the config is not valid:\n{e}"))?;
     let snap = shared.snapshot();
     let conf: ServerConf =
         serde_yaml::from_value(serde_yaml::Value::Mapping(snap.server.clone())).map_err(|e| format!("server: {e}"))?;

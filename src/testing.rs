@@ -775,15 +775,26 @@ impl InProcess {
 
     /// Start a gateway on [`InProcess::head`] + `body`, with `registry`, and wait until it serves.
     pub fn start(body: &str, registry: crate::plugin::Registry) -> InProcess {
+        Self::start_with(body, registry, crate::resources::Resources::new(128))
+    }
+
+    /// As [`InProcess::start`], with process resources of the test's own — e.g.
+    /// `Resources::with_clock(clock)` to move a [`crate::clock::ManualClock`] under the plugins.
+    pub fn start_with(
+        body: &str,
+        registry: crate::plugin::Registry,
+        resources: std::sync::Arc<crate::resources::Resources>,
+    ) -> InProcess {
         let dir = TempDir::new("inproc");
         let config = dir.write("portico.yaml", &format!("{}{body}", Self::head(dir.path())));
-        let prepared = crate::server::prepare(crate::server::RunOptions {
+        let options = crate::server::RunOptions {
             config: config.clone(),
             upgrade: false,
             daemon: false,
             registry,
-        })
-        .unwrap_or_else(|e| panic!("the test gateway does not start: {e}"));
+        };
+        let prepared = crate::server::prepare_with(options, resources)
+            .unwrap_or_else(|e| panic!("the test gateway does not start: {e}"));
         let addr = prepared.shared.bound.local_addr(PROXY_SPEC).expect("bound").to_string();
         let admin = prepared.shared.bound.local_addr(ADMIN_SPEC).expect("bound").to_string();
         let (tx, rx) = tokio::sync::mpsc::channel(1);

@@ -7,6 +7,9 @@ pub mod cors;
 pub mod headers;
 pub mod ip_filter;
 pub mod jwt;
+pub mod limit;
+pub mod quota;
+pub mod rate_limit;
 
 use crate::plugin::Registry;
 
@@ -17,4 +20,6 @@ pub fn register_builtins(r: &mut Registry) {
     r.register("headers", headers::Headers::new);
     r.register("ip_filter", ip_filter::IpFilter::new);
     r.register("jwt", jwt::Jwt::new);
+    r.register("quota", quota::Quota::new);
+    r.register("rate_limit", rate_limit::RateLimit::new);
 }

@@ -252,6 +252,7 @@ fn build(
         route: None,
         route_params: Vec::new(),
         upstreams: upstream_names,
+        routes: raw.routes.iter().map(|(_, r)| r.name.clone()).collect(),
         consumers: consumers.clone(),
         redis_url: redis_url.clone(),
         plugin: String::new(),
