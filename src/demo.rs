@@ -92,6 +92,18 @@ routes:
     upstream: v2
     plugins:
       - ip_filter: {{ allow: [10.0.0.0/8] }}
+  - name: limited
+    match: {{ path_prefix: /limited }}
+    upstream: v1
+    plugins:
+      # 3 back to back (burst + 1), then one every 5 s, per client address.
+      - rate_limit: {{ requests: 2, per: 10s, burst: 2, key: ip }}
+  - name: metered
+    match: {{ path_prefix: /metered }}
+    upstream: v2
+    plugins:
+      # 100 requests per calendar hour (UTC) per consumer, else per client address.
+      - quota: {{ limit: 100, period: hour }}
 "#
     )
 }
@@ -130,6 +142,11 @@ API keys: the consumer becomes x-consumer upstream, and the key is not forwarded
   $ curl -s -i {g}/keyed
 IP filter: only 10.0.0.0/8 may call /office (you get a 403 JSON error)
   $ curl -s -i {g}/office
+Rate limit (2 per 10s, burst 2): six in a row give 200 200 200, then 429 until a request is earned
+  $ curl -s -o /dev/null -w '%{{http_code}}\n' "{g}/limited/[1-6]"
+  $ curl -s -i {g}/limited
+Quota (100 per UTC hour): RateLimit-Limit / -Remaining / -Reset on every answer
+  $ curl -s -i {g}/metered
 Edge limits: a 40 KB header gets 431; /upload takes 16-byte bodies at most (413)
   $ curl -s -i -H "x-big: $(head -c 40000 /dev/zero | tr '\0' a)" {g}/users/1
   $ curl -s -i -d 'a body longer than sixteen bytes' {g}/upload

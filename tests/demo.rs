@@ -63,6 +63,19 @@ fn demo_answers_the_commands_it_prints() {
     assert!(run("/office").contains("\"error\":\"forbidden\""));
     assert!(run("x-big").contains("\"error\":\"request_header_too_large\""));
     assert!(run("/upload").contains("\"error\":\"payload_too_large\""));
+    // The rate-limited loop trips (the printed run above spent the budget already).
+    let codes = run("/limited/[1-6]");
+    assert!(
+        codes.lines().all(|c| c == "200" || c == "429") && codes.contains("429"),
+        "{codes}"
+    );
+    let refused = get(&listen, "/limited").unwrap();
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert_eq!(refused.json()["error"], "rate_limited");
+    assert!(refused.header("retry-after").is_some() && refused.header("ratelimit-limit") == Some("3"));
+    let metered = get(&listen, "/metered").unwrap();
+    assert_eq!(metered.status, 200);
+    assert_eq!(metered.header("ratelimit-limit"), Some("100"));
     // What the walkthrough promises.
     let users = get(&listen, "/users/7").unwrap();
     assert_eq!(echoed(&users)["path"], "/v1/users/7");
