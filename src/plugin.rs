@@ -58,6 +58,8 @@ impl Phases {
     pub const REQUEST_BODY: Phases = Phases(32);
     /// [`Plugin::response_trailers`]: the response's trailers (gRPC status lives there).
     pub const RESPONSE_TRAILERS: Phases = Phases(64);
+    /// [`Plugin::observe_request_body`]: the request body as it goes upstream, read-only.
+    pub const OBSERVE_REQUEST_BODY: Phases = Phases(128);
 
     pub const fn union(self, other: Phases) -> Phases {
         Phases(self.0 | other.0)
@@ -139,6 +141,26 @@ impl RequestState {
             started: Instant::now(),
             vars: http::Extensions::new(),
             snapshot: None,
+        }
+    }
+
+    /// A copy for work that outlives the request (a mirrored copy, a background call): the
+    /// ids, the client, the route, the consumer and the config, without the per-request `vars`.
+    pub fn detached(&self) -> RequestState {
+        RequestState {
+            trace: self.trace.clone(),
+            client_ip: self.client_ip,
+            route: self.route.clone(),
+            params: self.params.clone(),
+            consumer: self.consumer.clone(),
+            identity: self.identity.clone(),
+            upstream_override: self.upstream_override.clone(),
+            host: self.host.clone(),
+            path: self.path.clone(),
+            tls: self.tls,
+            started: self.started,
+            vars: http::Extensions::new(),
+            snapshot: self.snapshot.clone(),
         }
     }
 
@@ -323,7 +345,14 @@ pub trait Plugin: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The request body as it goes upstream, after every `request_body` plugin, piece by
+    /// piece and each byte once (a retry's replay is not shown again); the last call has
+    /// `end_of_stream` (with an empty piece when the body is empty). Observing changes nothing
+    /// about how Portico reads or frames the body, unlike [`Plugin::request_body`].
+    fn observe_request_body(&self, _piece: &Bytes, _end_of_stream: bool, _st: &mut RequestState) {}
+
     /// The head about to go upstream (after Portico set Host, X-Forwarded-*, trace headers).
+    /// Called once per attempt (a retry calls it again).
     fn upstream_request(&self, _req: &mut RequestHeader, _st: &RequestState) {}
 
     /// The response head going to the client, from the upstream or from Portico itself.
@@ -347,6 +376,25 @@ pub trait Plugin: Send + Sync + 'static {
 
     /// Once per request, when it is done, with how it ended.
     fn log(&self, _st: &RequestState, _outcome: &Outcome) {}
+
+    /// State this plugin shows on the admin listener, if any (see [`AdminState`]).
+    fn admin_state(&self) -> Option<&dyn AdminState> {
+        None
+    }
+}
+
+/// What a plugin shows on the admin listener, and what an operator may do to it there. The
+/// admin finds these in the live config's chains: `GET /{collection}` lists the state of every
+/// plugin that reports under that collection (with its route), and
+/// `POST /{collection}/{route}/{action}` acts on the one of that route (POSTs pass the admin's
+/// Origin/Host/token checks first).
+pub trait AdminState: Send + Sync {
+    /// The admin path it appears under, e.g. `canaries`.
+    fn collection(&self) -> &'static str;
+    /// Its state, as a JSON object (the admin adds `route`).
+    fn describe(&self) -> serde_json::Value;
+    /// Do `action`; the new state, or `None` for an action it does not know.
+    fn act(&self, action: &str) -> Option<serde_json::Value>;
 }
 
 /// What a plugin factory may look at while building a plugin, and the process resources it
@@ -361,6 +409,8 @@ pub struct BuildContext {
     pub route: Option<String>,
     /// Parameter names of the route's `{param}` template.
     pub route_params: Vec<String>,
+    /// The route's own upstream, by name (`None` for a global plugin, or a route without one).
+    pub route_upstream: Option<String>,
     /// Names of every upstream in the config.
     pub upstreams: Vec<String>,
     /// The config's consumers (names, and API keys by hash).
@@ -388,6 +438,7 @@ impl BuildContext {
             base_dir: std::env::current_dir().unwrap_or_default(),
             route: None,
             route_params: Vec::new(),
+            route_upstream: None,
             upstreams: Vec::new(),
             consumers: Default::default(),
             redis_url: None,
@@ -562,6 +613,7 @@ pub struct Chains {
     pub response: Vec<Entry>,
     pub response_body: Vec<Entry>,
     pub response_trailers: Vec<Entry>,
+    pub observe_request_body: Vec<Entry>,
     pub log: Vec<Entry>,
 }
 
@@ -583,6 +635,7 @@ impl Chains {
             response: pick(Phases::RESPONSE),
             response_body: pick(Phases::RESPONSE_BODY),
             response_trailers: pick(Phases::RESPONSE_TRAILERS),
+            observe_request_body: pick(Phases::OBSERVE_REQUEST_BODY),
             log: pick(Phases::LOG),
             all: entries,
         }

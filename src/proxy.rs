@@ -70,7 +70,7 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let retry = exchange::proxy_failed(session, ctx, &mut e, client_reused);
+        let retry = exchange::proxy_failed(session, ctx, &e, client_reused);
         e.set_retry(retry);
         e
     }
@@ -98,9 +98,13 @@ impl ProxyHttp for Gateway {
         exchange::request_body(session, body, end_of_stream, ctx).await
     }
 
-    async fn upstream_response_filter(&self, _s: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
-        exchange::upstream_answered(resp.status.as_u16(), ctx);
-        Ok(())
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        exchange::upstream_answered(session, resp.status.as_u16(), ctx)
     }
 
     async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {

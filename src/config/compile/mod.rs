@@ -251,6 +251,7 @@ fn build(
         base_dir,
         route: None,
         route_params: Vec::new(),
+        route_upstream: None,
         upstreams: upstream_names,
         consumers: consumers.clone(),
         redis_url: redis_url.clone(),
