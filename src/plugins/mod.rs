@@ -3,6 +3,7 @@
 
 pub mod allow_services;
 pub mod api_key;
+pub mod canary;
 pub mod cors;
 pub mod headers;
 pub mod ip_filter;
@@ -13,6 +14,7 @@ use crate::plugin::Registry;
 pub fn register_builtins(r: &mut Registry) {
     r.register("allow_services", allow_services::AllowServices::new);
     r.register("api_key", api_key::ApiKey::new);
+    r.register("canary", canary::Canary::new);
     r.register("cors", cors::Cors::new);
     r.register("headers", headers::Headers::new);
     r.register("ip_filter", ip_filter::IpFilter::new);
