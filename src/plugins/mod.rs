@@ -8,6 +8,7 @@ pub mod cors;
 pub mod headers;
 pub mod ip_filter;
 pub mod jwt;
+pub mod mirror;
 
 use crate::plugin::Registry;
 
@@ -19,4 +20,5 @@ pub fn register_builtins(r: &mut Registry) {
     r.register("headers", headers::Headers::new);
     r.register("ip_filter", ip_filter::IpFilter::new);
     r.register("jwt", jwt::Jwt::new);
+    r.register("mirror", mirror::Mirror::new);
 }

@@ -57,6 +57,7 @@ impl FaultRequest {
 struct Shared {
     fault: Mutex<Fault>,
     connections: AtomicUsize,
+    open: AtomicUsize,
     requests: Mutex<Vec<FaultRequest>>,
     /// Keep at most this many requests (bodies included) in `requests`.
     keep: usize,
@@ -77,6 +78,7 @@ impl FaultServer {
         let shared = Arc::new(Shared {
             fault: Mutex::new(fault),
             connections: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
             requests: Mutex::new(Vec::new()),
             keep: 20_000,
             seen: AtomicUsize::new(0),
@@ -85,8 +87,12 @@ impl FaultServer {
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let index = sh.connections.fetch_add(1, Ordering::SeqCst);
+                sh.open.fetch_add(1, Ordering::SeqCst);
                 let sh = sh.clone();
-                std::thread::spawn(move || serve(stream, index, sh));
+                std::thread::spawn(move || {
+                    serve(stream, index, sh.clone());
+                    sh.open.fetch_sub(1, Ordering::SeqCst);
+                });
             }
         });
         FaultServer { addr, shared }
@@ -100,6 +106,11 @@ impl FaultServer {
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::SeqCst)
     }
 
     /// Requests read so far (all of them, also those no longer kept).
