@@ -92,6 +92,21 @@ routes:
     upstream: v2
     plugins:
       - ip_filter: {{ allow: [10.0.0.0/8] }}
+  - name: shop
+    match: {{ path_prefix: /shop }}
+    upstream: v1
+    plugins:
+      - canary:
+          upstream: v2
+          percent: 20
+          sticky: header:x-user
+          force_header: x-canary
+          guard: {{ max_error_rate: 0.5, min_requests: 5, window: 1m }}
+  - name: shadow
+    match: {{ path_prefix: /shadow }}
+    upstream: v1
+    plugins:
+      - mirror: {{ upstream: v2, max_in_flight: 16 }}
 "#
     )
 }
@@ -133,6 +148,16 @@ IP filter: only 10.0.0.0/8 may call /office (you get a 403 JSON error)
 Edge limits: a 40 KB header gets 431; /upload takes 16-byte bodies at most (413)
   $ curl -s -i -H "x-big: $(head -c 40000 /dev/zero | tr '\0' a)" {g}/users/1
   $ curl -s -i -d 'a body longer than sixteen bytes' {g}/upload
+Canary: 20% of /shop goes to v2 (the same x-user always to the same side; x-canary: 1 forces v2)
+  $ curl -s -H 'x-user: alice' {g}/shop/cart
+  $ curl -s -H 'x-canary: 1' {g}/shop/cart
+Canary guard: make v2 fail (it answers ?status=500); after 5 failures it is rolled back to 0%
+  $ curl -s -o /dev/null -w '%{{http_code}} ' -H 'x-canary: 1' '{g}/shop/cart?status=500&n=[1-6]'
+  $ curl -s {a}/canaries
+  $ curl -s -X POST {a}/canaries/shop/reset
+Mirror: v1 answers /shadow, and v2 gets a copy of each request (its answer is discarded;
+portico_mirror_copies_total in the metrics below counts the copies)
+  $ curl -s {g}/shadow/ping
 Mint your own token:
   portico jwt --secret '{secret}' --sub alice --claim scope=orders:read --ttl 10m
 

@@ -36,6 +36,7 @@ fn demo_answers_the_commands_it_prints() {
         .map(str::to_string)
         .collect();
     assert!(commands.len() >= 10, "too few commands in:\n{printed}");
+    let mut outputs = Vec::new();
     for cmd in &commands {
         assert!(cmd.starts_with("curl "), "{cmd}");
         let out = Command::new("sh")
@@ -47,7 +48,28 @@ fn demo_answers_the_commands_it_prints() {
         assert!(out.status.success(), "{cmd} failed: {text}");
         assert!(!text.trim().is_empty(), "{cmd} printed nothing");
         assert!(!text.contains("\"error\":\"upstream"), "{cmd}: {text}");
+        outputs.push((cmd.clone(), text.to_string()));
     }
+    // The canary walkthrough: the failing canary is rolled back, then re-armed.
+    let output = |needle: &str| {
+        outputs
+            .iter()
+            .find(|(c, _)| c.contains(needle))
+            .map(|(_, t)| t.clone())
+            .unwrap_or_else(|| panic!("no command with {needle}"))
+    };
+    assert_eq!(output("status=500").trim(), "500 500 500 500 500 500");
+    let rolled: serde_json::Value = serde_json::from_str(&output("/canaries")).unwrap();
+    assert_eq!(rolled[0]["route"], "shop");
+    assert_eq!(rolled[0]["rolled_back"], true, "{rolled}");
+    assert_eq!(rolled[0]["effective_percent"], 0.0);
+    let reset: serde_json::Value = serde_json::from_str(&output("/reset")).unwrap();
+    assert_eq!(reset["rolled_back"], false, "{reset}");
+    let metrics = output("/metrics");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("portico_mirror_copies_total") && l.contains("route=\"shadow\"")),
+        "{metrics}"
+    );
     let run = |needle: &str| {
         let cmd = commands
             .iter()
