@@ -72,9 +72,11 @@ fn splits_stickiness_and_force_header() {
     // #1: the canary's share over 10,000 requests.
     let m = split(&gw, "/p10", 10_000, 2);
     let s = share(&m, "v2");
+    eprintln!("percent 10: canary share {s} over 10,000");
     assert!((0.091..=0.109).contains(&s), "10%: {s} {m:?}");
     let m = split(&gw, "/p05", 10_000, 2);
     let s = share(&m, "v2");
+    eprintln!("percent 0.5: canary share {s} over 10,000");
     assert!((0.003..=0.007).contains(&s), "0.5%: {s} {m:?}");
     assert_eq!(split(&gw, "/p0", 1000, 2).get("v2"), None, "0% sends nothing");
     assert_eq!(split(&gw, "/p100", 1000, 2).get("v1"), None, "100% sends everything");
@@ -111,6 +113,7 @@ fn splits_stickiness_and_force_header() {
         m
     });
     let canary_keys = at10.values().filter(|s| *s == "v2").count();
+    eprintln!("sticky at 10%: {canary_keys} of 1000 keys on the canary");
     assert!(
         (70..=130).contains(&canary_keys),
         "{canary_keys} of 1000 keys on the canary at 10% (±3 points)"
@@ -244,6 +247,10 @@ fn guard_rolls_back_a_failing_canary() {
     canary.set(Fault::Status(500));
     let statuses = until_rolled_back(&gw, "/shop", 200);
     let errors = statuses.iter().filter(|s| **s == 500).count();
+    eprintln!(
+        "guard: rolled back after {} requests, {errors} client-visible 500s",
+        statuses.len()
+    );
     assert!(errors <= 10 + 3, "{errors} client-visible errors: {statuses:?}");
     let after = entry(&gw, "shop");
     assert_eq!(after["effective_percent"], 0.0);

@@ -67,7 +67,9 @@ fn demo_answers_the_commands_it_prints() {
     assert_eq!(reset["rolled_back"], false, "{reset}");
     let metrics = output("/metrics");
     assert!(
-        metrics.lines().any(|l| l.starts_with("portico_mirror_copies_total") && l.contains("route=\"shadow\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("portico_mirror_copies_total") && l.contains("route=\"shadow\"")),
         "{metrics}"
     );
     let run = |needle: &str| {

@@ -63,6 +63,7 @@ fn body_json(raw: &[u8]) -> serde_json::Value {
 
 /// `took` is within ±20% of `deadline`.
 fn near(took: Duration, deadline: Duration, what: &str) {
+    eprintln!("{what}: {took:?} (deadline {deadline:?})");
     let (lo, hi) = (deadline.mul_f64(0.8), deadline.mul_f64(1.2));
     assert!(
         took >= lo && took <= hi,

@@ -196,6 +196,7 @@ routes:
         "portico_mirror_copies_total",
         &[("route", "mirrored"), ("result", "dropped")],
     );
+    eprintln!("dropped {dropped} copies; at most {most_open} open at the mirror");
     assert!(dropped > 4000.0, "copies past max_in_flight are dropped: {dropped}");
     // Copies are never queued: the mirror never holds more than max_in_flight connections from
     // Portico at once (each copy gives its place back after the mirror's read timeout).
