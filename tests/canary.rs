@@ -352,6 +352,18 @@ fn guard_rolls_back_a_failing_canary() {
         metric(&gw.metrics(), "portico_canary_rollbacks_total", &[("route", "dead")]),
         1.0
     );
+
+    // Canaries removed by a reload leave /canaries and their percent gauge (once no connection
+    // holds the old config: an idle keep-alive connection keeps the one it last served).
+    drop(c);
+    gw.reload(&format!(
+        "upstreams:\n  v1: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: shop, upstream: v1, match: {{ path_prefix: /shop }} }}\n",
+        v1.addr
+    ));
+    assert_eq!(canaries(&gw), serde_json::json!([]));
+    wait_for("the gauge of a removed canary to go", Duration::from_secs(10), || {
+        (!gw.metrics().contains("portico_canary_percent{route=\"shop\"}")).then_some(())
+    });
 }
 
 #[test]

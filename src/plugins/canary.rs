@@ -184,6 +184,7 @@ struct Rollback {
 /// What survives a reload that leaves the block alone: counts, the window, the rollback.
 #[derive(Debug)]
 struct State {
+    route: String,
     rolled_back: AtomicBool,
     rollback: Mutex<Option<Rollback>>,
     window: Mutex<Window>,
@@ -274,6 +275,7 @@ impl Canary {
             .transpose()?;
         let window = guard.map(|g| g.window).unwrap_or(Duration::from_secs(60));
         let state = ctx.state(|| State {
+            route: route.clone(),
             rolled_back: AtomicBool::new(false),
             rollback: Mutex::new(None),
             window: Mutex::new(Window::new(window)),
@@ -421,6 +423,14 @@ impl Canary {
         metrics::CANARY_PERCENT
             .with_label_values(&[&self.route])
             .set(self.percent);
+    }
+}
+
+/// The state goes when no live config has this canary any more (its route went, or its block
+/// changed): so does its gauge, until a live canary of the route publishes it again.
+impl Drop for State {
+    fn drop(&mut self) {
+        let _ = metrics::CANARY_PERCENT.remove_label_values(&[&self.route]);
     }
 }
 
