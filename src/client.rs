@@ -200,7 +200,7 @@ impl UpstreamClient {
     ) -> Result<SubResponse, Result<Failed, SubError>> {
         let endpoint = &up.endpoints[i];
         let _slot = self
-            .slot(endpoint.addr)
+            .slot(endpoint.addr())
             .acquire_owned()
             .await
             .map_err(|_| Ok(failed("the client is closing", true, false)))?;

@@ -205,10 +205,34 @@ pub fn run(listen: &str, admin: &str, registry: Registry) -> Result<(), String> 
     // The echo services live as long as the process.
     std::mem::forget(v1);
     std::mem::forget(v2);
-    server::run(RunOptions {
-        config: path,
+    let prepared = server::prepare(RunOptions {
+        config: path.clone(),
         upgrade: false,
         daemon: false,
         registry,
-    })
+        resources: None,
+    })?;
+    prepared.run(Box::new(RemoveOnExit(path)));
+    Ok(())
+}
+
+/// Ctrl-C (or SIGTERM) ends the demo and removes its temporary config file.
+struct RemoveOnExit(std::path::PathBuf);
+
+#[async_trait::async_trait]
+impl pingora::server::ShutdownSignalWatch for RemoveOnExit {
+    async fn recv(&self) -> pingora::server::ShutdownSignal {
+        use pingora::server::ShutdownSignal;
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            std::future::pending::<()>().await;
+            unreachable!()
+        };
+        let how = tokio::select! {
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+        };
+        let _ = std::fs::remove_file(&self.0);
+        how
+    }
 }

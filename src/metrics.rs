@@ -97,12 +97,17 @@ pub static PANICS: Lazy<IntCounter> = Lazy::new(|| {
 });
 
 pub static REJECTED_CONNECTIONS: Lazy<IntCounterVec> = Lazy::new(|| {
-    register_int_counter_vec!(
+    let c = register_int_counter_vec!(
         "portico_rejected_connections_total",
         "Downstream connections closed by an edge limit, by reason",
         &["reason"]
     )
-    .expect("register portico_rejected_connections_total")
+    .expect("register portico_rejected_connections_total");
+    // Every reason exists from the start, so alerts see 0 rather than nothing.
+    for reason in ["per_ip_limit", "header_timeout", "body_timeout"] {
+        c.with_label_values(&[reason]);
+    }
+    c
 });
 
 /// Make every metric exist from the start (so dashboards see zeros, not gaps).

@@ -25,7 +25,7 @@ fn demo_answers_the_commands_it_prints() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _guard = Kill(child);
+    let mut guard = Kill(child);
     wait_for("the demo gateway", Duration::from_secs(30), || {
         get(&admin, "/healthz").ok().filter(|r| r.status == 200)
     });
@@ -106,4 +106,21 @@ fn demo_answers_the_commands_it_prints() {
     assert!(e["headers"].get("x-secret").is_none());
     assert_eq!(e["headers"]["x-client-ip"], "127.0.0.1");
     assert_eq!(mediated.header("x-route"), Some("mediated"));
+
+    // Ctrl-C ends the demo and removes its temporary config.
+    let config = printed
+        .lines()
+        .find_map(|l| l.split("The config is in ").nth(1))
+        .and_then(|rest| rest.split(';').next())
+        .map(|p| std::path::PathBuf::from(p.trim()))
+        .expect("the walkthrough names its config file");
+    assert!(config.exists(), "{}", config.display());
+    let pid = guard.0.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    while guard.0.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < end, "the demo did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!config.exists(), "the demo removed {}", config.display());
 }

@@ -101,6 +101,19 @@ pub async fn read_small_body(session: &mut Session, ctx: &mut Ctx) -> Result<(),
         ctx.body = BodyMode::Streaming { held: None };
         return Ok(());
     }
+    // The client may wait for a 100 Continue before sending the body: Portico reads it now, so
+    // Portico says Continue (and the upstream, which gets the body at once, is not asked).
+    let expects = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects {
+        if let Ok(cont) = pingora::http::ResponseHeader::build(100, Some(0)) {
+            let _ = session.write_response_header(Box::new(cont), false).await;
+        }
+        session.req_header_mut().remove_header(&http::header::EXPECT);
+    }
     session.enable_retry_buffering();
     let mut buf = BytesMut::new();
     loop {

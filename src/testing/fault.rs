@@ -245,7 +245,7 @@ fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, connection: usize) -> Opti
     let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let body = if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         loop {
-            if let Some((body, used)) = super::dechunk_prefix(buf) {
+            if let Some((body, used)) = super::client::dechunk_prefix(buf) {
                 buf.drain(..used);
                 break body;
             }

@@ -8,13 +8,14 @@ use crate::upstream::{
 };
 use http::HeaderValue;
 use std::collections::HashSet;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 pub(super) fn compile_upstream(
     name: &str,
     u: &raw::Upstream,
     health: &HealthRegistry,
+    resolver: &dyn crate::resolver::Resolve,
     offline: bool,
     errs: &mut ConfigErrors,
 ) -> Option<Upstream> {
@@ -30,7 +31,7 @@ pub(super) fn compile_upstream(
         if e.weight == 0 || e.weight > 1000 {
             errs.push(format!("{eloc}.weight"), "weight must be between 1 and 1000");
         }
-        let addr = match resolve(&e.address, offline) {
+        let addr = match resolve(&e.address, resolver, offline) {
             Ok(a) => a,
             Err(msg) => {
                 errs.push(eloc, msg);
@@ -41,12 +42,12 @@ pub(super) fn compile_upstream(
             errs.push(eloc, format!("'{}' is listed twice", e.address));
             continue;
         }
-        endpoints.push(Endpoint {
-            health: health.get(name, &e.address),
-            address: e.address.clone(),
+        endpoints.push(Endpoint::new(
+            e.address.clone(),
             addr,
-            weight: e.weight.clamp(1, 1000),
-        });
+            e.weight.clamp(1, 1000),
+            health.get(name, &e.address),
+        ));
     }
     let hash_on = match (&u.hash_on, u.balance) {
         (Some(h), Balance::ConsistentHash) => parse_hash_on(h).unwrap_or_else(|m| {
@@ -157,10 +158,14 @@ pub(super) fn compile_upstream(
         None => RetryPolicy::default(),
         Some(r) => retry_policy(name, r, &loc, health, errs),
     };
+    let resolve_every = u.resolve_every.map(|d| d.0).unwrap_or(Duration::from_secs(30));
+    if resolve_every < Duration::from_millis(100) {
+        errs.push(format!("{loc}.resolve_every"), "must be at least 100ms");
+    }
     if errs.0.len() > before {
         return None;
     }
-    Some(Upstream::new(
+    let mut up = Upstream::new(
         name.to_string(),
         endpoints,
         u.balance,
@@ -172,7 +177,11 @@ pub(super) fn compile_upstream(
         passive,
         timeouts,
         retries,
-    ))
+    );
+    if up.endpoints.iter().any(|e| e.name.is_some()) {
+        up.resolve_every = Some(resolve_every);
+    }
+    Some(up)
 }
 
 /// `retries: N` or `{attempts, on, budget}`; `on` defaults to `[connect_failure]`.
@@ -236,7 +245,7 @@ fn parse_hash_on(s: &str) -> Result<HashOn, String> {
 
 /// Resolve `host:port` once, at load: Pingora's `HttpPeer::new` panics on a name that does
 /// not resolve, so no name ever reaches it. Offline (`portico -t`) checks the syntax only.
-fn resolve(address: &str, offline: bool) -> Result<SocketAddr, String> {
+fn resolve(address: &str, resolver: &dyn crate::resolver::Resolve, offline: bool) -> Result<SocketAddr, String> {
     if let Ok(a) = address.parse::<SocketAddr>() {
         return Ok(a);
     }
@@ -250,8 +259,10 @@ fn resolve(address: &str, offline: bool) -> Result<SocketAddr, String> {
         let port = port.parse::<u16>().unwrap_or(0);
         return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
     }
-    match address.to_socket_addrs() {
-        Ok(mut addrs) => addrs
+    let port = port.parse::<u16>().unwrap_or(0);
+    match resolver.resolve(host, port) {
+        Ok(addrs) => addrs
+            .into_iter()
             .next()
             .ok_or_else(|| format!("'{host}' does not resolve to any address")),
         Err(e) => Err(format!("'{host}' does not resolve: {e}")),
