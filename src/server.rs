@@ -6,7 +6,6 @@ use crate::health::HealthChecker;
 use crate::listen::ListenerService;
 use crate::plugin::Registry;
 use crate::proxy::Gateway;
-use crate::resources::Resources;
 use crate::shared::Shared;
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
@@ -25,6 +24,8 @@ pub struct RunOptions {
     pub upgrade: bool,
     pub daemon: bool,
     pub registry: Registry,
+    /// The process resources to use (tests give their own clock or resolver); `None`: fresh.
+    pub resources: Option<Arc<crate::resources::Resources>>,
 }
 
 /// Make SIGHUP harmless from the first instant: its default action kills the process, and the
@@ -64,16 +65,15 @@ impl Prepared {
 
 /// Load the config, bind the ports (unless upgrading) and assemble the services.
 pub fn prepare(opts: RunOptions) -> Result<Prepared, String> {
-    prepare_with(opts, Resources::new(128))
-}
-
-/// As [`prepare`], with process resources of the caller's (tests give a manual clock).
-pub fn prepare_with(opts: RunOptions, resources: Arc<Resources>) -> Result<Prepared, String> {
     crate::metrics::init();
     crate::metrics::install_panic_hook();
-    let source = Box::new(crate::config::FileSource(opts.config.clone()));
-    let shared =
-        Shared::load_from(source, opts.registry, resources).map_err(|e| format!("the config is not valid:\n{e}"))?;
+    let resources = opts.resources.unwrap_or_else(|| crate::resources::Resources::new(128));
+    let shared = Shared::load_from(
+        Box::new(crate::config::FileSource(opts.config.clone())),
+        opts.registry,
+        resources,
+    )
+    .map_err(|e| format!("the config is not valid:\n{e}"))?;
     let snap = shared.snapshot();
     let conf: ServerConf =
         serde_yaml::from_value(serde_yaml::Value::Mapping(snap.server.clone())).map_err(|e| format!("server: {e}"))?;

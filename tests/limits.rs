@@ -326,7 +326,7 @@ fn quota_windows_follow_the_utc_calendar() {
             upstream(&up)
         ),
         Registry::builtin(),
-        Resources::with_clock(clock.clone()),
+        Some(Resources::with_clock(clock.clone())),
     );
     let send = |path: &'static str, key: Option<&'static str>| {
         let mut r = Request::get(path);

@@ -22,6 +22,8 @@
 //! admitting, and only for the keys nearest to their limit's reset. Freeing a sixteenth at a time
 //! keeps the O(shard) scan to once per shard/16 new keys. Evictions of live keys are counted in
 //! `portico_limit_local_evictions_total`: a steady rate says `max_keys` is too small.
+//!
+//! (Over 500 lines because of its table of unit tests, kept beside the code they pin down.)
 
 use super::decision::Decision;
 use super::gcra::{self, GcraParams};
