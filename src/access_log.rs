@@ -2,12 +2,18 @@
 //! proxy path and the edge layer fill alike. Lines are formatted on the request's task and
 //! handed to one writer thread, which flushes only when it runs out of lines: no lock and no
 //! flush per request on the hot path.
+//!
+//! The lines go to stdout, or to `access_log.path` (appended to). `SIGUSR1` reopens the file,
+//! as nginx does, so logrotate can move it away: lines written before the reopen are in the
+//! moved file, lines after it in the new one, none lost.
 
 use crate::config::raw::LogFormat;
 use std::io::Write;
 use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What the access log says about one request. Fields the request never had (a head refused
@@ -43,18 +49,49 @@ pub struct Record<'a> {
 pub struct AccessLog {
     /// Started on first use, so a daemonized process starts it after the fork.
     tx: OnceLock<SyncSender<String>>,
+    target: Arc<Target>,
+}
+
+/// Where the writer writes, and when it must open it again.
+#[derive(Default)]
+struct Target {
+    path: Mutex<Option<PathBuf>>,
+    /// Set by SIGUSR1, or by a reload that names another file.
+    reopen: Arc<AtomicBool>,
 }
 
 impl Default for AccessLog {
     fn default() -> Self {
-        AccessLog { tx: OnceLock::new() }
+        let target = Arc::new(Target::default());
+        if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGUSR1, target.reopen.clone()) {
+            log::warn!("cannot listen for SIGUSR1, the access log will not be reopened by signal: {e}");
+        }
+        AccessLog {
+            tx: OnceLock::new(),
+            target,
+        }
     }
 }
 
-fn writer(rx: Receiver<String>) {
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::with_capacity(64 << 10, stdout.lock());
+fn open(target: &Target) -> Box<dyn Write + Send> {
+    let path = target.path.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(p) = path {
+        match std::fs::OpenOptions::new().create(true).append(true).open(&p) {
+            Ok(f) => return Box::new(std::io::BufWriter::with_capacity(64 << 10, f)),
+            Err(e) => log::error!("cannot open the access log {}: {e}; writing to stdout", p.display()),
+        }
+    }
+    Box::new(std::io::BufWriter::with_capacity(64 << 10, std::io::stdout()))
+}
+
+fn writer(rx: Receiver<String>, target: Arc<Target>) {
+    target.reopen.store(false, Ordering::SeqCst);
+    let mut out = open(&target);
     while let Ok(line) = rx.recv() {
+        if target.reopen.swap(false, Ordering::SeqCst) {
+            let _ = out.flush();
+            out = open(&target);
+        }
         let _ = out.write_all(line.as_bytes());
         while let Ok(line) = rx.try_recv() {
             let _ = out.write_all(line.as_bytes());
@@ -64,12 +101,23 @@ fn writer(rx: Receiver<String>) {
 }
 
 impl AccessLog {
+    /// Write to this file from now on (`None`: stdout). A reload that names another file
+    /// switches to it with the next line.
+    pub fn set_path(&self, path: Option<PathBuf>) {
+        let mut current = self.target.path.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != path {
+            *current = path;
+            self.target.reopen.store(true, Ordering::SeqCst);
+        }
+    }
+
     fn sender(&self) -> &SyncSender<String> {
         self.tx.get_or_init(|| {
             let (tx, rx) = sync_channel(16 * 1024);
+            let target = self.target.clone();
             std::thread::Builder::new()
                 .name("access-log".into())
-                .spawn(move || writer(rx))
+                .spawn(move || writer(rx, target))
                 .expect("spawn access log writer");
             tx
         })

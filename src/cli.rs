@@ -57,6 +57,16 @@ enum Command {
         #[arg(long)]
         kid: Option<String>,
     },
+    /// Ask a running gateway's admin `/healthz` (for container healthchecks): exit 0 when it
+    /// answers 200, 1 otherwise. `--url` checks any HTTP URL the same way.
+    Health {
+        /// The admin listener's address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+        /// Check this URL instead (`http://host:port/path`).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Run a standalone echo service (the demo's upstream), e.g. for docker-compose.
     Echo {
         #[arg(long, default_value = "127.0.0.1:9001")]
@@ -101,6 +111,16 @@ pub fn main_with(registry: Registry) -> ExitCode {
             }
         };
     }
+    if let Some(Command::Health { admin, url }) = cli.command {
+        let url = url.unwrap_or_else(|| format!("http://{admin}/healthz"));
+        return match health(&url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("portico health: {url}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Echo { listen, name }) = cli.command {
         return match crate::echo::EchoServer::start_on(listen, &name) {
             Ok(server) => {
@@ -127,12 +147,26 @@ pub fn main_with(registry: Registry) -> ExitCode {
         upgrade: cli.upgrade,
         daemon: cli.daemon,
         registry,
+        resources: None,
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("portico: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `portico health`: a GET that must answer 200 within 3 s.
+fn health(url: &str) -> Result<(), String> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(3))
+        .build();
+    match agent.get(url).call() {
+        Ok(r) if r.status() == 200 => Ok(()),
+        Ok(r) => Err(format!("status {}", r.status())),
+        Err(ureq::Error::Status(code, _)) => Err(format!("status {code}")),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -1,6 +1,10 @@
 //! Active health checks: one background service probes every endpoint of the *live* snapshot
 //! at its upstream's interval, so upstreams added by a reload are checked too. Verdicts are
 //! kept in the [`crate::upstream::HealthRegistry`], which outlives snapshots.
+//!
+//! The same loop resolves endpoint host names again every `resolve_every` (off the request
+//! path, through the process's resolver): a new address is used for new connections; when the
+//! name does not resolve, the last good address stays.
 
 use crate::config::raw::CheckKind;
 use crate::shared::Shared;
@@ -33,10 +37,44 @@ impl BackgroundService for HealthChecker {
 }
 
 impl HealthChecker {
-    /// Start the probes that are due.
+    /// Start the probes and resolutions that are due.
     fn round(&self) {
         let snap = self.shared.snapshot();
         for up in snap.upstreams.values() {
+            if let Some(every) = up.resolve_every {
+                for ep in up.endpoints.iter().filter(|e| e.name.is_some()) {
+                    {
+                        let mut at = ep.resolved_at.lock().unwrap_or_else(|p| p.into_inner());
+                        if at.elapsed() < every {
+                            continue;
+                        }
+                        *at = Instant::now();
+                    }
+                    let (snap, up_name, address) = (snap.clone(), up.name.clone(), ep.address.clone());
+                    let resolver = self.shared.resources.resolver.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let Some(ep) = snap
+                            .upstreams
+                            .get(&up_name)
+                            .and_then(|u| u.endpoints.iter().find(|e| e.address == address))
+                        else {
+                            return;
+                        };
+                        let Some((host, port)) = &ep.name else { return };
+                        match resolver.resolve(host, *port).map(|a| a.into_iter().next()) {
+                            Ok(Some(addr)) => {
+                                if ep.set_addr(addr) {
+                                    log::info!("upstream {up_name}: endpoint {address} now resolves to {addr}");
+                                }
+                            }
+                            Ok(None) | Err(_) => log::warn!(
+                                "upstream {up_name}: endpoint {address} does not resolve; keeping {}",
+                                ep.addr()
+                            ),
+                        }
+                    });
+                }
+            }
             let Some(spec) = &up.health_check else {
                 continue;
             };
@@ -48,7 +86,7 @@ impl HealthChecker {
                     }
                     *last = Some(Instant::now());
                 }
-                let (spec, health, addr) = (spec.clone(), ep.health.clone(), ep.addr);
+                let (spec, health, addr) = (spec.clone(), ep.health.clone(), ep.addr());
                 let host = spec.host.clone().unwrap_or_else(|| ep.address.clone());
                 let label = (up.name.clone(), ep.address.clone());
                 tokio::spawn(async move {

@@ -64,18 +64,50 @@ pub static CANARY_ROLLBACKS: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("register portico_canary_rollbacks_total")
 });
 
+pub static CANARY_REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "portico_canary_requests_total",
+        "Requests of a route with a canary, by side (stable | canary)",
+        &["route", "side"]
+    )
+    .expect("register portico_canary_requests_total")
+});
+
+pub static CANARY_FAILURES: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "portico_canary_failures_total",
+        "Failed requests (5xx, connection failures, timeouts, failing gRPC statuses) of a route with a canary, by side",
+        &["route", "side"]
+    )
+    .expect("register portico_canary_failures_total")
+});
+
+pub static MIRROR_COPIES: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "portico_mirror_copies_total",
+        "Mirrored copies by route and result: sent (the mirror answered), failed (it could not be reached or timed out), dropped (over max_in_flight)",
+        &["route", "result"]
+    )
+    .expect("register portico_mirror_copies_total")
+});
+
 pub static PANICS: Lazy<IntCounter> = Lazy::new(|| {
     register_int_counter!("portico_panics_total", "Panics caught (each one is a bug)")
         .expect("register portico_panics_total")
 });
 
 pub static REJECTED_CONNECTIONS: Lazy<IntCounterVec> = Lazy::new(|| {
-    register_int_counter_vec!(
+    let c = register_int_counter_vec!(
         "portico_rejected_connections_total",
         "Downstream connections closed by an edge limit, by reason",
         &["reason"]
     )
-    .expect("register portico_rejected_connections_total")
+    .expect("register portico_rejected_connections_total");
+    // Every reason exists from the start, so alerts see 0 rather than nothing.
+    for reason in ["per_ip_limit", "header_timeout", "body_timeout"] {
+        c.with_label_values(&[reason]);
+    }
+    c
 });
 
 /// Make every metric exist from the start (so dashboards see zeros, not gaps).
@@ -86,6 +118,9 @@ pub fn init() {
     Lazy::force(&RELOADS);
     Lazy::force(&CANARY_PERCENT);
     Lazy::force(&CANARY_ROLLBACKS);
+    Lazy::force(&CANARY_REQUESTS);
+    Lazy::force(&CANARY_FAILURES);
+    Lazy::force(&MIRROR_COPIES);
     Lazy::force(&PANICS);
     Lazy::force(&REJECTED_CONNECTIONS);
     crate::limiter::metrics::init();

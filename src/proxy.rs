@@ -24,11 +24,17 @@ impl ProxyHttp for Gateway {
         Ctx::new(self.shared.snapshot())
     }
 
-    /// Trace ids, client address, path normalisation, routing, the request-phase plugins, the
-    /// upstream, and (on routes with body plugins) a small body read whole. `Ok(true)` means
-    /// Portico answered the request itself.
+    /// Trace ids, client address, host and path checks, routing, compression negotiation:
+    /// before Pingora's modules see the request.
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        exchange::early(session, ctx);
+        Ok(())
+    }
+
+    /// The request-phase plugins, the upstream, and (on routes with body plugins) a small body
+    /// read whole. `Ok(true)` means Portico answered the request itself.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let mut step = exchange::begin(session, ctx);
+        let mut step = ctx.early.take().unwrap_or(Ok(()));
         if step.is_ok() {
             for entry in &ctx.chains().request {
                 if let Verdict::Respond(reply) = entry.plugin.request(session.req_header_mut(), &mut ctx.st).await {
@@ -70,7 +76,7 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let retry = exchange::proxy_failed(session, ctx, &mut e, client_reused);
+        let retry = exchange::proxy_failed(session, ctx, &e, client_reused);
         e.set_retry(retry);
         e
     }
@@ -98,13 +104,20 @@ impl ProxyHttp for Gateway {
         exchange::request_body(session, body, end_of_stream, ctx).await
     }
 
-    async fn upstream_response_filter(&self, _s: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
-        exchange::upstream_answered(resp.status.as_u16(), ctx);
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+exchange::upstream_answered(session, resp.status.as_u16(), ctx)?;
+        exchange::upstream_head(session.req_header(), resp, ctx);
         Ok(())
     }
 
     async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
         exchange::finish_response_head(session.req_header(), resp, ctx);
+        exchange::compress_or_not(session, resp, ctx);
         Ok(())
     }
 
@@ -149,8 +162,10 @@ impl ProxyHttp for Gateway {
         exchange::done(session, e, ctx, &self.shared);
     }
 
-    /// Pingora logs every final error; client disconnects are routine, not errors.
+    /// Pingora logs every final error at ERROR. What a client did — went away, sent too much
+    /// or too slowly, was refused with a 4xx — is routine and in the access log; ERROR is kept
+    /// for what an operator must act on (upstreams failing, Portico's own faults).
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
-        matches!(e.esource(), ErrorSource::Downstream) && matches!(e.etype(), ReadError | WriteError | ConnectionClosed)
+        matches!(e.esource(), ErrorSource::Downstream) || matches!(e.etype(), HTTPStatus(code) if *code < 500)
     }
 }

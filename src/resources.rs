@@ -24,6 +24,8 @@ pub struct Resources {
     pub client: Arc<UpstreamClient>,
     /// True under `portico -t`: nothing may touch the network.
     pub offline: bool,
+    /// Upstream host names to addresses (the system's; a table in tests).
+    pub resolver: Arc<dyn crate::resolver::Resolve>,
 }
 
 impl Resources {
@@ -35,6 +37,7 @@ impl Resources {
             clock: Arc::new(SystemClock),
             client: Arc::new(UpstreamClient::new(upstream_pool_size)),
             offline: false,
+            resolver: Arc::new(crate::resolver::SystemResolver),
         })
     }
 
@@ -43,6 +46,14 @@ impl Resources {
         Arc::new(Resources {
             offline: true,
             ..Arc::into_inner(Resources::new(1)).expect("fresh")
+        })
+    }
+
+    /// The same, with a resolver of the caller's (tests).
+    pub fn with_resolver(resolver: Arc<dyn crate::resolver::Resolve>) -> Arc<Resources> {
+        Arc::new(Resources {
+            resolver,
+            ..Arc::into_inner(Resources::new(128)).expect("fresh")
         })
     }
 

@@ -1,5 +1,7 @@
 //! Request matching: hosts, path prefix / exact path / `{param}` template, methods, headers;
 //! and the path normalisation every route decision (and the upstream) sees.
+//!
+//! (Over 500 lines because of its table of unit tests, kept beside the code they pin down.)
 
 use http::{HeaderName, HeaderValue, Method};
 

@@ -24,6 +24,8 @@ pub struct RunOptions {
     pub upgrade: bool,
     pub daemon: bool,
     pub registry: Registry,
+    /// The process resources to use (tests give their own clock or resolver); `None`: fresh.
+    pub resources: Option<Arc<crate::resources::Resources>>,
 }
 
 /// Make SIGHUP harmless from the first instant: its default action kills the process, and the
@@ -65,7 +67,13 @@ impl Prepared {
 pub fn prepare(opts: RunOptions) -> Result<Prepared, String> {
     crate::metrics::init();
     crate::metrics::install_panic_hook();
-    let shared = Shared::load(&opts.config, opts.registry).map_err(|e| format!("the config is not valid:\n{e}"))?;
+    let resources = opts.resources.unwrap_or_else(|| crate::resources::Resources::new(128));
+    let shared = Shared::load_from(
+        Box::new(crate::config::FileSource(opts.config.clone())),
+        opts.registry,
+        resources,
+    )
+    .map_err(|e| format!("the config is not valid:\n{e}"))?;
     let snap = shared.snapshot();
     let conf: ServerConf =
         serde_yaml::from_value(serde_yaml::Value::Mapping(snap.server.clone())).map_err(|e| format!("server: {e}"))?;

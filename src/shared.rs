@@ -49,12 +49,14 @@ impl Shared {
             resources.client.set_pool_size(n as usize);
         }
         let listeners = ListenerStates::new(snap.listeners.iter().map(|l| l.address.clone()).collect());
+        let access_log = AccessLog::default();
+        access_log.set_path(snap.access_log_path.clone());
         Ok(Arc::new(Shared {
             live: ArcSwap::from_pointee(snap),
             resources,
             registry,
             source,
-            access_log: AccessLog::default(),
+            access_log,
             listeners,
             bound: Default::default(),
             reload_lock: Mutex::new(()),
@@ -114,6 +116,7 @@ impl Shared {
                 report.not_applied.join(", ")
             );
         }
+        self.access_log.set_path(next.access_log_path.clone());
         self.live.store(Arc::new(next));
         let live = self.snapshot();
         self.resources.health.retain(&live.upstreams);

@@ -26,6 +26,28 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// Add `token` to the response's `Vary`, keeping a single header with every value (a cache
+/// reads several `Vary` headers as one list, but some clients and tests read only the first).
+pub fn add_vary(resp: &mut pingora::http::ResponseHeader, token: &str) {
+    let mut tokens: Vec<String> = resp
+        .headers
+        .get_all(http::header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
+    if tokens.iter().any(|t| t == "*" || t.eq_ignore_ascii_case(token)) {
+        if resp.headers.get_all(http::header::VARY).iter().count() <= 1 {
+            return;
+        }
+    } else {
+        tokens.push(token.to_string());
+    }
+    let _ = resp.insert_header(http::header::VARY, tokens.join(", "));
+}
+
 /// Remove cookie `name` from the request's `Cookie` headers (the others stay, in order).
 pub fn remove_cookie(req: &mut pingora::http::RequestHeader, name: &str) {
     let kept: Vec<String> = req
@@ -90,6 +112,18 @@ mod tests {
         assert_eq!(without_query_param(&uri, "key").unwrap().to_string(), "/a?x=1&y=2");
         let only: http::Uri = "/a?key=1".parse().unwrap();
         assert_eq!(without_query_param(&only, "key").unwrap().to_string(), "/a");
+    }
+
+    #[test]
+    fn vary_stays_one_header() {
+        let mut r = pingora::http::ResponseHeader::build(200, None).unwrap();
+        r.append_header("vary", "Origin, Access-Control-Request-Method")
+            .unwrap();
+        add_vary(&mut r, "origin");
+        add_vary(&mut r, "accept-encoding");
+        let all: Vec<_> = r.headers.get_all("vary").iter().collect();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0], "Origin, Access-Control-Request-Method, accept-encoding");
     }
 
     #[test]

@@ -182,3 +182,66 @@ fn a_running_gateway_rejects_hostile_configs_on_reload_and_keeps_serving() {
         assert_eq!(gw.config_hash(), hash, "{name}: the old config stays");
     }
 }
+
+fn version(v: &str) -> (u32, u32) {
+    let mut parts = v.trim().split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// The Docker image builds the lockfile: its Rust is at least the `rust-version` Cargo.toml
+/// declares, which is at least what every locked dependency needs.
+#[test]
+fn the_docker_toolchain_builds_the_lockfile() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dockerfile = std::fs::read_to_string(format!("{root}/Dockerfile")).unwrap();
+    let image = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("FROM rust:"))
+        .expect("a rust build stage");
+    let docker = version(image.split('-').next().unwrap());
+    let manifest = std::fs::read_to_string(format!("{root}/Cargo.toml")).unwrap();
+    let declared = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .map(|v| version(v.trim_matches('"')))
+        .expect("rust-version");
+    let out = Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--offline", "--locked"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (needed, by) = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| Some((version(p["rust_version"].as_str()?), p["name"].as_str()?.to_string())))
+        .max()
+        .unwrap();
+    assert!(
+        declared >= needed,
+        "rust-version {declared:?} < {needed:?} needed by {by}"
+    );
+    assert!(
+        docker >= declared,
+        "the Dockerfile's rust:{image} is older than rust-version {declared:?}"
+    );
+}
+
+#[test]
+fn portico_health_asks_the_admin_listener() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&format!(
+        "upstreams:\n  a: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: a }}\n",
+        up.addr
+    ));
+    let health = |args: &[&str]| Command::new(BIN).arg("health").args(args).output().unwrap();
+    assert!(health(&["--admin", &gw.admin]).status.success());
+    let dead = free_addr();
+    let out = health(&["--admin", &dead]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&dead));
+    let url = format!("http://{}/healthz", up.addr);
+    assert!(health(&["--url", &url]).status.success());
+}

@@ -25,7 +25,7 @@ fn demo_answers_the_commands_it_prints() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _guard = Kill(child);
+    let mut guard = Kill(child);
     wait_for("the demo gateway", Duration::from_secs(30), || {
         get(&admin, "/healthz").ok().filter(|r| r.status == 200)
     });
@@ -36,6 +36,7 @@ fn demo_answers_the_commands_it_prints() {
         .map(str::to_string)
         .collect();
     assert!(commands.len() >= 10, "too few commands in:\n{printed}");
+    let mut outputs = Vec::new();
     for cmd in &commands {
         assert!(cmd.starts_with("curl "), "{cmd}");
         let out = Command::new("sh")
@@ -47,7 +48,30 @@ fn demo_answers_the_commands_it_prints() {
         assert!(out.status.success(), "{cmd} failed: {text}");
         assert!(!text.trim().is_empty(), "{cmd} printed nothing");
         assert!(!text.contains("\"error\":\"upstream"), "{cmd}: {text}");
+        outputs.push((cmd.clone(), text.to_string()));
     }
+    // The canary walkthrough: the failing canary is rolled back, then re-armed.
+    let output = |needle: &str| {
+        outputs
+            .iter()
+            .find(|(c, _)| c.contains(needle))
+            .map(|(_, t)| t.clone())
+            .unwrap_or_else(|| panic!("no command with {needle}"))
+    };
+    assert_eq!(output("status=500").trim(), "500 500 500 500 500 500");
+    let rolled: serde_json::Value = serde_json::from_str(&output("/canaries")).unwrap();
+    assert_eq!(rolled[0]["route"], "shop");
+    assert_eq!(rolled[0]["rolled_back"], true, "{rolled}");
+    assert_eq!(rolled[0]["effective_percent"], 0.0);
+    let reset: serde_json::Value = serde_json::from_str(&output("/reset")).unwrap();
+    assert_eq!(reset["rolled_back"], false, "{reset}");
+    let metrics = output("/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("portico_mirror_copies_total") && l.contains("route=\"shadow\"")),
+        "{metrics}"
+    );
     let run = |needle: &str| {
         let cmd = commands
             .iter()
@@ -63,6 +87,19 @@ fn demo_answers_the_commands_it_prints() {
     assert!(run("/office").contains("\"error\":\"forbidden\""));
     assert!(run("x-big").contains("\"error\":\"request_header_too_large\""));
     assert!(run("/upload").contains("\"error\":\"payload_too_large\""));
+    // The rate-limited loop trips (the printed run above spent the budget already).
+    let codes = run("/limited/[1-6]");
+    assert!(
+        codes.lines().all(|c| c == "200" || c == "429") && codes.contains("429"),
+        "{codes}"
+    );
+    let refused = get(&listen, "/limited").unwrap();
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert_eq!(refused.json()["error"], "rate_limited");
+    assert!(refused.header("retry-after").is_some() && refused.header("ratelimit-limit") == Some("3"));
+    let metered = get(&listen, "/metered").unwrap();
+    assert_eq!(metered.status, 200);
+    assert_eq!(metered.header("ratelimit-limit"), Some("100"));
     // What the walkthrough promises.
     let users = get(&listen, "/users/7").unwrap();
     assert_eq!(echoed(&users)["path"], "/v1/users/7");
@@ -105,4 +142,21 @@ fn demo_answers_the_commands_it_prints() {
     assert_eq!(sent["fullName"], "ann");
     assert!(sent.get("debug").is_none());
     assert!(sent["meta"]["trace"].as_str().is_some_and(|t| !t.is_empty()));
+
+    // Ctrl-C ends the demo and removes its temporary config.
+    let config = printed
+        .lines()
+        .find_map(|l| l.split("The config is in ").nth(1))
+        .and_then(|rest| rest.split(';').next())
+        .map(|p| std::path::PathBuf::from(p.trim()))
+        .expect("the walkthrough names its config file");
+    assert!(config.exists(), "{}", config.display());
+    let pid = guard.0.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    while guard.0.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < end, "the demo did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!config.exists(), "the demo removed {}", config.display());
 }

@@ -278,3 +278,46 @@ fn framing_vectors() {
     assert!(failures.is_empty(), "{}", failures.join("\n---\n"));
     assert_eq!(up.requests(), 5, "only the accepted requests, never /smuggled");
 }
+
+/// Refusals the edge layer makes before Pingora parses a request are logged like any request:
+/// through the access log's own format, with what the head had (method, target, trace id).
+#[test]
+fn edge_refusals_are_in_the_access_log_in_its_format() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&format!(
+        "access_log: {{ format: combined }}\n{}",
+        body(&up, "header_timeout: 1s, max_request_header_bytes: 4KiB")
+    ));
+    // A head that stops coming: 408.
+    let (status, _) = status_of(
+        &gw.addr,
+        b"GET /slow?x=1 HTTP/1.1\r\nHost: a\r\nX-Request-Id: slow-123\r\nUser-Agent: slowpoke\r\nX-Slo",
+    );
+    assert_eq!(status, 408);
+    // A head too large: 431.
+    let big = format!(
+        "POST /big HTTP/1.1\r\nHost: a\r\nX-Request-Id: big-456\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(5000)
+    );
+    let (status, _) = status_of(&gw.addr, big.as_bytes());
+    assert_eq!(status, 431);
+    let lines = wait_for("both refusals in the access log", Duration::from_secs(10), || {
+        let out = gw.p.stdout_text();
+        let found: Vec<String> = out
+            .lines()
+            .filter(|l| l.contains("slow-123") || l.contains("big-456"))
+            .map(str::to_string)
+            .collect();
+        (found.len() == 2).then_some(found)
+    });
+    let slow = lines.iter().find(|l| l.contains("slow-123")).unwrap();
+    assert!(slow.contains("\"GET /slow?x=1 HTTP/1.1\" 408 "), "{slow}");
+    assert!(slow.contains("\"slowpoke\""), "{slow}");
+    assert!(
+        slow.contains(" - - [") && slow.contains(" +0000] "),
+        "Apache's timestamp: {slow}"
+    );
+    let big = lines.iter().find(|l| l.contains("big-456")).unwrap();
+    assert!(big.contains("\"POST /big HTTP/1.1\" 431 "), "{big}");
+    assert!(big.contains("route=none"), "{big}");
+}

@@ -115,6 +115,7 @@ routes:
                 upgrade: false,
                 daemon: false,
                 registry,
+                resources: None,
             },
             Box::new(Stop(tokio::sync::Mutex::new(rx))),
         )

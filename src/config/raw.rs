@@ -15,6 +15,7 @@ pub struct RawConfig {
     pub client_ip: ClientIp,
     pub limits: Limits,
     pub access_log: AccessLog,
+    pub compression: Option<Compression>,
     pub admin: Option<Admin>,
     pub redis: Option<Redis>,
     pub consumers: Vec<(usize, Consumer)>,
@@ -101,6 +102,8 @@ pub enum LogFormat {
 pub struct AccessLog {
     pub enabled: bool,
     pub format: LogFormat,
+    /// A file (appended to, reopened on SIGUSR1); stdout when absent.
+    pub path: Option<String>,
 }
 
 impl Default for AccessLog {
@@ -108,6 +111,67 @@ impl Default for AccessLog {
         AccessLog {
             enabled: true,
             format: LogFormat::Json,
+            path: None,
+        }
+    }
+}
+
+/// `compression:` (global, or a route's own): compress responses at the gateway.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Compression {
+    /// Offered in this order of preference, by the client's Accept-Encoding.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Smaller bodies (by Content-Length) are sent as they are.
+    #[serde(default = "default_min_length")]
+    pub min_length: Size,
+    /// Media types to compress (`text/*` matches every text type).
+    #[serde(default = "default_content_types")]
+    pub content_types: Vec<String>,
+    /// Compression level (each algorithm's own scale); a sensible default per algorithm.
+    #[serde(default)]
+    pub level: Option<u32>,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["zstd".into(), "br".into(), "gzip".into()]
+}
+
+fn default_min_length() -> Size {
+    Size(1024)
+}
+
+fn default_content_types() -> Vec<String> {
+    [
+        "text/*",
+        "application/json",
+        "application/javascript",
+        "application/xml",
+        "image/svg+xml",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A route's `compression`: `off` (or `false`), or a block that replaces the global one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteCompression {
+    Off,
+    On(Compression),
+}
+
+impl<'de> Deserialize<'de> for RouteCompression {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_yaml::Value::deserialize(d)?;
+        match &v {
+            serde_yaml::Value::String(s) if s == "off" => Ok(RouteCompression::Off),
+            serde_yaml::Value::Bool(false) => Ok(RouteCompression::Off),
+            serde_yaml::Value::Mapping(_) => serde_yaml::from_value(v)
+                .map(RouteCompression::On)
+                .map_err(de::Error::custom),
+            _ => Err(de::Error::custom("write `compression: off` or a compression block")),
         }
     }
 }
@@ -168,6 +232,9 @@ pub struct Upstream {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub retries: Option<Retries>,
+    /// How often host names among the endpoints are resolved again (default 30s).
+    #[serde(default)]
+    pub resolve_every: Option<Dur>,
 }
 
 /// `- 127.0.0.1:9001` or `- { address: 127.0.0.1:9002, weight: 3 }`.
@@ -309,7 +376,7 @@ impl<'de> Deserialize<'de> for Retries {
         struct Full {
             attempts: u32,
             #[serde(default)]
-            on: Option<Vec<String>>,
+            on: Option<Vec<StatusOrName>>,
             #[serde(default)]
             budget: Option<f64>,
         }
@@ -324,9 +391,22 @@ impl<'de> Deserialize<'de> for Retries {
         let f: Full = serde_yaml::from_value(v).map_err(de::Error::custom)?;
         Ok(Retries {
             attempts: f.attempts,
-            on: f.on,
+            on: f.on.map(|v| v.into_iter().map(|c| c.0).collect()),
             budget: f.budget,
         })
+    }
+}
+
+/// A retry condition as written: a name (`reset`) or a status (`503`, unquoted in YAML).
+struct StatusOrName(String);
+
+impl<'de> Deserialize<'de> for StatusOrName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match serde_yaml::Value::deserialize(d)? {
+            serde_yaml::Value::String(s) => Ok(StatusOrName(s)),
+            serde_yaml::Value::Number(n) => Ok(StatusOrName(n.to_string())),
+            _ => Err(de::Error::custom("a retry condition is a name or a status code")),
+        }
     }
 }
 
@@ -390,6 +470,12 @@ pub struct Route {
     pub timeouts: Option<Timeouts>,
     #[serde(default)]
     pub max_request_body_bytes: Option<Size>,
+    #[serde(default)]
+    pub compression: Option<RouteCompression>,
+    /// Map `Location`/`Content-Location` from the upstream back through the rewrite and to the
+    /// client's host (default: on when the route rewrites or the upstream sets `host`).
+    #[serde(default)]
+    pub rewrite_location: Option<bool>,
     #[serde(default)]
     pub plugins: Vec<PluginEntry>,
 }

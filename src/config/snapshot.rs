@@ -23,6 +23,10 @@ pub struct Snapshot {
     pub limits: Limits,
     pub trace: TraceConfig,
     pub access_log: Option<raw::LogFormat>,
+    /// The global `compression` policy (routes may have their own).
+    pub compression: Option<Arc<crate::compression::Policy>>,
+    /// The access log's file (stdout when `None`).
+    pub access_log_path: Option<PathBuf>,
     pub consumers: Arc<Consumers>,
     pub listeners: Vec<raw::Listener>,
     pub admin: Option<raw::Admin>,
@@ -135,5 +139,9 @@ pub struct Route {
     pub rewrite: Option<Rewrite>,
     pub timeouts: RouteTimeouts,
     pub max_request_body_bytes: u64,
+    /// The compression policy responses on this route follow (`None`: none).
+    pub compression: Option<Arc<crate::compression::Policy>>,
+    /// Map `Location`/`Content-Location` back through the rewrite and to the client's host.
+    pub rewrite_location: bool,
     pub chains: Chains,
 }

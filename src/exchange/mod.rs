@@ -9,6 +9,7 @@
 
 mod body;
 mod done;
+mod location;
 mod reply;
 mod upstream;
 
@@ -24,7 +25,7 @@ use crate::route::{normalize_host, normalize_path, RequestKey};
 use crate::upstream::{InFlight, Upstream};
 use http::header::{CONTENT_LENGTH, HOST};
 use http::Method;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Deref;
@@ -40,6 +41,10 @@ pub struct Ctx {
     pub endpoint: Option<usize>,
     /// Endpoints already tried by this request.
     pub tried: Vec<usize>,
+    /// Attempts made so far (a stale pooled connection's retry not counted).
+    pub attempts: u32,
+    /// The upstream's answer was turned into an error to retry it (`retries.on: [503]`).
+    status_retry: bool,
     /// Retry the same endpoint (a stale pooled connection, not the endpoint's fault).
     retry_same: bool,
     in_flight: Option<InFlight>,
@@ -54,6 +59,8 @@ pub struct Ctx {
     pub peer_ip: IpAddr,
     /// How the request body reaches the upstream (see `body.rs`).
     pub(crate) body: body::BodyMode,
+    /// How much of the body this attempt and earlier ones carried (retries replay it).
+    pub(crate) body_pos: body::Replay,
     /// A reply a body plugin asked for after the upstream exchange began (written by `fail`).
     pub(crate) pending_reply: Option<Reply>,
     /// The upstream's own status, once one answered.
@@ -62,6 +69,11 @@ pub struct Ctx {
     pub failure: Option<Failure>,
     /// The gRPC status of the answer (trailers, a trailers-only head, or Portico's own).
     pub grpc_status: Option<u32>,
+    /// What the first phase decided (routing runs before Pingora's modules see the request, so
+    /// compression can be negotiated per route); the request phase acts on it.
+    pub(crate) early: Option<Result<(), Reply>>,
+    /// The route's compression policy and the algorithm chosen for this request.
+    pub(crate) compression: Option<(Arc<crate::compression::Policy>, Option<crate::compression::Chosen>)>,
 }
 
 /// A cheap handle on the chains that apply to this request (the route's, or the global ones).
@@ -88,6 +100,8 @@ impl Ctx {
             upstream: None,
             endpoint: None,
             tried: Vec::new(),
+            attempts: 0,
+            status_retry: false,
             retry_same: false,
             in_flight: None,
             upstream_path: None,
@@ -97,10 +111,13 @@ impl Ctx {
             error_code: None,
             peer_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             body: body::BodyMode::Plain,
+            body_pos: body::Replay::default(),
             pending_reply: None,
             upstream_status: None,
             failure: None,
             grpc_status: None,
+            early: None,
+            compression: None,
         }
     }
 
@@ -240,6 +257,33 @@ pub(crate) fn too_large(limit: u64) -> Reply {
         "payload_too_large",
         format!("the request body is larger than {limit} bytes"),
     )
+}
+
+/// The first phase, before Pingora's downstream modules see the request: [`begin`], then the
+/// compression negotiation for the route. What `begin` decided is kept for the request phase.
+pub fn early(session: &mut Session, ctx: &mut Ctx) {
+    let step = begin(session, ctx);
+    let policy = match &ctx.route {
+        Some(r) => r.compression.clone(),
+        None => ctx.snap.compression.clone(),
+    };
+    if let Some(policy) = policy {
+        let chosen = crate::compression::negotiate(session, &policy);
+        ctx.compression = Some((policy, chosen));
+    }
+    ctx.early = Some(step);
+}
+
+/// An upstream's response head: its redirects mapped back to the client's terms.
+pub fn upstream_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx: &Ctx) {
+    location::rewrite_locations(req, resp, ctx);
+}
+
+/// A response head on its way to the client: compress it or not (before the module sees it).
+pub fn compress_or_not(session: &mut Session, resp: &mut ResponseHeader, ctx: &Ctx) {
+    if let Some((policy, chosen)) = &ctx.compression {
+        crate::compression::decide(session, resp, policy, *chosen);
+    }
 }
 
 /// After the request plugins: the upstream (a select plugin may have named another) and the

@@ -11,6 +11,11 @@ use pingora::prelude::*;
 
 /// The response head going to the client: the trace header, then the response plugins.
 pub fn finish_response_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx: &mut Ctx) {
+    // An intermediary answers with its own version (RFC 9110 §2.5): an HTTP/1.0 upstream must
+    // not make an HTTP/1.1 client downgrade its next request.
+    if req.version != http::Version::HTTP_2 && resp.version != http::Version::HTTP_11 {
+        resp.set_version(http::Version::HTTP_11);
+    }
     let _ = resp.insert_header(ctx.snap.trace.header.clone(), ctx.st.trace.request_id.as_str());
     // A trailers-only gRPC answer (or Portico's own gRPC error) carries its status in the head.
     if let Some(code) = grpc_status(&resp.headers) {
@@ -35,6 +40,7 @@ pub async fn send_reply(session: &mut Session, ctx: &mut Ctx, reply: Reply) -> R
         head.remove_header(&http::header::TRANSFER_ENCODING);
     }
     let _ = head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
+    super::compress_or_not(session, &mut head, ctx);
     // A request body we did not read would be parsed as the next request: close instead.
     let unread_body = !session.is_body_empty() && ctx.body_seen == 0;
     if unread_body || reply.status == 413 || reply.status == 400 {
@@ -113,6 +119,14 @@ pub fn by_status(code: u16) -> (u16, &'static str, &'static str) {
     }
 }
 
+/// Whether the client already has a final response head. An interim `100 Continue` (relayed
+/// from the upstream) does not count: a body over the limit after it still gets its 413.
+pub(super) fn final_response_written(session: &Session) -> bool {
+    session
+        .response_written()
+        .is_some_and(|h| !(100..200).contains(&h.status.as_u16()) || h.status.as_u16() == 101)
+}
+
 /// The upstream's trailers arrived: a gRPC status lives there.
 pub fn trailers_arrived(trailers: &http::HeaderMap, ctx: &mut Ctx) {
     if let Some(code) = grpc_status(trailers) {
@@ -130,7 +144,7 @@ pub(super) fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
 pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
     if let Some(reply) = ctx.pending_reply.take() {
         let status = reply.status;
-        if session.response_written().is_none() {
+        if !final_response_written(session) {
             let _ = send_reply(session, ctx, reply).await;
         }
         return status;
@@ -148,7 +162,7 @@ pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
     if status == 0 {
         return 0;
     }
-    if session.response_written().is_some() {
+    if final_response_written(session) {
         return status;
     }
     let reply = Reply::error(status, code, message);

@@ -22,6 +22,8 @@
 //! admitting, and only for the keys nearest to their limit's reset. Freeing a sixteenth at a time
 //! keeps the O(shard) scan to once per shard/16 new keys. Evictions of live keys are counted in
 //! `portico_limit_local_evictions_total`: a steady rate says `max_keys` is too small.
+//!
+//! (Over 500 lines because of its table of unit tests, kept beside the code they pin down.)
 
 use super::decision::Decision;
 use super::gcra::{self, GcraParams};
@@ -151,6 +153,9 @@ impl<V: Slot> Table<V> {
         for s in self.shards.iter() {
             let mut map = s.lock();
             let live = map.values().filter(|v| !v.idle(now)).count();
+            if live == map.len() {
+                continue; // nothing to drop: no rebuild, no allocation
+            }
             let mut fresh = Map::with_capacity_and_hasher(live, Default::default());
             fresh.extend(map.drain().filter(|(_, v)| !v.idle(now)));
             *map = fresh;

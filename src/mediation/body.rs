@@ -15,6 +15,8 @@
 //!
 //! A transformed body is always plain (not encoded) `application/json`; the glue fixes
 //! `content-type`, drops `content-encoding` and sets the framing.
+//!
+//! (Over 500 lines because of its table of unit tests, kept beside the code they pin down.)
 
 use super::json_ops::{JsonOps, Vars};
 use super::xml;

@@ -39,6 +39,8 @@
 //!
 //! Each operation sees the document as the previous ones left it, so `set` and `rename` paths
 //! name fields as they are after `select` and `remove`.
+//!
+//! (Over 500 lines because of its table of unit tests, kept beside the code they pin down.)
 
 use crate::config::ConfigError;
 use serde::de::{self, Deserializer, MapAccess, Visitor};

@@ -28,6 +28,8 @@
 //! that normalise paths, Portico's own [`crate::route::normalize_path`] among them, turn
 //! `/users/%2E%2E/admin` into `/admin`. In the query such values are harmless and go as they
 //! are.
+//!
+//! (Over 500 lines because of its table of unit tests, kept beside the code they pin down.)
 
 use percent_encoding::{percent_decode_str, percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::Value;

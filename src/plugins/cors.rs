@@ -221,13 +221,6 @@ impl Plugin for Cors {
                 let _ = resp.insert_header("access-control-expose-headers", expose.as_str());
             }
         }
-        if !resp
-            .headers
-            .get_all("vary")
-            .iter()
-            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"origin"))
-        {
-            let _ = resp.append_header("vary", "origin");
-        }
+        crate::util::add_vary(resp, "origin");
     }
 }

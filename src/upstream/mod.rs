@@ -4,8 +4,10 @@
 //! same health view.
 
 mod balance;
+mod budget;
 mod health;
 
+pub use budget::{RetryBudget, RetryCause, RetryPolicy, RetryWindow, MIN_RETRIES_PER_WINDOW};
 pub use health::{EndpointHealth, HealthRegistry};
 
 use crate::config::raw::{Balance, CheckKind, Protocol};
@@ -21,10 +23,47 @@ use std::time::Duration;
 pub struct Endpoint {
     /// As written in the config (`users.internal:9001`); the default Host header.
     pub address: String,
-    /// Resolved at load.
-    pub addr: SocketAddr,
+    /// Where it is now: resolved at load, and again every `resolve_every` for a host name.
+    addr: arc_swap::ArcSwap<SocketAddr>,
+    /// The host name and port to re-resolve (`None` for an IP literal).
+    pub name: Option<(String, u16)>,
+    /// When the name was last resolved.
+    pub(crate) resolved_at: std::sync::Mutex<std::time::Instant>,
     pub weight: u32,
     pub health: Arc<EndpointHealth>,
+}
+
+impl Endpoint {
+    pub fn new(address: String, addr: SocketAddr, weight: u32, health: Arc<EndpointHealth>) -> Endpoint {
+        let name = match address.parse::<SocketAddr>() {
+            Ok(_) => None,
+            Err(_) => address
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.to_string(), p.parse().ok()?))),
+        };
+        Endpoint {
+            address,
+            addr: arc_swap::ArcSwap::from_pointee(addr),
+            name,
+            resolved_at: std::sync::Mutex::new(std::time::Instant::now()),
+            weight,
+            health,
+        }
+    }
+
+    /// The endpoint's current address.
+    pub fn addr(&self) -> SocketAddr {
+        **self.addr.load()
+    }
+
+    /// A fresh resolution of its name; true when the address changed.
+    pub fn set_addr(&self, addr: SocketAddr) -> bool {
+        if self.addr() == addr {
+            return false;
+        }
+        self.addr.store(Arc::new(addr));
+        true
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -65,14 +104,6 @@ impl Default for Timeouts {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// Extra attempts after the first (0 = none).
-    pub attempts: u32,
-    pub on_connect_failure: bool,
-    pub on_reset: bool,
-}
-
 /// What a consistent-hash key is taken from.
 #[derive(Debug, Clone)]
 pub enum HashOn {
@@ -96,6 +127,8 @@ pub struct Upstream {
     pub passive: Option<PassiveSpec>,
     pub timeouts: Timeouts,
     pub retries: RetryPolicy,
+    /// How often host names are resolved again (`None`: never, or no names).
+    pub resolve_every: Option<Duration>,
     /// Smooth weighted round-robin order of endpoint indexes.
     rr_order: Vec<u16>,
     rr_next: AtomicUsize,
@@ -141,13 +174,14 @@ impl Upstream {
             passive,
             timeouts,
             retries,
+            resolve_every: None,
         }
     }
 
     /// The peer for endpoint `i`, with this upstream's timeouts (route overrides applied).
     pub fn peer(&self, i: usize, timeouts: &Timeouts) -> Box<HttpPeer> {
         let e = &self.endpoints[i];
-        let mut peer = HttpPeer::new(e.addr, false, String::new());
+        let mut peer = HttpPeer::new(e.addr(), false, String::new());
         let o = &mut peer.options;
         o.connection_timeout = Some(timeouts.connect);
         o.total_connection_timeout = Some(timeouts.connect);
@@ -243,12 +277,7 @@ mod tests {
             .enumerate()
             .map(|(i, w)| {
                 let address = format!("127.0.0.1:{}", 1000 + i);
-                Endpoint {
-                    addr: address.parse().unwrap(),
-                    health: reg.get("t", &address),
-                    address,
-                    weight: *w,
-                }
+                Endpoint::new(address.clone(), address.parse().unwrap(), *w, reg.get("t", &address))
             })
             .collect();
         Upstream::new(
@@ -265,11 +294,7 @@ mod tests {
                 eject_for: Duration::from_secs(30),
             }),
             Timeouts::default(),
-            RetryPolicy {
-                attempts: 1,
-                on_connect_failure: true,
-                on_reset: false,
-            },
+            RetryPolicy::default(),
         )
     }
 

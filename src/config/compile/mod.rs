@@ -76,6 +76,7 @@ const SECTIONS: &[&str] = &[
     "client_ip",
     "limits",
     "access_log",
+    "compression",
     "admin",
     "redis",
     "consumers",
@@ -114,6 +115,7 @@ fn sections(doc: serde_yaml::Value, errs: &mut ConfigErrors) -> Parsed {
             "client_ip" => raw.client_ip = section(&v, "client_ip", errs),
             "limits" => raw.limits = section(&v, "limits", errs),
             "access_log" => raw.access_log = section(&v, "access_log", errs),
+            "compression" => raw.compression = section::<Option<raw::Compression>>(&v, "compression", errs),
             "admin" => raw.admin = section::<Option<raw::Admin>>(&v, "admin", errs),
             "redis" => raw.redis = section::<Option<raw::Redis>>(&v, "redis", errs),
             "consumers" => raw.consumers = items(&v, "consumers", errs),
@@ -228,12 +230,35 @@ fn build(
         .as_ref()
         .and_then(|r| server::secret("redis", r.url.as_deref(), r.url_env.as_deref(), "url", errs));
 
+    let access_log_path = raw.access_log.path.as_ref().map(|p| {
+        let path = ctx_path(&base_dir, p);
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            errs.push("access_log.path", format!("the directory of '{p}' does not exist"));
+        }
+        path
+    });
+
+    let compression = raw
+        .compression
+        .as_ref()
+        .and_then(|c| match crate::compression::Policy::compile(c) {
+            Ok(p) => Some(Arc::new(p)),
+            Err((field, message)) => {
+                errs.push(format!("compression.{field}"), message);
+                None
+            }
+        });
+
     let consumers = Arc::new(consumers::compile_consumers(&raw.consumers, errs));
 
     let mut upstreams = HashMap::new();
     let mut broken_upstreams = broken_upstreams;
     for (name, u) in &raw.upstreams {
-        match upstreams::compile_upstream(name, u, &resources.health, offline, errs) {
+        match upstreams::compile_upstream(name, u, &resources.health, &*resources.resolver, offline, errs) {
             Some(up) => {
                 upstreams.insert(name.clone(), Arc::new(up));
             }
@@ -251,7 +276,9 @@ fn build(
         base_dir,
         route: None,
         route_params: Vec::new(),
+        route_upstream: None,
         upstreams: upstream_names,
+        routes: raw.routes.iter().map(|(_, r)| r.name.clone()).collect(),
         consumers: consumers.clone(),
         redis_url: redis_url.clone(),
         plugin: String::new(),
@@ -268,6 +295,7 @@ fn build(
             upstreams: &upstreams,
             broken_upstreams: &broken_upstreams,
             limits: &limits,
+            compression: compression.as_ref(),
             ctx: &ctx,
         },
         errs,
@@ -287,6 +315,8 @@ fn build(
         limits,
         trace,
         access_log: raw.access_log.enabled.then_some(raw.access_log.format),
+        access_log_path,
+        compression,
         consumers,
         listeners: raw.listeners.into_iter().map(|(_, l)| l).collect(),
         admin: raw.admin,
@@ -318,6 +348,16 @@ fn name_routes_in(errs: &mut ConfigErrors, names: &[Option<String>]) {
                 e.message = format!("{} (route '{name}')", e.message);
             }
         }
+    }
+}
+
+/// A path written in the config: relative ones from `base_dir`.
+fn ctx_path(base_dir: &Path, p: &str) -> std::path::PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base_dir.join(p)
     }
 }
 

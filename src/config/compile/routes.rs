@@ -20,6 +20,8 @@ pub(super) struct RouteInputs<'a> {
     /// Upstreams that failed to compile: routes naming them get no second error.
     pub broken_upstreams: &'a HashSet<String>,
     pub limits: &'a Limits,
+    /// The global compression policy (a route may replace it or switch it off).
+    pub compression: Option<&'a Arc<crate::compression::Policy>>,
     pub ctx: &'a BuildContext,
 }
 
@@ -49,6 +51,7 @@ fn compile_route(loc: &str, r: &raw::Route, inp: &RouteInputs<'_>, errs: &mut Co
     let mut ctx = inp.ctx.clone();
     ctx.route = Some(r.name.clone());
     ctx.route_params = matcher.as_ref().map(|m| m.path.params()).unwrap_or_default();
+    ctx.route_upstream = r.upstream.clone();
 
     let mut entries: Vec<Entry> = Vec::new();
     let mut replaced: HashSet<Arc<str>> = HashSet::new();
@@ -133,6 +136,16 @@ fn compile_route(loc: &str, r: &raw::Route, inp: &RouteInputs<'_>, errs: &mut Co
         .map(|s| s.0)
         .unwrap_or(inp.limits.max_request_body_bytes);
 
+    let compression = crate::compression::Policy::for_route(r.compression.as_ref(), inp.compression).unwrap_or_else(
+        |(field, message)| {
+            errs.push(format!("{loc}.compression.{field}"), message);
+            None
+        },
+    );
+    // `Location` mapping is on by default where the upstream sees other paths or another host.
+    let upstream_renames_host = upstream.as_ref().is_some_and(|u| u.host.is_some());
+    let rewrite_location = r.rewrite_location.unwrap_or(rewrite.is_some() || upstream_renames_host);
+
     Some(Route {
         name: Arc::from(r.name.as_str()),
         matcher: matcher?,
@@ -140,6 +153,8 @@ fn compile_route(loc: &str, r: &raw::Route, inp: &RouteInputs<'_>, errs: &mut Co
         rewrite,
         timeouts,
         max_request_body_bytes,
+        compression,
+        rewrite_location,
         chains,
     })
 }

@@ -4,17 +4,18 @@
 use crate::config::error::ConfigErrors;
 use crate::config::raw::{self, Balance, CheckKind, Protocol};
 use crate::upstream::{
-    Endpoint, HashOn, HealthCheckSpec, HealthRegistry, PassiveSpec, RetryPolicy, Timeouts, Upstream,
+    Endpoint, HashOn, HealthCheckSpec, HealthRegistry, PassiveSpec, RetryBudget, RetryPolicy, Timeouts, Upstream,
 };
 use http::HeaderValue;
 use std::collections::HashSet;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 pub(super) fn compile_upstream(
     name: &str,
     u: &raw::Upstream,
     health: &HealthRegistry,
+    resolver: &dyn crate::resolver::Resolve,
     offline: bool,
     errs: &mut ConfigErrors,
 ) -> Option<Upstream> {
@@ -30,7 +31,7 @@ pub(super) fn compile_upstream(
         if e.weight == 0 || e.weight > 1000 {
             errs.push(format!("{eloc}.weight"), "weight must be between 1 and 1000");
         }
-        let addr = match resolve(&e.address, offline) {
+        let addr = match resolve(&e.address, resolver, offline) {
             Ok(a) => a,
             Err(msg) => {
                 errs.push(eloc, msg);
@@ -41,12 +42,12 @@ pub(super) fn compile_upstream(
             errs.push(eloc, format!("'{}' is listed twice", e.address));
             continue;
         }
-        endpoints.push(Endpoint {
-            health: health.get(name, &e.address),
-            address: e.address.clone(),
+        endpoints.push(Endpoint::new(
+            e.address.clone(),
             addr,
-            weight: e.weight.clamp(1, 1000),
-        });
+            e.weight.clamp(1, 1000),
+            health.get(name, &e.address),
+        ));
     }
     let hash_on = match (&u.hash_on, u.balance) {
         (Some(h), Balance::ConsistentHash) => parse_hash_on(h).unwrap_or_else(|m| {
@@ -154,48 +155,17 @@ pub(super) fn compile_upstream(
         }
     }
     let retries = match &u.retries {
-        None => RetryPolicy {
-            attempts: 1,
-            on_connect_failure: true,
-            on_reset: false,
-        },
-        Some(r) => {
-            if r.attempts > 10 {
-                errs.push(format!("{loc}.retries.attempts"), "at most 10");
-            }
-            if r.budget.is_some() {
-                errs.push(
-                    format!("{loc}.retries.budget"),
-                    "retry budgets are not available in this build yet (see the README's roadmap)",
-                );
-            }
-            let on = r.on.clone().unwrap_or_else(|| vec!["connect_failure".into()]);
-            let mut p = RetryPolicy {
-                attempts: r.attempts,
-                on_connect_failure: false,
-                on_reset: false,
-            };
-            for (i, cond) in on.iter().enumerate() {
-                match cond.as_str() {
-                    "connect_failure" => p.on_connect_failure = true,
-                    "reset" => p.on_reset = true,
-                    "502" | "503" | "504" | "timeout" => errs.push(
-                        format!("{loc}.retries.on[{i}]"),
-                        format!("retrying on '{cond}' is not available in this build yet (see the README's roadmap)"),
-                    ),
-                    other => errs.push(
-                        format!("{loc}.retries.on[{i}]"),
-                        format!("unknown retry condition '{other}' (connect_failure | reset)"),
-                    ),
-                }
-            }
-            p
-        }
+        None => RetryPolicy::default(),
+        Some(r) => retry_policy(name, r, &loc, health, errs),
     };
+    let resolve_every = u.resolve_every.map(|d| d.0).unwrap_or(Duration::from_secs(30));
+    if resolve_every < Duration::from_millis(100) {
+        errs.push(format!("{loc}.resolve_every"), "must be at least 100ms");
+    }
     if errs.0.len() > before {
         return None;
     }
-    Some(Upstream::new(
+    let mut up = Upstream::new(
         name.to_string(),
         endpoints,
         u.balance,
@@ -207,7 +177,59 @@ pub(super) fn compile_upstream(
         passive,
         timeouts,
         retries,
-    ))
+    );
+    if up.endpoints.iter().any(|e| e.name.is_some()) {
+        up.resolve_every = Some(resolve_every);
+    }
+    Some(up)
+}
+
+/// `retries: N` or `{attempts, on, budget}`; `on` defaults to `[connect_failure]`.
+fn retry_policy(
+    name: &str,
+    r: &raw::Retries,
+    loc: &str,
+    health: &HealthRegistry,
+    errs: &mut ConfigErrors,
+) -> RetryPolicy {
+    if r.attempts > 10 {
+        errs.push(format!("{loc}.retries.attempts"), "at most 10");
+    }
+    let budget = r.budget.and_then(|ratio| {
+        if !(0.0..=10.0).contains(&ratio) || !ratio.is_finite() {
+            errs.push(
+                format!("{loc}.retries.budget"),
+                "a fraction of requests between 0 and 10 (0.2 = retries may add 20% to the load)",
+            );
+            return None;
+        }
+        Some(RetryBudget {
+            ratio,
+            window: health.retry_window(name),
+        })
+    });
+    let mut p = RetryPolicy {
+        attempts: r.attempts,
+        on_connect_failure: false,
+        on_reset: false,
+        on_timeout: false,
+        on_status: Vec::new(),
+        budget,
+    };
+    let on = r.on.clone().unwrap_or_else(|| vec!["connect_failure".into()]);
+    for (i, cond) in on.iter().enumerate() {
+        match cond.as_str() {
+            "connect_failure" => p.on_connect_failure = true,
+            "reset" => p.on_reset = true,
+            "timeout" => p.on_timeout = true,
+            "502" | "503" | "504" => p.on_status.push(cond.parse().expect("a status")),
+            other => errs.push(
+                format!("{loc}.retries.on[{i}]"),
+                format!("unknown retry condition '{other}' (connect_failure | reset | timeout | 502 | 503 | 504)"),
+            ),
+        }
+    }
+    p
 }
 
 fn parse_hash_on(s: &str) -> Result<HashOn, String> {
@@ -223,7 +245,7 @@ fn parse_hash_on(s: &str) -> Result<HashOn, String> {
 
 /// Resolve `host:port` once, at load: Pingora's `HttpPeer::new` panics on a name that does
 /// not resolve, so no name ever reaches it. Offline (`portico -t`) checks the syntax only.
-fn resolve(address: &str, offline: bool) -> Result<SocketAddr, String> {
+fn resolve(address: &str, resolver: &dyn crate::resolver::Resolve, offline: bool) -> Result<SocketAddr, String> {
     if let Ok(a) = address.parse::<SocketAddr>() {
         return Ok(a);
     }
@@ -237,8 +259,10 @@ fn resolve(address: &str, offline: bool) -> Result<SocketAddr, String> {
         let port = port.parse::<u16>().unwrap_or(0);
         return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
     }
-    match address.to_socket_addrs() {
-        Ok(mut addrs) => addrs
+    let port = port.parse::<u16>().unwrap_or(0);
+    match resolver.resolve(host, port) {
+        Ok(addrs) => addrs
+            .into_iter()
             .next()
             .ok_or_else(|| format!("'{host}' does not resolve to any address")),
         Err(e) => Err(format!("'{host}' does not resolve: {e}")),
