@@ -1,4 +1,5 @@
-//! The admin listener: `/healthz`, `/metrics`, `/config`, `POST /reload`.
+//! The admin listener: `/healthz`, `/metrics`, `/config`, `POST /reload`, and what live plugins
+//! show through [`AdminState`] (`GET /canaries`, `POST /canaries/{route}/reset`).
 //! It binds loopback by default and never shares a port with proxied traffic.
 //!
 //! A POST changes the gateway, so it must come from an operator, not from a web page: one that
@@ -6,6 +7,8 @@
 //! (a DNS-rebinding page names its own) is refused with 403; with `admin.token` set, a POST also
 //! needs `Authorization: Bearer <token>` (401 without it).
 
+use crate::config::Snapshot;
+use crate::plugin::{AdminState, Plugin};
 use crate::shared::Shared;
 use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
@@ -93,6 +96,87 @@ impl AdminApp {
     }
 }
 
+/// Plugin collections the contract names: they answer `[]` when no live plugin reports there.
+const COLLECTIONS: &[&str] = &["canaries"];
+
+/// Every live plugin that shows admin state, with its route (`*` for a global plugin).
+fn live_states(snap: &Snapshot) -> Vec<(Arc<str>, Arc<dyn Plugin>)> {
+    let global: Vec<&Arc<dyn Plugin>> = snap.global.all.iter().map(|e| &e.plugin).collect();
+    let mut out: Vec<(Arc<str>, Arc<dyn Plugin>)> = global
+        .iter()
+        .filter(|p| p.admin_state().is_some())
+        .map(|p| (Arc::from("*"), Arc::clone(p)))
+        .collect();
+    for route in &snap.routes {
+        for e in &route.chains.all {
+            let inherited = global.iter().any(|g| Arc::ptr_eq(g, &e.plugin));
+            if !inherited && e.plugin.admin_state().is_some() {
+                out.push((route.name.clone(), e.plugin.clone()));
+            }
+        }
+    }
+    out
+}
+
+fn state_of(p: &Arc<dyn Plugin>) -> &dyn AdminState {
+    p.admin_state().expect("filtered on admin_state")
+}
+
+/// `GET /{collection}` and `POST /{collection}/{route}/{action}` for plugins' admin state;
+/// `None` when `path` names no such collection.
+fn plugin_admin(snap: &Snapshot, method: &http::Method, path: &str) -> Option<http::Response<Vec<u8>>> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let collection = segments[0];
+    let states: Vec<_> = live_states(snap)
+        .into_iter()
+        .filter(|(_, p)| state_of(p).collection() == collection)
+        .collect();
+    if states.is_empty() && !COLLECTIONS.contains(&collection) {
+        return None;
+    }
+    let with_route = |route: &str, mut v: serde_json::Value| {
+        if let Some(m) = v.as_object_mut() {
+            m.insert("route".into(), route.into());
+        }
+        v
+    };
+    Some(match (method.as_str(), segments.as_slice()) {
+        ("GET", [_]) => json(
+            200,
+            serde_json::Value::Array(
+                states
+                    .iter()
+                    .map(|(route, p)| with_route(route, state_of(p).describe()))
+                    .collect(),
+            ),
+        ),
+        ("POST", [_, route, action]) => {
+            let route = percent_encoding::percent_decode_str(route).decode_utf8_lossy();
+            match states.iter().find(|(r, _)| **r == *route) {
+                None => json(
+                    404,
+                    serde_json::json!({ "error": "not_found", "message": format!("no {collection} entry for route '{route}'") }),
+                ),
+                Some((r, p)) => match state_of(p).act(action) {
+                    Some(v) => json(200, with_route(r, v)),
+                    None => json(
+                        404,
+                        serde_json::json!({ "error": "not_found", "message": format!("no action '{action}' on {collection}") }),
+                    ),
+                },
+            }
+        }
+        (_, [_]) | (_, [_, _, _]) => json(
+            405,
+            serde_json::json!({ "error": "method_not_allowed", "message": format!("{method} is not allowed on {path}") }),
+        ),
+        _ => json(
+            404,
+            serde_json::json!({ "error": "not_found", "message": format!("no admin endpoint {path}") }),
+        ),
+    })
+}
+
 /// Whether `host` names this admin listener: its configured address, the address the connection
 /// arrived on, or `localhost` with that port.
 fn own_host(host: &[u8], local: Option<std::net::SocketAddr>, configured: Option<&str>) -> bool {
@@ -172,10 +256,12 @@ impl ServeHttp for AdminApp {
                 405,
                 serde_json::json!({ "error": "method_not_allowed", "message": format!("{method} is not allowed on {path}") }),
             ),
-            _ => json(
-                404,
-                serde_json::json!({ "error": "not_found", "message": format!("no admin endpoint {path}") }),
-            ),
+            _ => plugin_admin(&self.shared.snapshot(), &method, &path).unwrap_or_else(|| {
+                json(
+                    404,
+                    serde_json::json!({ "error": "not_found", "message": format!("no admin endpoint {path}") }),
+                )
+            }),
         }
     }
 }

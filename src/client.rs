@@ -8,7 +8,7 @@
 //! instead of opening one per call.
 
 use crate::plugin::RequestState;
-use crate::upstream::Upstream;
+use crate::upstream::{RetryCause, Upstream};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method};
 use pingora::connectors::http::Connector;
@@ -143,34 +143,49 @@ impl UpstreamClient {
         }
     }
 
+    /// The attempts of one call, by the upstream's retry policy (as for proxied requests:
+    /// another endpoint while one is left, idempotent methods only once bytes were sent,
+    /// within the retry budget).
     async fn attempts(&self, st: &RequestState, up: &Upstream, req: &SubRequest) -> Result<SubResponse, SubError> {
         let mut tried = Vec::new();
-        let mut last = String::from("no endpoint");
         let replayable = req.method.is_idempotent();
+        up.retries.count_request();
+        let mut made = 0;
         loop {
-            let Some(i) = up.select(None, &tried) else {
-                return Err(SubError::Unavailable(last));
+            made += 1;
+            let Some(i) = up.select(None, &tried).or_else(|| up.select(None, &[])) else {
+                return Err(SubError::Unavailable("the upstream has no endpoint".into()));
             };
-            tried.push(i);
-            match self.once(st, up, i, req).await {
-                Ok(r) => return Ok(r),
+            if !tried.contains(&i) {
+                tried.push(i);
+            }
+            let (cause, err) = match self.once(st, up, i, req).await {
+                Ok(r) => {
+                    let cause = RetryCause::Status(r.status);
+                    if up.retries.allows(made, cause, replayable) {
+                        continue;
+                    }
+                    return Ok(r);
+                }
                 Err(Ok(f)) => {
                     up.record_failure(i);
-                    if f.timeout && tried.len() > up.retries.attempts as usize {
-                        return Err(SubError::Timeout);
-                    }
-                    last = f.why;
-                    let may_retry = (f.before_sending && up.retries.on_connect_failure)
-                        || (!f.before_sending && replayable && up.retries.on_reset);
-                    if !may_retry || tried.len() > up.retries.attempts as usize {
-                        return Err(if f.timeout {
-                            SubError::Timeout
-                        } else {
-                            SubError::Unavailable(last)
-                        });
-                    }
+                    let cause = match (f.before_sending, f.timeout) {
+                        (true, true) => RetryCause::ConnectTimeout,
+                        (true, false) => RetryCause::ConnectFailure,
+                        (false, true) => RetryCause::Timeout,
+                        (false, false) => RetryCause::Reset,
+                    };
+                    let err = if f.timeout {
+                        SubError::Timeout
+                    } else {
+                        SubError::Unavailable(f.why)
+                    };
+                    (cause, err)
                 }
                 Err(Err(e)) => return Err(e),
+            };
+            if !up.retries.allows(made, cause, replayable) {
+                return Err(err);
             }
         }
     }

@@ -115,6 +115,55 @@ routes:
     upstream: v2
     plugins:
       - ip_filter: {{ allow: [10.0.0.0/8] }}
+  - name: dashboard
+    match: {{ path: "/dashboard/{{id}}", methods: [GET] }}
+    plugins:
+      - aggregate:
+          on_error: partial
+          timeout: 2s
+          calls:
+            user: {{ upstream: v1, path: "/users/{{id}}" }}
+            orders: {{ upstream: v2, path: "/orders?user={{id}}&seen_by=${{user.service}}", depends_on: [user] }}
+      - transform: {{ response: {{ remove: [user.headers, orders.headers] }} }}
+  - name: catalog
+    match: {{ path_prefix: /catalog }}
+    upstream: v2
+    plugins:
+      - transform:
+          response: {{ xml_to_json: true, select: [echo.@service, echo.path, echo.query], rename: {{ echo.@service: service }}, wrap: data }}
+  - name: intake
+    match: {{ path_prefix: /intake }}
+    upstream: v1
+    plugins:
+      - transform:
+          request: {{ rename: {{ name: fullName }}, remove: [debug], set: {{ meta.trace: "${{trace_id}}" }} }}
+  - name: limited
+    match: {{ path_prefix: /limited }}
+    upstream: v1
+    plugins:
+      # 3 back to back (burst + 1), then one every 5 s, per client address.
+      - rate_limit: {{ requests: 2, per: 10s, burst: 2, key: ip }}
+  - name: metered
+    match: {{ path_prefix: /metered }}
+    upstream: v2
+    plugins:
+      # 100 requests per calendar hour (UTC) per consumer, else per client address.
+      - quota: {{ limit: 100, period: hour }}
+  - name: shop
+    match: {{ path_prefix: /shop }}
+    upstream: v1
+    plugins:
+      - canary:
+          upstream: v2
+          percent: 20
+          sticky: header:x-user
+          force_header: x-canary
+          guard: {{ max_error_rate: 0.5, min_requests: 5, window: 1m }}
+  - name: shadow
+    match: {{ path_prefix: /shadow }}
+    upstream: v1
+    plugins:
+      - mirror: {{ upstream: v2, max_in_flight: 16 }}
   - name: mesh
     match: {{ path_prefix: /mesh }}
     upstream: v1
@@ -168,9 +217,31 @@ API keys: the consumer becomes x-consumer upstream, and the key is not forwarded
   $ curl -s -i {g}/keyed
 IP filter: only 10.0.0.0/8 may call /office (you get a 403 JSON error)
   $ curl -s -i {g}/office
+Rate limit (2 per 10s, burst 2): six in a row give 200 200 200, then 429 until a request is earned
+  $ curl -s -o /dev/null -w '%{{http_code}}\n' "{g}/limited/[1-6]"
+  $ curl -s -i {g}/limited
+Quota (100 per UTC hour): RateLimit-Limit / -Remaining / -Reset on every answer
+  $ curl -s -i {g}/metered
 Edge limits: a 40 KB header gets 431; /upload takes 16-byte bodies at most (413)
   $ curl -s -i -H "x-big: $(head -c 40000 /dev/zero | tr '\0' a)" {g}/users/1
   $ curl -s -i -d 'a body longer than sixteen bytes' {g}/upload
+Aggregation: one answer from v1 (/users/42) and v2 (/orders, using v1's answer: depends_on)
+  $ curl -s {g}/dashboard/42
+XML to JSON: the upstream answers XML (first), the catalog route turns it into JSON
+  $ curl -s '{g}/users/1?format=xml'
+  $ curl -s -i '{g}/catalog/items?format=xml'
+Request body mediation: name -> fullName, debug removed, the trace id added (see "body")
+  $ curl -s -H 'content-type: application/json' -d '{{"name":"ann","debug":true}}' {g}/intake
+Canary: 20% of /shop goes to v2 (the same x-user always to the same side; x-canary: 1 forces v2)
+  $ curl -s -H 'x-user: alice' {g}/shop/cart
+  $ curl -s -H 'x-canary: 1' {g}/shop/cart
+Canary guard: make v2 fail (it answers ?status=500); after 5 failures it is rolled back to 0%
+  $ curl -s -o /dev/null -w '%{{http_code}} ' -H 'x-canary: 1' '{g}/shop/cart?status=500&n=[1-6]'
+  $ curl -s {a}/canaries
+  $ curl -s -X POST {a}/canaries/shop/reset
+Mirror: v1 answers /shadow, and v2 gets a copy of each request (its answer is discarded;
+portico_mirror_copies_total in the metrics below counts the copies)
+  $ curl -s {g}/shadow/ping
 HTTPS (TLS 1.2/1.3; the DEMO-ONLY CA is {certs}/demo-ca.crt), HTTP/2 chosen by ALPN:
   $ curl -s {ca} {s}/users/7
   $ curl -s -o /dev/null -w '%{{http_version}}\n' {ca} {s}/users/7

@@ -2,7 +2,8 @@
 //! path, query, headers, body size). `portico demo` runs two of them as its upstreams, and the
 //! tests use them as real upstreams on ephemeral ports.
 //!
-//! Query parameters steer it: `?status=503` answers that status, `?delay_ms=200` waits first.
+//! Query parameters steer it: `?status=503` answers that status, `?delay_ms=200` waits first,
+//! `?format=xml` answers the same description as XML (`<echo service="v1"><method>…`).
 //! `GET /healthz` answers the status set with [`EchoServer::set_health`] (200 at start).
 //!
 //! [`EchoServer::start_tls`] serves the same over TLS (an upstream for TLS tests); its JSON
@@ -245,10 +246,19 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             if let Some(seen) = &tls {
                 v["tls"] = seen.clone();
             }
-            (status, v.to_string())
+            if param("format").as_deref() == Some("xml") {
+                (status, to_xml(&v))
+            } else {
+                (status, v.to_string())
+            }
+        };
+        let content_type = if payload.starts_with("<?xml") {
+            "application/xml"
+        } else {
+            "application/json"
         };
         let mut resp = format!(
-            "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-echo-service: {}\r\n{}\r\n",
+            "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nx-echo-service: {}\r\n{}\r\n",
             reason(status),
             payload.len(),
             state.name,
@@ -262,6 +272,49 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(());
         }
     }
+}
+
+/// The echo description as XML: `<echo service="v1">` holding `method`, `path`, `query`,
+/// `body_bytes` and one `<header name="…">value</header>` per header.
+fn to_xml(v: &serde_json::Value) -> String {
+    let text = |k: &str| match &v[k] {
+        serde_json::Value::String(s) => xml_escape(s),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let mut out = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<echo service=\"{}\">\n  <method>{}</method>\n  <path>{}</path>\n  <query>{}</query>\n  <body_bytes>{}</body_bytes>\n  <headers>\n",
+        text("service"),
+        text("method"),
+        text("path"),
+        text("query"),
+        text("body_bytes"),
+    );
+    if let Some(headers) = v["headers"].as_object() {
+        for (name, value) in headers {
+            let values = match value {
+                serde_json::Value::Array(a) => a.clone(),
+                other => vec![other.clone()],
+            };
+            for one in values {
+                out.push_str(&format!(
+                    "    <header name=\"{}\">{}</header>\n",
+                    xml_escape(name),
+                    xml_escape(one.as_str().unwrap_or(""))
+                ));
+            }
+        }
+    }
+    out.push_str("  </headers>\n</echo>\n");
+    out
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;")
 }
 
 async fn read_chunked<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> io::Result<Vec<u8>> {
@@ -317,4 +370,25 @@ fn reason(status: u16) -> &'static str {
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Status")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xml_answer_converts_back() {
+        let v = serde_json::json!({
+            "service": "v1", "method": "GET", "path": "/a", "query": "x=<&>",
+            "headers": {"host": "h", "x-two": ["1", "2\""]}, "body_bytes": 0, "body": null
+        });
+        let doc = crate::mediation::xml::to_json(to_xml(&v).as_bytes()).unwrap();
+        assert_eq!(doc["echo"]["@service"], "v1");
+        assert_eq!(doc["echo"]["query"], "x=<&>");
+        assert_eq!(doc["echo"]["body_bytes"], "0");
+        assert_eq!(
+            doc["echo"]["headers"]["header"][2],
+            serde_json::json!({"@name": "x-two", "#text": "2\""})
+        );
+    }
 }

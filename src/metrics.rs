@@ -64,6 +64,33 @@ pub static CANARY_ROLLBACKS: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("register portico_canary_rollbacks_total")
 });
 
+pub static CANARY_REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "portico_canary_requests_total",
+        "Requests of a route with a canary, by side (stable | canary)",
+        &["route", "side"]
+    )
+    .expect("register portico_canary_requests_total")
+});
+
+pub static CANARY_FAILURES: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "portico_canary_failures_total",
+        "Failed requests (5xx, connection failures, timeouts, failing gRPC statuses) of a route with a canary, by side",
+        &["route", "side"]
+    )
+    .expect("register portico_canary_failures_total")
+});
+
+pub static MIRROR_COPIES: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "portico_mirror_copies_total",
+        "Mirrored copies by route and result: sent (the mirror answered), failed (it could not be reached or timed out), dropped (over max_in_flight)",
+        &["route", "result"]
+    )
+    .expect("register portico_mirror_copies_total")
+});
+
 pub static PANICS: Lazy<IntCounter> = Lazy::new(|| {
     register_int_counter!("portico_panics_total", "Panics caught (each one is a bug)")
         .expect("register portico_panics_total")
@@ -97,9 +124,14 @@ pub fn init() {
     Lazy::force(&RELOADS);
     Lazy::force(&CANARY_PERCENT);
     Lazy::force(&CANARY_ROLLBACKS);
+    Lazy::force(&CANARY_REQUESTS);
+    Lazy::force(&CANARY_FAILURES);
+    Lazy::force(&MIRROR_COPIES);
     Lazy::force(&PANICS);
     Lazy::force(&REJECTED_CONNECTIONS);
     crate::limiter::metrics::init();
+    crate::plugins::aggregate::init_metrics();
+    crate::plugins::transform::init_metrics();
 }
 
 pub fn upstream_healthy(upstream: &str, endpoint: &str, up: bool) {

@@ -76,7 +76,7 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let retry = exchange::proxy_failed(session, ctx, &mut e, client_reused);
+        let retry = exchange::proxy_failed(session, ctx, &e, client_reused);
         e.set_retry(retry);
         e
     }
@@ -110,7 +110,7 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        exchange::upstream_answered(resp.status.as_u16(), ctx);
+        exchange::upstream_answered(session, resp.status.as_u16(), ctx)?;
         if resp.status.as_u16() == 101 {
             exchange::upgraded(session, ctx);
         }

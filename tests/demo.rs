@@ -44,6 +44,7 @@ fn demo_answers_the_commands_it_prints() {
         .map(str::to_string)
         .collect();
     assert!(commands.len() >= 10, "too few commands in:\n{printed}");
+    let mut outputs = Vec::new();
     for cmd in &commands {
         assert!(cmd.starts_with("curl "), "{cmd}");
         let out = Command::new("sh")
@@ -55,7 +56,30 @@ fn demo_answers_the_commands_it_prints() {
         assert!(out.status.success(), "{cmd} failed: {text}");
         assert!(!text.trim().is_empty(), "{cmd} printed nothing");
         assert!(!text.contains("\"error\":\"upstream"), "{cmd}: {text}");
+        outputs.push((cmd.clone(), text.to_string()));
     }
+    // The canary walkthrough: the failing canary is rolled back, then re-armed.
+    let output = |needle: &str| {
+        outputs
+            .iter()
+            .find(|(c, _)| c.contains(needle))
+            .map(|(_, t)| t.clone())
+            .unwrap_or_else(|| panic!("no command with {needle}"))
+    };
+    assert_eq!(output("status=500").trim(), "500 500 500 500 500 500");
+    let rolled: serde_json::Value = serde_json::from_str(&output("/canaries")).unwrap();
+    assert_eq!(rolled[0]["route"], "shop");
+    assert_eq!(rolled[0]["rolled_back"], true, "{rolled}");
+    assert_eq!(rolled[0]["effective_percent"], 0.0);
+    let reset: serde_json::Value = serde_json::from_str(&output("/reset")).unwrap();
+    assert_eq!(reset["rolled_back"], false, "{reset}");
+    let metrics = output("/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("portico_mirror_copies_total") && l.contains("route=\"shadow\"")),
+        "{metrics}"
+    );
     let run = |needle: &str| {
         let cmd = commands
             .iter()
@@ -71,6 +95,19 @@ fn demo_answers_the_commands_it_prints() {
     assert!(run("/office").contains("\"error\":\"forbidden\""));
     assert!(run("x-big").contains("\"error\":\"request_header_too_large\""));
     assert!(run("/upload").contains("\"error\":\"payload_too_large\""));
+    // The rate-limited loop trips (the printed run above spent the budget already).
+    let codes = run("/limited/[1-6]");
+    assert!(
+        codes.lines().all(|c| c == "200" || c == "429") && codes.contains("429"),
+        "{codes}"
+    );
+    let refused = get(&listen, "/limited").unwrap();
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert_eq!(refused.json()["error"], "rate_limited");
+    assert!(refused.header("retry-after").is_some() && refused.header("ratelimit-limit") == Some("3"));
+    let metered = get(&listen, "/metered").unwrap();
+    assert_eq!(metered.status, 200);
+    assert_eq!(metered.header("ratelimit-limit"), Some("100"));
     // HTTPS with the demo CA, h2 by ALPN, the SNI certificate, the mTLS identity.
     let https: serde_json::Value = serde_json::from_str(&run("--cacert")).unwrap();
     assert_eq!(https["headers"]["x-forwarded-proto"], "https");
@@ -107,6 +144,29 @@ fn demo_answers_the_commands_it_prints() {
     assert!(e["headers"].get("x-secret").is_none());
     assert_eq!(e["headers"]["x-client-ip"], "127.0.0.1");
     assert_eq!(mediated.header("x-route"), Some("mediated"));
+    // Aggregation (depends_on) and XML→JSON, as the walkthrough shows them.
+    let dash: serde_json::Value = serde_json::from_str(&run("/dashboard/42")).unwrap();
+    assert_eq!(dash["user"]["path"], "/users/42");
+    assert_eq!(dash["orders"]["service"], "v2");
+    assert_eq!(dash["orders"]["query"], "user=42&seen_by=v1");
+    assert!(dash["user"].get("headers").is_none());
+    assert!(run("/users/1?format=xml").starts_with("<?xml"));
+    let catalog = run("/catalog/items");
+    assert!(
+        catalog.to_ascii_lowercase().contains("content-type: application/json"),
+        "{catalog}"
+    );
+    let json = catalog.split("\r\n\r\n").nth(1).unwrap_or("");
+    let catalog: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(
+        catalog,
+        serde_json::json!({"data": {"echo": {"service": "v2", "path": "/catalog/items", "query": "format=xml"}}})
+    );
+    let intake: serde_json::Value = serde_json::from_str(&run("/intake")).unwrap();
+    let sent: serde_json::Value = serde_json::from_str(intake["body"].as_str().unwrap()).unwrap();
+    assert_eq!(sent["fullName"], "ann");
+    assert!(sent.get("debug").is_none());
+    assert!(sent["meta"]["trace"].as_str().is_some_and(|t| !t.is_empty()));
 
     // Ctrl-C ends the demo and removes its temporary config.
     let config = printed

@@ -376,7 +376,7 @@ impl<'de> Deserialize<'de> for Retries {
         struct Full {
             attempts: u32,
             #[serde(default)]
-            on: Option<Vec<String>>,
+            on: Option<Vec<StatusOrName>>,
             #[serde(default)]
             budget: Option<f64>,
         }
@@ -391,9 +391,22 @@ impl<'de> Deserialize<'de> for Retries {
         let f: Full = serde_yaml::from_value(v).map_err(de::Error::custom)?;
         Ok(Retries {
             attempts: f.attempts,
-            on: f.on,
+            on: f.on.map(|v| v.into_iter().map(|c| c.0).collect()),
             budget: f.budget,
         })
+    }
+}
+
+/// A retry condition as written: a name (`reset`) or a status (`503`, unquoted in YAML).
+struct StatusOrName(String);
+
+impl<'de> Deserialize<'de> for StatusOrName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match serde_yaml::Value::deserialize(d)? {
+            serde_yaml::Value::String(s) => Ok(StatusOrName(s)),
+            serde_yaml::Value::Number(n) => Ok(StatusOrName(n.to_string())),
+            _ => Err(de::Error::custom("a retry condition is a name or a status code")),
+        }
     }
 }
 

@@ -42,6 +42,50 @@ impl BodyMode {
     }
 }
 
+/// Where the body stands. Pingora sends the body again on a retry (from its replay buffer),
+/// through the same hook: bytes an earlier attempt carried are not counted against the limit
+/// again, nor shown to body observers twice.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// Bytes from the client in this attempt, and the most any attempt reached.
+    this_in: u64,
+    max_in: u64,
+    /// Bytes to the upstream in this attempt, and the most any attempt reached.
+    this_out: u64,
+    max_out: u64,
+    /// Observers were told the body ended.
+    ended: bool,
+}
+
+impl Replay {
+    pub fn new_attempt(&mut self) {
+        self.this_in = 0;
+        self.this_out = 0;
+    }
+
+    /// Count `n` bytes from the client; how many no earlier attempt carried.
+    fn fresh_in(&mut self, n: u64) -> u64 {
+        self.this_in += n;
+        let fresh = self.this_in.saturating_sub(self.max_in);
+        self.max_in = self.max_in.max(self.this_in);
+        fresh
+    }
+
+    /// The part of a piece going upstream that observers have not seen, and whether it ends
+    /// the body for them (`None`: nothing new).
+    fn fresh_out(&mut self, piece: Option<&Bytes>, end: bool) -> Option<(Bytes, bool)> {
+        let piece = piece.cloned().unwrap_or_default();
+        let start = self.this_out;
+        self.this_out += piece.len() as u64;
+        let skip = self.max_out.saturating_sub(start).min(piece.len() as u64) as usize;
+        self.max_out = self.max_out.max(self.this_out);
+        let ends = end && !self.ended;
+        self.ended |= end;
+        let fresh = piece.slice(skip..);
+        (!fresh.is_empty() || ends).then_some((fresh, ends))
+    }
+}
+
 /// In the request phase, on routes with body plugins: read a small body whole and run the chain
 /// on it, or prepare to stream. `Err` is the reply to send instead of proxying.
 pub async fn read_small_body(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
@@ -136,6 +180,7 @@ pub async fn request_body(
             // Pingora replays the original body (once per attempt); the upstream gets the
             // chain's version instead.
             *body = Some(if end_of_stream { whole.clone() } else { Bytes::new() });
+            observe(body, end_of_stream, ctx);
             return Ok(());
         }
         BodyMode::Streaming { held } => Some(held.take()),
@@ -159,13 +204,27 @@ pub async fn request_body(
         }
     }
     end_body_once(body, end_of_stream);
+    observe(body, end_of_stream, ctx);
     Ok(())
+}
+
+/// Show the body going upstream to the plugins that observe it, each byte once.
+fn observe(body: &Option<Bytes>, end_of_stream: bool, ctx: &mut Ctx) {
+    let chains = ctx.chains();
+    if chains.observe_request_body.is_empty() {
+        return;
+    }
+    if let Some((piece, end)) = ctx.body_pos.fresh_out(body.as_ref(), end_of_stream) {
+        for entry in &chains.observe_request_body {
+            entry.plugin.observe_request_body(&piece, end, &mut ctx.st);
+        }
+    }
 }
 
 /// Enforce the body limit on the bytes actually received (chunked bodies declare nothing).
 fn count(body: &mut Option<Bytes>, ctx: &mut Ctx) -> Result<()> {
     if let Some(b) = body {
-        ctx.body_seen += b.len() as u64;
+        ctx.body_seen += ctx.body_pos.fresh_in(b.len() as u64);
         if ctx.body_seen > ctx.body_limit {
             *body = None;
             return Error::e_explain(HTTPStatus(413), "request body over the limit");

@@ -43,6 +43,10 @@ pub struct Ctx {
     pub endpoint: Option<usize>,
     /// Endpoints already tried by this request.
     pub tried: Vec<usize>,
+    /// Attempts made so far (a stale pooled connection's retry not counted).
+    pub attempts: u32,
+    /// The upstream's answer was turned into an error to retry it (`retries.on: [503]`).
+    status_retry: bool,
     /// Retry the same endpoint (a stale pooled connection, not the endpoint's fault).
     retry_same: bool,
     in_flight: Option<InFlight>,
@@ -59,6 +63,8 @@ pub struct Ctx {
     pub peer_ip: IpAddr,
     /// How the request body reaches the upstream (see `body.rs`).
     pub(crate) body: body::BodyMode,
+    /// How much of the body this attempt and earlier ones carried (retries replay it).
+    pub(crate) body_pos: body::Replay,
     /// A reply a body plugin asked for after the upstream exchange began (written by `fail`).
     pub(crate) pending_reply: Option<Reply>,
     /// The upstream's own status, once one answered.
@@ -98,6 +104,8 @@ impl Ctx {
             upstream: None,
             endpoint: None,
             tried: Vec::new(),
+            attempts: 0,
+            status_retry: false,
             retry_same: false,
             in_flight: None,
             upstream_path: None,
@@ -108,6 +116,7 @@ impl Ctx {
             error_code: None,
             peer_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             body: body::BodyMode::Plain,
+            body_pos: body::Replay::default(),
             pending_reply: None,
             upstream_status: None,
             failure: None,

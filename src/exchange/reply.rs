@@ -4,6 +4,7 @@
 use super::Ctx;
 use crate::plugin::{Failure, Reply};
 use crate::respond;
+use bytes::Bytes;
 use http::Method;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -26,11 +27,19 @@ pub fn finish_response_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx:
     }
 }
 
-/// Write a reply of Portico's own, with the same response-phase treatment as upstream replies.
+/// Write a reply of Portico's own, with the same response-phase treatment as upstream replies:
+/// the response plugins on its head, then the body plugins on its whole body (one piece, the
+/// last). The whole body is known before the head goes, so the head declares its exact length
+/// whatever a body plugin did to it.
 pub async fn send_reply(session: &mut Session, ctx: &mut Ctx, reply: Reply) -> Result<()> {
     let (mut head, body) = respond::render(&reply, &ctx.st, ctx.grpc);
     ctx.error_code = reply.error_code();
     finish_response_head(session.req_header(), &mut head, ctx);
+    let body = reply_body(body, ctx);
+    if head.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        head.remove_header(&http::header::TRANSFER_ENCODING);
+    }
+    let _ = head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
     super::compress_or_not(session, &mut head, ctx);
     // A request body we did not read would be parsed as the next request: close instead.
     let unread_body = !session.is_body_empty() && ctx.body_seen == 0;
@@ -43,6 +52,23 @@ pub async fn send_reply(session: &mut Session, ctx: &mut Ctx, reply: Reply) -> R
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+/// A reply's body through the response-body plugins. A plugin that cannot go on leaves the
+/// body as the reply made it.
+fn reply_body(body: Bytes, ctx: &mut Ctx) -> Bytes {
+    let chains = ctx.chains();
+    if chains.response_body.is_empty() {
+        return body;
+    }
+    let mut piece = (!body.is_empty()).then(|| body.clone());
+    for entry in &chains.response_body {
+        if let Err(abort) = entry.plugin.response_body(&mut piece, true, &mut ctx.st) {
+            log::warn!("plugin {} could not rewrite a reply's body: {}", entry.name, abort.0);
+            return body;
+        }
+    }
+    piece.unwrap_or_default()
 }
 
 /// A status and gateway error code for a Pingora error.

@@ -2,13 +2,14 @@
 
 use super::Ctx;
 use crate::plugin::Failure;
-use crate::upstream::Upstream;
+use crate::upstream::RetryCause;
 use http::header::HOST;
 use http::HeaderValue;
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
 
-/// Choose the endpoint of this attempt.
+/// Choose the endpoint of this attempt: an endpoint this request has not tried yet, while one
+/// is left (else any, by the upstream's balancing).
 pub fn pick_peer(session: &Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
     let Some(up) = ctx.upstream.clone() else {
         return Error::e_explain(HTTPStatus(502), "no upstream chosen");
@@ -18,18 +19,26 @@ pub fn pick_peer(session: &Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         _ => {
             let key = (up.balance == crate::config::raw::Balance::ConsistentHash)
                 .then(|| up.hash_key(&session.req_header().headers, ctx.st.client_ip, &ctx.st.path));
-            match up.select(key.as_deref(), &ctx.tried) {
+            let fresh = up.select(key.as_deref(), &ctx.tried);
+            match fresh.or_else(|| up.select(key.as_deref(), &[])) {
                 Some(i) => i,
-                None => return Error::e_explain(HTTPStatus(502), "every endpoint was tried"),
+                None => return Error::e_explain(HTTPStatus(502), "the upstream has no endpoint"),
             }
         }
     };
+    if !ctx.retry_same {
+        if ctx.attempts == 0 {
+            up.retries.count_request();
+        }
+        ctx.attempts += 1;
+    }
     ctx.retry_same = false;
     if !ctx.tried.contains(&index) {
         ctx.tried.push(index);
     }
     ctx.endpoint = Some(index);
     ctx.in_flight = Some(up.in_flight_guard(index));
+    ctx.body_pos.new_attempt();
     let route = ctx.route.as_ref().expect("routed");
     let mut timeouts = route.timeouts.over(&up.timeouts);
     if let Some(deadline) = ctx.deadline {
@@ -51,70 +60,95 @@ pub fn past_deadline(ctx: &Ctx) -> bool {
     ctx.deadline.is_some_and(|d| std::time::Instant::now() >= d)
 }
 
-pub(super) fn retries_left(ctx: &Ctx, up: &Upstream) -> bool {
-    (ctx.tried.len() as u32) <= up.retries.attempts && ctx.tried.len() < up.endpoints.len()
-}
-
-/// A connection to the endpoint failed: count it, and say whether to try another.
+/// A connection to the endpoint failed: count it, and say whether to try again.
 pub fn connect_failed(ctx: &mut Ctx, e: &Error) -> bool {
-    ctx.failure = Some(if matches!(e.etype(), ConnectTimedout | TLSHandshakeTimedout) {
-        Failure::Timeout
+    let timeout = matches!(e.etype(), ConnectTimedout | TLSHandshakeTimedout);
+    ctx.failure = Some(if timeout { Failure::Timeout } else { Failure::Connect });
+    let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) else {
+        return false;
+    };
+    up.record_failure(i);
+    let cause = if timeout {
+        RetryCause::ConnectTimeout
     } else {
-        Failure::Connect
-    });
-    let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) else {
-        return false;
+        RetryCause::ConnectFailure
     };
-    up.record_failure(i);
-    up.retries.on_connect_failure && retries_left(ctx, &up)
+    up.retries.allows(ctx.attempts, cause, false)
 }
 
-/// The exchange failed after connecting. Only idempotent requests whose body is still
-/// replayable, and whose response has not started, are retried.
-pub fn proxy_failed(session: &mut Session, ctx: &mut Ctx, e: &mut Error, upstream_reused: bool) -> bool {
-    if matches!(e.esource(), ErrorSource::Upstream) {
-        ctx.failure = Some(if matches!(e.etype(), ReadTimedout | WriteTimedout) {
-            Failure::Timeout
-        } else {
-            Failure::Broken
-        });
-    }
-    let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) else {
-        return false;
-    };
-    let replayable = session.req_header().method.is_idempotent()
+/// Whether the request can be sent again: an idempotent method whose body Pingora still holds
+/// whole, and no answer has started going to the client.
+fn replayable(session: &Session) -> bool {
+    session.req_header().method.is_idempotent()
         && !session.as_ref().retry_buffer_truncated()
-        && session.response_written().is_none();
-    if !replayable {
-        return false;
-    }
-    // A pooled connection the upstream had already closed is not the endpoint's fault:
-    // Pingora marks those "retry only if reused"; retry them on the same endpoint.
-    if matches!(e.retry, pingora::RetryType::ReusedOnly) {
-        e.retry.decide_reuse(upstream_reused);
-        if e.retry() {
-            ctx.retry_same = true;
-            return true;
-        }
-    }
-    up.record_failure(i);
-    up.retries.on_reset && retries_left(ctx, &up)
+        && session.response_written().is_none()
 }
 
-/// The upstream answered: passive health counts 502–504 as failures.
-pub fn upstream_answered(status: u16, ctx: &mut Ctx) {
+/// The exchange failed after connecting: only replayable requests are retried, and only for a
+/// cause the policy names.
+pub fn proxy_failed(session: &mut Session, ctx: &mut Ctx, e: &Error, upstream_reused: bool) -> bool {
+    // An answer turned into an error to retry it (see `upstream_answered`): already decided.
+    if std::mem::take(&mut ctx.status_retry) {
+        return true;
+    }
+    // Only the upstream's faults are retried: a client that went away, a body over the limit
+    // or a body plugin's answer end the request.
+    if !matches!(e.esource(), ErrorSource::Upstream) {
+        return false;
+    }
+    let timeout = matches!(e.etype(), ReadTimedout | WriteTimedout);
+    ctx.failure = Some(if timeout { Failure::Timeout } else { Failure::Broken });
+    let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) else {
+        return false;
+    };
+    // A pooled connection the upstream had already closed is not the endpoint's fault:
+    // Pingora marks those "retry only if reused"; they are retried on the same endpoint.
+    let stale = matches!(e.retry, pingora::RetryType::ReusedOnly) && upstream_reused;
+    if !replayable(session) {
+        if !stale {
+            up.record_failure(i);
+        }
+        return false;
+    }
+    if stale {
+        ctx.retry_same = true;
+        return true;
+    }
+    up.record_failure(i);
+    let cause = if timeout {
+        RetryCause::Timeout
+    } else {
+        RetryCause::Reset
+    };
+    up.retries.allows(ctx.attempts, cause, true)
+}
+
+/// The upstream answered: passive health counts 502–504 as failures. An answer the retry
+/// policy names (`on: [503]`) is, while nothing went to the client and the request can be
+/// replayed, turned into an error so that Pingora tries again (the answer is dropped with its
+/// connection); the last attempt's answer goes to the client as it is.
+pub fn upstream_answered(session: &Session, status: u16, ctx: &mut Ctx) -> Result<()> {
     if status >= 200 || status == 101 {
         ctx.upstream_status = Some(status);
         // An answer came after all: an earlier attempt's failure is not this request's.
         ctx.failure = None;
     }
-    if let (Some(up), Some(i)) = (&ctx.upstream, ctx.endpoint) {
-        if (502..=504).contains(&status) {
-            up.record_failure(i);
-        } else {
-            up.record_success(i);
-        }
+    let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) else {
+        return Ok(());
+    };
+    if (502..=504).contains(&status) {
+        up.record_failure(i);
+    } else {
+        up.record_success(i);
     }
+    if up.retries.on_status.contains(&status)
+        && replayable(session)
+        && up.retries.allows(ctx.attempts, RetryCause::Status(status), true)
+    {
+        ctx.status_retry = true;
+        return Err(Error::explain(HTTPStatus(status), "the upstream's answer is retried").into_up());
+    }
+    Ok(())
 }
 
 /// The upstream accepted an upgrade (WebSocket): from now on the connection is a stream both

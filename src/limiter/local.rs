@@ -153,6 +153,9 @@ impl<V: Slot> Table<V> {
         for s in self.shards.iter() {
             let mut map = s.lock();
             let live = map.values().filter(|v| !v.idle(now)).count();
+            if live == map.len() {
+                continue; // nothing to drop: no rebuild, no allocation
+            }
             let mut fresh = Map::with_capacity_and_hasher(live, Default::default());
             fresh.extend(map.drain().filter(|(_, v)| !v.idle(now)));
             *map = fresh;

@@ -28,7 +28,20 @@ pub static LOCAL_EVICTIONS: Lazy<IntCounter> = Lazy::new(|| {
     .expect("register portico_limit_local_evictions_total")
 });
 
+/// Requests the `rate_limit` and `quota` plugins decided, by route, plugin and result
+/// (`admitted` | `limited`). A store error counts as what `on_store_error` made of it. The
+/// plugins create their series at load, so they show as zeros before the first request.
+pub static LIMIT_REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "portico_limit_requests_total",
+        "Requests seen by rate_limit and quota plugins, by route, plugin and result (admitted | limited)",
+        &["route", "plugin", "result"]
+    )
+    .expect("register portico_limit_requests_total")
+});
+
 pub fn init() {
+    Lazy::force(&LIMIT_REQUESTS);
     Lazy::force(&STORE_ERRORS);
     Lazy::force(&LOCAL_EVICTIONS);
 }

@@ -4,10 +4,12 @@
 use super::decision::{Decision, StoreError};
 use super::local::{LocalGcra, LocalQuota};
 use super::redis::{RedisGcra, RedisQuota};
+use std::sync::Arc;
 
-/// A rate limit (GCRA) and where it keeps its keys.
+/// A rate limit (GCRA) and where it keeps its keys. A local store is shared (`Arc`) so the
+/// plugin can keep it in reload-surviving state and sweep it from a periodic task.
 pub enum RateLimiter {
-    Local(LocalGcra),
+    Local(Arc<LocalGcra>),
     Redis(RedisGcra),
 }
 
@@ -24,7 +26,7 @@ impl RateLimiter {
 
 /// A quota and where it keeps its counters.
 pub enum QuotaLimiter {
-    Local(LocalQuota),
+    Local(Arc<LocalQuota>),
     Redis(RedisQuota),
 }
 
@@ -53,14 +55,13 @@ mod tests {
     #[tokio::test]
     async fn local_limiters_never_fail() {
         use crate::limiter::{GcraParams, ManualClock, Period, DEFAULT_MAX_KEYS};
-        use std::sync::Arc;
         use std::time::Duration;
         let clock = Arc::new(ManualClock::new(Duration::from_secs(1_700_000_000)));
         let p = GcraParams::new(1, Duration::from_secs(1), 0).unwrap();
-        let r = RateLimiter::Local(LocalGcra::new(p, DEFAULT_MAX_KEYS, clock.clone()));
+        let r = RateLimiter::Local(Arc::new(LocalGcra::new(p, DEFAULT_MAX_KEYS, clock.clone())));
         assert!(r.check("k").await.unwrap().admitted);
         assert!(!r.check("k").await.unwrap().admitted);
-        let q = QuotaLimiter::Local(LocalQuota::new(1, Period::Hour, DEFAULT_MAX_KEYS, clock));
+        let q = QuotaLimiter::Local(Arc::new(LocalQuota::new(1, Period::Hour, DEFAULT_MAX_KEYS, clock)));
         assert!(q.check("k").await.unwrap().admitted);
         let refused = q.check("k").await.unwrap();
         assert!(!refused.admitted);

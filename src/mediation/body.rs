@@ -23,7 +23,7 @@ use super::xml;
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 use std::borrow::Cow;
-use std::io::Read;
+use std::io::{Read, Write};
 
 /// The content type of every transformed body.
 pub const JSON_CONTENT_TYPE: &str = "application/json";
@@ -72,6 +72,9 @@ pub enum Reason {
     BadEncoding,
     /// The body is not the JSON or XML its content type says.
     Invalid,
+    /// A status whose body is not a document to reshape: not 2xx (errors keep their shape),
+    /// 206 (a byte range), or no body by definition (1xx, 204, 304, an answer to HEAD).
+    Status,
 }
 
 impl Reason {
@@ -84,6 +87,7 @@ impl Reason {
             Reason::Empty => "empty",
             Reason::BadEncoding => "bad_encoding",
             Reason::Invalid => "invalid",
+            Reason::Status => "status",
         }
     }
 }
@@ -237,6 +241,78 @@ pub fn gunzip(input: &[u8], max: usize) -> Result<Vec<u8>, Reason> {
         return Err(Reason::TooLarge);
     }
     Ok(out)
+}
+
+/// gzip decoded piece by piece, for a body that must go on plain after all (the head already
+/// said so) but is not held whole: each piece's plain bytes come back at once. The plain output
+/// of one call is capped, so a small bomb cannot make a huge piece: past `cap` it is
+/// [`Reason::TooLarge`] and the body cannot go on.
+pub struct GunzipStream {
+    dec: flate2::write::MultiGzDecoder<Capped>,
+}
+
+/// A `Vec` that refuses to grow past `cap` (so the decoder stops instead of filling memory).
+struct Capped {
+    out: Vec<u8>,
+    cap: usize,
+    over: bool,
+}
+
+impl Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.out.len().saturating_add(b.len()) > self.cap {
+            self.over = true;
+            return Err(std::io::Error::other("decoded piece over the cap"));
+        }
+        self.out.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl GunzipStream {
+    /// `cap`: the most plain bytes one [`GunzipStream::push`] (or the finish) may produce.
+    pub fn new(cap: usize) -> GunzipStream {
+        GunzipStream {
+            dec: flate2::write::MultiGzDecoder::new(Capped {
+                out: Vec::new(),
+                cap,
+                over: false,
+            }),
+        }
+    }
+
+    /// The plain bytes of the next compressed piece.
+    pub fn push(&mut self, piece: &[u8]) -> Result<Bytes, Reason> {
+        let r = self.dec.write_all(piece).and_then(|_| self.dec.flush());
+        self.result(r)
+    }
+
+    /// At the end of the body: the last plain bytes, or why the gzip data is not whole.
+    pub fn finish(&mut self) -> Result<Bytes, Reason> {
+        let r = self.dec.try_finish();
+        self.result(r)
+    }
+
+    fn result(&mut self, r: std::io::Result<()>) -> Result<Bytes, Reason> {
+        let out = self.dec.get_mut();
+        match r {
+            Ok(()) => Ok(Bytes::from(std::mem::take(&mut out.out))),
+            Err(_) if out.over => Err(Reason::TooLarge),
+            Err(_) => Err(Reason::BadEncoding),
+        }
+    }
+}
+
+/// Decode a whole gzip body of any size up to `cap` (the plain body of a gzip answer that is
+/// passed through decoded because it is too large to transform).
+pub fn gunzip_capped(input: &[u8], cap: usize) -> Result<Bytes, Reason> {
+    let mut s = GunzipStream::new(cap);
+    let mut out = BytesMut::from(&s.push(input)?[..]);
+    out.extend_from_slice(&s.finish()?);
+    Ok(out.freeze())
 }
 
 /// A response body held back until its end, up to a limit. Past the limit it gives every byte
@@ -513,6 +589,35 @@ mod tests {
         assert_eq!(out, br#"{"data":{"order":{"item":["a","b"]}}}"#);
         assert_eq!(policy().mediate(b"nope", JSON, &ops, &NoVars), Err(Reason::Invalid));
         assert_eq!(Reason::TooLarge.as_str(), "too_large");
+    }
+
+    #[test]
+    fn gunzip_stream_piece_by_piece() {
+        let plain: Vec<u8> = (0..50_000u32).flat_map(|i| i.to_string().into_bytes()).collect();
+        let packed = [gz(&plain[..20_000]), gz(&plain[20_000..])].concat();
+        let mut s = GunzipStream::new(1 << 20);
+        let mut out = Vec::new();
+        for piece in packed.chunks(777) {
+            out.extend_from_slice(&s.push(piece).unwrap());
+        }
+        out.extend_from_slice(&s.finish().unwrap());
+        assert_eq!(out, plain);
+        assert_eq!(gunzip_capped(&packed, 1 << 20).unwrap(), plain);
+        // Cut short, or not gzip at all.
+        let mut cut = GunzipStream::new(1 << 20);
+        cut.push(&packed[..packed.len() / 3]).unwrap();
+        assert_eq!(cut.finish(), Err(Reason::BadEncoding));
+        let mut not_gzip = GunzipStream::new(100);
+        let _ = not_gzip.push(b"{\"a\":1}");
+        assert_eq!(not_gzip.finish(), Err(Reason::BadEncoding));
+        assert_eq!(
+            GunzipStream::new(100).push(b"{\"a\":1, \"b\": [1, 2, 3]}"),
+            Err(Reason::BadEncoding)
+        );
+        // A piece that inflates past the cap stops there.
+        let zeros = gz(&vec![0u8; 1 << 20]);
+        assert_eq!(GunzipStream::new(64 << 10).push(&zeros), Err(Reason::TooLarge));
+        assert_eq!(gunzip_capped(&zeros, 64 << 10), Err(Reason::TooLarge));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The aggregate's calls as a dependency graph: checked at load, run in stages.
 //!
-//! `calls: {KEY: {upstream, path, method?, depends_on?}}`. A call may use the answer of
+//! `calls: {KEY: {upstream, path, method?, depends_on?, timeout?}}`. A call may use the answer of
 //! another one (`${user.id}` in its path) only if it lists it in `depends_on`: a reference to a
 //! call that is not listed is a config error, not an implicit dependency, so the order of the
 //! calls is always visible in the config. `depends_on` may also list calls whose answers are
@@ -43,6 +43,9 @@ pub struct CallConfig {
     pub method: Option<String>,
     #[serde(default)]
     pub depends_on: Vec<String>,
+    /// This call's own bound (the aggregate's `timeout` when absent; never longer).
+    #[serde(default)]
+    pub timeout: Option<crate::config::units::Dur>,
 }
 
 /// One checked call.
@@ -54,6 +57,7 @@ pub struct Call {
     pub path: PathTemplate,
     /// Without duplicates, in the order written.
     pub depends_on: Vec<String>,
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// The checked calls and the order to run them in.
@@ -207,6 +211,7 @@ fn check_call(
         method,
         path,
         depends_on,
+        timeout: cfg.timeout.map(|d| d.0),
     })
 }
 
@@ -329,7 +334,7 @@ mod tests {
     #[test]
     fn call_fields() {
         let plan = compile(
-            "{a: {upstream: users, path: /a, method: post}, b: {upstream: orders, path: /b, depends_on: [a, a]}}",
+            "{a: {upstream: users, path: /a, method: post}, b: {upstream: orders, path: /b, depends_on: [a, a], timeout: 250ms}}",
             &[],
         )
         .unwrap();
@@ -337,9 +342,11 @@ mod tests {
         assert_eq!(a.method, http::Method::POST);
         assert_eq!(a.upstream, "users");
         assert_eq!(a.path.as_str(), "/a");
+        assert_eq!(a.timeout, None);
         let b = plan.get("b").unwrap();
         assert_eq!(b.method, http::Method::GET);
         assert_eq!(b.depends_on, ["a"]);
+        assert_eq!(b.timeout, Some(std::time::Duration::from_millis(250)));
         assert!(plan.get("c").is_none());
         assert_eq!(plan.calls().len(), 2);
     }

@@ -67,7 +67,7 @@ pub struct OpsConfig {
 }
 
 /// A YAML map as a list of its entries, in file order (the order of renames matters).
-fn ordered_map<'de, D, V>(d: D) -> Result<Vec<(String, V)>, D::Error>
+pub(crate) fn ordered_map<'de, D, V>(d: D) -> Result<Vec<(String, V)>, D::Error>
 where
     D: Deserializer<'de>,
     V: Deserialize<'de>,

@@ -17,8 +17,12 @@ pub struct BuildContext {
     pub route: Option<String>,
     /// Parameter names of the route's `{param}` template.
     pub route_params: Vec<String>,
+    /// The route's own upstream, by name (`None` for a global plugin, or a route without one).
+    pub route_upstream: Option<String>,
     /// Names of every upstream in the config.
     pub upstreams: Vec<String>,
+    /// Names of every route in the config (e.g. for a global plugin's per-route metrics).
+    pub routes: Vec<String>,
     /// The config's consumers (names, and API keys by hash).
     pub consumers: std::sync::Arc<crate::config::Consumers>,
     /// The config's `redis.url`, if any.
@@ -44,7 +48,9 @@ impl BuildContext {
             base_dir: std::env::current_dir().unwrap_or_default(),
             route: None,
             route_params: Vec::new(),
+            route_upstream: None,
             upstreams: Vec::new(),
+            routes: Vec::new(),
             consumers: Default::default(),
             redis_url: None,
             plugin: String::new(),

@@ -70,6 +70,8 @@ impl Phases {
     pub const REQUEST_BODY: Phases = Phases(32);
     /// [`Plugin::response_trailers`]: the response's trailers (gRPC status lives there).
     pub const RESPONSE_TRAILERS: Phases = Phases(64);
+    /// [`Plugin::observe_request_body`]: the request body as it goes upstream, read-only.
+    pub const OBSERVE_REQUEST_BODY: Phases = Phases(128);
 
     pub const fn union(self, other: Phases) -> Phases {
         Phases(self.0 | other.0)
@@ -116,6 +118,12 @@ pub trait Plugin: Send + Sync + 'static {
     }
 
     /// The head about to go upstream (after Portico set Host, X-Forwarded-*, trace headers).
+    /// The request body as it goes upstream, after every `request_body` plugin, piece by
+    /// piece and each byte once (a retry's replay is not shown again); the last call has
+    /// `end_of_stream` (with an empty piece when the body is empty). Observing changes nothing
+    /// about how Portico reads or frames the body, unlike [`Plugin::request_body`].
+    fn observe_request_body(&self, _piece: &Bytes, _end_of_stream: bool, _st: &mut RequestState) {}
+
     fn upstream_request(&self, _req: &mut RequestHeader, _st: &RequestState) {}
 
     /// The response head going to the client, from the upstream or from Portico itself.
@@ -124,7 +132,9 @@ pub trait Plugin: Send + Sync + 'static {
 
     /// A response body chunk (`None` at a bodiless end); may rewrite or hold back bytes. Pingora
     /// sends the response head before the body, so decide in [`Plugin::response`] (and fix the
-    /// framing there) whether to rewrite. `Err` ends the response at once.
+    /// framing there) whether to rewrite. `Err` ends the response at once. A reply Portico
+    /// writes itself comes whole, in one call with `end_of_stream`, before its head is written
+    /// (the core then sets its exact `content-length`; an `Err` leaves that body unchanged).
     fn response_body(
         &self,
         _body: &mut Option<Bytes>,
@@ -139,4 +149,23 @@ pub trait Plugin: Send + Sync + 'static {
 
     /// Once per request, when it is done, with how it ended.
     fn log(&self, _st: &RequestState, _outcome: &Outcome) {}
+
+    /// State this plugin shows on the admin listener, if any (see [`AdminState`]).
+    fn admin_state(&self) -> Option<&dyn AdminState> {
+        None
+    }
+}
+
+/// What a plugin shows on the admin listener, and what an operator may do to it there. The
+/// admin finds these in the live config's chains: `GET /{collection}` lists the state of every
+/// plugin that reports under that collection (with its route), and
+/// `POST /{collection}/{route}/{action}` acts on the one of that route (POSTs pass the admin's
+/// Origin/Host/token checks first).
+pub trait AdminState: Send + Sync {
+    /// The admin path it appears under, e.g. `canaries`.
+    fn collection(&self) -> &'static str;
+    /// Its state, as a JSON object (the admin adds `route`).
+    fn describe(&self) -> serde_json::Value;
+    /// Do `action`; the new state, or `None` for an action it does not know.
+    fn act(&self, action: &str) -> Option<serde_json::Value>;
 }

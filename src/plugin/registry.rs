@@ -80,6 +80,7 @@ pub struct Chains {
     pub response: Vec<Entry>,
     pub response_body: Vec<Entry>,
     pub response_trailers: Vec<Entry>,
+    pub observe_request_body: Vec<Entry>,
     pub log: Vec<Entry>,
 }
 
@@ -101,6 +102,7 @@ impl Chains {
             response: pick(Phases::RESPONSE),
             response_body: pick(Phases::RESPONSE_BODY),
             response_trailers: pick(Phases::RESPONSE_TRAILERS),
+            observe_request_body: pick(Phases::OBSERVE_REQUEST_BODY),
             log: pick(Phases::LOG),
             all: entries,
         }

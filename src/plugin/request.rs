@@ -72,6 +72,26 @@ impl RequestState {
         }
     }
 
+    /// A copy for work that outlives the request (a mirrored copy, a background call): the
+    /// ids, the client, the route, the consumer and the config, without the per-request `vars`.
+    pub fn detached(&self) -> RequestState {
+        RequestState {
+            trace: self.trace.clone(),
+            client_ip: self.client_ip,
+            route: self.route.clone(),
+            params: self.params.clone(),
+            consumer: self.consumer.clone(),
+            identity: self.identity.clone(),
+            upstream_override: self.upstream_override.clone(),
+            host: self.host.clone(),
+            path: self.path.clone(),
+            tls: self.tls,
+            started: self.started,
+            vars: http::Extensions::new(),
+            snapshot: self.snapshot.clone(),
+        }
+    }
+
     pub fn param(&self, name: &str) -> Option<&str> {
         self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }

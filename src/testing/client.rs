@@ -226,6 +226,12 @@ pub fn read_response<S: Read>(stream: &mut S, head_only: bool) -> std::io::Resul
 
 /// Decode a complete chunked body, or `None` if more bytes are needed.
 fn dechunk(b: &[u8]) -> Option<Vec<u8>> {
+    dechunk_prefix(b).map(|(body, _)| body)
+}
+
+/// Decode the complete chunked body at the start of `b`: the body and how many bytes it took
+/// (trailers included), or `None` if more bytes are needed.
+pub(super) fn dechunk_prefix(b: &[u8]) -> Option<(Vec<u8>, usize)> {
     let mut out = Vec::new();
     let mut i = 0;
     loop {
@@ -234,7 +240,15 @@ fn dechunk(b: &[u8]) -> Option<Vec<u8>> {
             usize::from_str_radix(std::str::from_utf8(&b[i..line_end]).ok()?.split(';').next()?.trim(), 16).ok()?;
         i = line_end + 2;
         if size == 0 {
-            return b[i..].windows(2).position(|w| w == b"\r\n").map(|_| out);
+            // Trailer lines, then an empty line.
+            loop {
+                let end = b[i..].windows(2).position(|w| w == b"\r\n")? + i;
+                let empty = end == i;
+                i = end + 2;
+                if empty {
+                    return Some((out, i));
+                }
+            }
         }
         if b.len() < i + size + 2 {
             return None;

@@ -14,6 +14,7 @@
 //! - `tls.rs`: TLS clients and server configs over those certificates.
 
 mod client;
+mod fault;
 mod inprocess;
 pub mod pki;
 mod process;
@@ -22,6 +23,7 @@ pub mod tls;
 mod upstreams;
 
 pub use client::*;
+pub use fault::{refusing_addr, Fault, FaultRequest, FaultServer, Unaccepting};
 pub use inprocess::*;
 pub use process::*;
 pub use redis::*;

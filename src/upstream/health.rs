@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::Upstream;
+use super::{RetryWindow, Upstream};
 
 /// Health of one endpoint of one upstream, shared by every snapshot that names it, so a reload
 /// neither forgets that an endpoint is down nor resets an ejection.
@@ -97,10 +97,12 @@ impl EndpointHealth {
     }
 }
 
-/// Every endpoint's health, keyed by (upstream name, endpoint address); outlives snapshots.
+/// Every endpoint's health, keyed by (upstream name, endpoint address), and each upstream's
+/// retry budget window, by name; outlives snapshots.
 #[derive(Default)]
 pub struct HealthRegistry {
     map: Mutex<HashMap<(String, String), Arc<EndpointHealth>>>,
+    retries: Mutex<HashMap<String, Arc<RetryWindow>>>,
 }
 
 impl HealthRegistry {
@@ -111,8 +113,18 @@ impl HealthRegistry {
             .clone()
     }
 
-    /// Forget endpoints the live config no longer names.
+    /// The retry budget's window of upstream `name` (kept across reloads).
+    pub fn retry_window(&self, upstream: &str) -> Arc<RetryWindow> {
+        let mut map = self.retries.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(upstream.to_string()).or_default().clone()
+    }
+
+    /// Forget endpoints (and retry windows) the live config no longer names.
     pub fn retain(&self, live: &HashMap<String, Arc<Upstream>>) {
+        self.retries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, _| live.get(name).is_some_and(|u| u.retries.budget.is_some()));
         let mut map = self.map.lock().unwrap();
         map.retain(|(u, a), _| {
             let keep = live

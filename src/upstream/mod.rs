@@ -4,8 +4,10 @@
 //! same health view.
 
 mod balance;
+mod budget;
 mod health;
 
+pub use budget::{RetryBudget, RetryCause, RetryPolicy, RetryWindow, MIN_RETRIES_PER_WINDOW};
 pub use health::{EndpointHealth, HealthRegistry};
 
 use crate::config::raw::{Balance, CheckKind, Protocol};
@@ -101,14 +103,6 @@ impl Default for Timeouts {
             idle: Duration::from_secs(60),
         }
     }
-}
-
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// Extra attempts after the first (0 = none).
-    pub attempts: u32,
-    pub on_connect_failure: bool,
-    pub on_reset: bool,
 }
 
 /// What a consistent-hash key is taken from.
@@ -308,11 +302,7 @@ mod tests {
                 eject_for: Duration::from_secs(30),
             }),
             Timeouts::default(),
-            RetryPolicy {
-                attempts: 1,
-                on_connect_failure: true,
-                on_reset: false,
-            },
+            RetryPolicy::default(),
         )
     }
 

@@ -184,3 +184,60 @@ pub fn echoed(r: &Response) -> serde_json::Value {
 pub fn service(r: &Response) -> String {
     r.header("x-echo-service").unwrap_or("").to_string()
 }
+
+/// A keep-alive HTTP/1.1 client for tests that send thousands of requests: one connection,
+/// reopened when the gateway closes it (after `keepalive_requests`).
+pub struct KeepAlive {
+    addr: String,
+    from: Option<std::net::IpAddr>,
+    stream: Option<std::net::TcpStream>,
+}
+
+impl KeepAlive {
+    pub fn new(addr: &str) -> KeepAlive {
+        KeepAlive {
+            addr: addr.to_string(),
+            from: None,
+            stream: None,
+        }
+    }
+
+    /// Connect from this loopback address (e.g. 127.0.0.7).
+    pub fn from_ip(addr: &str, ip: &str) -> KeepAlive {
+        KeepAlive {
+            from: Some(ip.parse().expect("ip")),
+            ..KeepAlive::new(addr)
+        }
+    }
+
+    pub fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Response {
+        use std::io::Write;
+        for attempt in 0..2 {
+            if self.stream.is_none() {
+                self.stream = Some(connect(&self.addr, self.from).expect("connect"));
+            }
+            let s = self.stream.as_mut().expect("connected");
+            let mut head = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n", self.addr);
+            for (k, v) in headers {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+            head.push_str("\r\n");
+            let sent = s.write_all(head.as_bytes());
+            match sent.and_then(|_| read_response(s, false)) {
+                Ok(r) => {
+                    if r.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+                        self.stream = None;
+                    }
+                    return r;
+                }
+                // The gateway closed an idle keep-alive connection: once more on a fresh one.
+                Err(e) if attempt == 0 => {
+                    let _ = e;
+                    self.stream = None;
+                }
+                Err(e) => panic!("GET {path}: {e}"),
+            }
+        }
+        unreachable!("the second attempt returns or panics")
+    }
+}

@@ -26,6 +26,29 @@ pub(super) fn global_entries(
     entries
 }
 
+/// The block with every map's keys in sorted order, so a block rewritten with its keys in
+/// another order (or in another YAML style) hashes the same: it is the same block, and a
+/// reload keeps its state.
+fn canonical(v: &serde_yaml::Value) -> serde_yaml::Value {
+    use serde_yaml::Value;
+    match v {
+        Value::Mapping(m) => {
+            let mut entries: Vec<(String, Value, Value)> = m
+                .iter()
+                .map(|(k, v)| (serde_yaml::to_string(k).unwrap_or_default(), k.clone(), canonical(v)))
+                .collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Mapping(entries.into_iter().map(|(_, k, v)| (k, v)).collect())
+        }
+        Value::Sequence(items) => Value::Sequence(items.iter().map(canonical).collect()),
+        Value::Tagged(t) => Value::Tagged(Box::new(serde_yaml::value::TaggedValue {
+            tag: t.tag.clone(),
+            value: canonical(&t.value),
+        })),
+        other => other.clone(),
+    }
+}
+
 pub(super) enum PluginSlot {
     On(Entry),
     /// `- NAME: { enabled: false }`: switches a global plugin off for a route.
@@ -64,7 +87,9 @@ pub(super) fn build_plugin(
     let mut ctx = ctx.clone();
     ctx.plugin = p.name.clone();
     ctx.block_hash = hex::encode(Sha256::digest(
-        serde_yaml::to_string(&config).unwrap_or_default().as_bytes(),
+        serde_yaml::to_string(&canonical(&config))
+            .unwrap_or_default()
+            .as_bytes(),
     ));
     match factory(&config, &ctx) {
         Ok(plugin) => Some(PluginSlot::On(Entry {
@@ -84,5 +109,26 @@ pub(super) fn build_plugin(
             });
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical;
+
+    #[test]
+    fn key_order_and_style_do_not_change_the_canonical_block() {
+        let a: serde_yaml::Value =
+            serde_yaml::from_str("{requests: 1, per: 1m, nested: {b: 1, a: [x, {d: 1, c: 2}]}}").unwrap();
+        let b: serde_yaml::Value =
+            serde_yaml::from_str("nested:\n  a: [x, {c: 2, d: 1}]\n  b: 1\nper: 1m\nrequests: 1\n").unwrap();
+        let text = |v| serde_yaml::to_string(&canonical(v)).unwrap();
+        assert_eq!(text(&a), text(&b));
+        let c: serde_yaml::Value =
+            serde_yaml::from_str("{requests: 2, per: 1m, nested: {b: 1, a: [x, {d: 1, c: 2}]}}").unwrap();
+        assert_ne!(text(&a), text(&c));
+        let order: serde_yaml::Value =
+            serde_yaml::from_str("{nested: {b: 1, a: [{d: 1, c: 2}, x]}, per: 1m, requests: 1}").unwrap();
+        assert_ne!(text(&a), text(&order), "list order is meaningful");
     }
 }

@@ -51,6 +51,7 @@ fn compile_route(loc: &str, r: &raw::Route, inp: &RouteInputs<'_>, errs: &mut Co
     let mut ctx = inp.ctx.clone();
     ctx.route = Some(r.name.clone());
     ctx.route_params = matcher.as_ref().map(|m| m.path.params()).unwrap_or_default();
+    ctx.route_upstream = r.upstream.clone();
 
     let mut entries: Vec<Entry> = Vec::new();
     let mut replaced: HashSet<Arc<str>> = HashSet::new();

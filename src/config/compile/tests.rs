@@ -114,3 +114,34 @@ fn client_ip_walks_trusted_hops() {
         "9.9.9.9".parse::<IpAddr>().unwrap()
     );
 }
+
+#[test]
+fn retry_policies() {
+    let s = check(
+        "listeners: [{address: 127.0.0.1:18080}]\nupstreams:\n  a:\n    endpoints: [127.0.0.1:9001]\n    retries: { attempts: 2, on: [connect_failure, reset, 502, 503, 504, timeout], budget: 0.2 }\n  b: {endpoints: [127.0.0.1:9002], retries: 3}\n  c: {endpoints: [127.0.0.1:9003]}\nroutes: []\n",
+    )
+    .unwrap();
+    let a = &s.upstreams["a"].retries;
+    assert_eq!(a.attempts, 2);
+    assert!(a.on_connect_failure && a.on_reset && a.on_timeout);
+    assert_eq!(a.on_status, vec![502, 503, 504]);
+    assert_eq!(a.budget.as_ref().map(|b| b.ratio), Some(0.2));
+    let b = &s.upstreams["b"].retries;
+    assert!(b.attempts == 3 && b.on_connect_failure && !b.on_reset && b.budget.is_none());
+    let c = &s.upstreams["c"].retries;
+    assert!(c.attempts == 1 && c.on_connect_failure && c.on_status.is_empty());
+
+    let e = errors(
+        "upstreams:\n  a:\n    endpoints: [127.0.0.1:9001]\n    retries: { attempts: 11, on: [500, resets], budget: -1 }\nroutes: []\n",
+    );
+    assert!(e.contains("upstreams.a.retries.attempts: at most 10"), "{e}");
+    assert!(
+        e.contains("upstreams.a.retries.on[0]: unknown retry condition '500'"),
+        "{e}"
+    );
+    assert!(
+        e.contains("upstreams.a.retries.on[1]: unknown retry condition 'resets'"),
+        "{e}"
+    );
+    assert!(e.contains("upstreams.a.retries.budget"), "{e}");
+}

@@ -5,7 +5,7 @@ use crate::config::error::ConfigErrors;
 use crate::config::raw::{self, Balance, CheckKind, Protocol};
 use crate::tls::UpstreamTlsSettings;
 use crate::upstream::{
-    Endpoint, HashOn, HealthCheckSpec, HealthRegistry, PassiveSpec, RetryPolicy, Timeouts, Upstream,
+    Endpoint, HashOn, HealthCheckSpec, HealthRegistry, PassiveSpec, RetryBudget, RetryPolicy, Timeouts, Upstream,
 };
 use http::HeaderValue;
 use std::collections::HashSet;
@@ -173,43 +173,8 @@ pub(super) fn compile_upstream(
         }
     }
     let retries = match &u.retries {
-        None => RetryPolicy {
-            attempts: 1,
-            on_connect_failure: true,
-            on_reset: false,
-        },
-        Some(r) => {
-            if r.attempts > 10 {
-                errs.push(format!("{loc}.retries.attempts"), "at most 10");
-            }
-            if r.budget.is_some() {
-                errs.push(
-                    format!("{loc}.retries.budget"),
-                    "retry budgets are not available in this build yet (see the README's roadmap)",
-                );
-            }
-            let on = r.on.clone().unwrap_or_else(|| vec!["connect_failure".into()]);
-            let mut p = RetryPolicy {
-                attempts: r.attempts,
-                on_connect_failure: false,
-                on_reset: false,
-            };
-            for (i, cond) in on.iter().enumerate() {
-                match cond.as_str() {
-                    "connect_failure" => p.on_connect_failure = true,
-                    "reset" => p.on_reset = true,
-                    "502" | "503" | "504" | "timeout" => errs.push(
-                        format!("{loc}.retries.on[{i}]"),
-                        format!("retrying on '{cond}' is not available in this build yet (see the README's roadmap)"),
-                    ),
-                    other => errs.push(
-                        format!("{loc}.retries.on[{i}]"),
-                        format!("unknown retry condition '{other}' (connect_failure | reset)"),
-                    ),
-                }
-            }
-            p
-        }
+        None => RetryPolicy::default(),
+        Some(r) => retry_policy(name, r, &loc, health, errs),
     };
     let resolve_every = u.resolve_every.map(|d| d.0).unwrap_or(Duration::from_secs(30));
     if resolve_every < Duration::from_millis(100) {
@@ -236,6 +201,54 @@ pub(super) fn compile_upstream(
         up.resolve_every = Some(resolve_every);
     }
     Some(up)
+}
+
+/// `retries: N` or `{attempts, on, budget}`; `on` defaults to `[connect_failure]`.
+fn retry_policy(
+    name: &str,
+    r: &raw::Retries,
+    loc: &str,
+    health: &HealthRegistry,
+    errs: &mut ConfigErrors,
+) -> RetryPolicy {
+    if r.attempts > 10 {
+        errs.push(format!("{loc}.retries.attempts"), "at most 10");
+    }
+    let budget = r.budget.and_then(|ratio| {
+        if !(0.0..=10.0).contains(&ratio) || !ratio.is_finite() {
+            errs.push(
+                format!("{loc}.retries.budget"),
+                "a fraction of requests between 0 and 10 (0.2 = retries may add 20% to the load)",
+            );
+            return None;
+        }
+        Some(RetryBudget {
+            ratio,
+            window: health.retry_window(name),
+        })
+    });
+    let mut p = RetryPolicy {
+        attempts: r.attempts,
+        on_connect_failure: false,
+        on_reset: false,
+        on_timeout: false,
+        on_status: Vec::new(),
+        budget,
+    };
+    let on = r.on.clone().unwrap_or_else(|| vec!["connect_failure".into()]);
+    for (i, cond) in on.iter().enumerate() {
+        match cond.as_str() {
+            "connect_failure" => p.on_connect_failure = true,
+            "reset" => p.on_reset = true,
+            "timeout" => p.on_timeout = true,
+            "502" | "503" | "504" => p.on_status.push(cond.parse().expect("a status")),
+            other => errs.push(
+                format!("{loc}.retries.on[{i}]"),
+                format!("unknown retry condition '{other}' (connect_failure | reset | timeout | 502 | 503 | 504)"),
+            ),
+        }
+    }
+    p
 }
 
 fn parse_hash_on(s: &str) -> Result<HashOn, String> {

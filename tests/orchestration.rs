@@ -1,0 +1,472 @@
+//! Acceptance [9/12] #12, orchestration: `aggregate` answers a route with the JSON of several
+//! upstream calls, run concurrently stage by stage through the upstream client, over real
+//! upstreams (echo services, a recording upstream, a content server, a port nobody listens on).
+
+mod common;
+use bytes::Bytes;
+use common::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// `upstreams:` with one endpoint each.
+fn upstreams(list: &[(&str, String)]) -> String {
+    let mut out = String::from("upstreams:\n");
+    for (name, addr) in list {
+        out.push_str(&format!("  {name}: {{ endpoints: [{addr}] }}\n"));
+    }
+    out
+}
+
+#[test]
+fn profile_aggregates_users_and_orders_concurrently() {
+    let users = EchoServer::start("users").unwrap();
+    let orders = EchoServer::start("orders").unwrap();
+    let body = format!(
+        r#"{}routes:
+  - name: profile
+    match: {{ path: "/profile/{{id}}", methods: [GET] }}
+    plugins:
+      - aggregate:
+          calls:
+            user: {{ upstream: users, path: "/users/{{id}}" }}
+            orders: {{ upstream: orders, path: "/orders?user={{id}}" }}
+  - name: slow
+    match: {{ path: "/slow/{{id}}" }}
+    plugins:
+      - aggregate:
+          calls:
+            user: {{ upstream: users, path: "/users/{{id}}?delay_ms=300" }}
+            orders: {{ upstream: orders, path: "/orders?user={{id}}&delay_ms=300" }}
+"#,
+        upstreams(&[("users", users.addr.to_string()), ("orders", orders.addr.to_string())])
+    );
+    let gw = Gw::start(&body);
+    let r = gw.get("/profile/7");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("content-length"), Some(r.body.len().to_string().as_str()));
+    assert!(r.header("x-request-id").is_some());
+    let v = r.json();
+    assert_eq!(v["user"]["service"], "users");
+    assert_eq!(v["user"]["path"], "/users/7");
+    assert_eq!(v["orders"]["service"], "orders");
+    assert_eq!(v["orders"]["path"], "/orders");
+    assert_eq!(v["orders"]["query"], "user=7");
+    assert!(v.get("errors").is_none(), "{v}");
+    assert_eq!(v.as_object().unwrap().len(), 2);
+
+    // Two upstreams that take 300 ms each answer together: best of three under 500 ms.
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let r = gw.get("/slow/8");
+        best = best.min(t.elapsed());
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["orders"]["query"], "user=8&delay_ms=300");
+    }
+    assert!(best >= Duration::from_millis(300), "{best:?}");
+    assert!(
+        best < Duration::from_millis(500),
+        "the calls did not run concurrently: {best:?}"
+    );
+    let m = gw.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "portico_aggregate_calls_total",
+            &[("route", "profile"), ("result", "ok")]
+        ),
+        2.0
+    );
+}
+
+#[test]
+fn partial_and_fail() {
+    let users = EchoServer::start("users").unwrap();
+    let slow = EchoServer::start("slow").unwrap();
+    let down = free_addr(); // nothing listens there
+    let route = |name: &str, on_error: &str, orders: &str| {
+        format!(
+            r#"  - name: {name}
+    match: {{ path: "/{name}/{{id}}" }}
+    plugins:
+      - aggregate:
+          on_error: {on_error}
+          timeout: 1500ms
+          calls:
+            user: {{ upstream: users, path: "/users/{{id}}" }}
+            orders: {orders}
+"#
+        )
+    };
+    let body = format!(
+        "{}routes:\n{}{}{}{}{}{}",
+        upstreams(&[
+            ("users", users.addr.to_string()),
+            ("slow", slow.addr.to_string()),
+            ("down", down)
+        ]),
+        route("pdown", "partial", "{ upstream: down, path: /orders }"),
+        route(
+            "pslow",
+            "partial",
+            "{ upstream: slow, path: '/orders?delay_ms=5000', timeout: 300ms }"
+        ),
+        route("p500", "partial", "{ upstream: slow, path: '/orders?status=500' }"),
+        route("fdown", "fail", "{ upstream: down, path: /orders }"),
+        route(
+            "fslow",
+            "fail",
+            "{ upstream: slow, path: '/orders?delay_ms=5000', timeout: 300ms }"
+        ),
+        route("foverall", "fail", "{ upstream: slow, path: '/orders?delay_ms=5000' }"),
+    );
+    let gw = Gw::start(&body);
+
+    // partial: 200, the failed key null, the failure under "errors".
+    let v = gw.get("/pdown/1").json();
+    assert_eq!(v["user"]["path"], "/users/1");
+    assert!(v["orders"].is_null(), "{v}");
+    assert_eq!(v["errors"]["orders"]["status"], 502);
+    assert_eq!(v["errors"]["orders"]["message"], "the upstream could not be reached");
+    assert!(v["errors"].get("user").is_none());
+
+    let t = Instant::now();
+    let r = gw.get("/pslow/2");
+    let took = t.elapsed();
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["user"]["path"], "/users/2");
+    assert!(v["orders"].is_null());
+    assert_eq!(v["errors"]["orders"]["status"], 504);
+    assert_eq!(v["errors"]["orders"]["message"], "no answer within its timeout (300ms)");
+    assert!(took < Duration::from_millis(1400), "{took:?}");
+
+    let v = gw.get("/p500/3").json();
+    assert_eq!(v["errors"]["orders"]["status"], 500);
+    assert_eq!(v["errors"]["orders"]["message"], "the upstream answered 500");
+
+    // fail: 502 naming the call; 504 when it timed out, within the timeout.
+    let r = gw.get("/fdown/4");
+    assert_eq!(r.status, 502);
+    let v = r.json();
+    assert_eq!(v["error"], "upstream_unavailable");
+    assert_eq!(
+        v["message"],
+        "aggregate call 'orders' failed: the upstream could not be reached"
+    );
+    assert_eq!(v["trace_id"].as_str(), r.header("x-request-id"));
+
+    let t = Instant::now();
+    let r = gw.get("/fslow/5");
+    let took = t.elapsed();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["error"], "upstream_timeout");
+    assert!(r.json()["message"].as_str().unwrap().contains("'orders'"));
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1400),
+        "{took:?}"
+    );
+
+    // The overall timeout bounds a call without its own.
+    let t = Instant::now();
+    let r = gw.get("/foverall/6");
+    let took = t.elapsed();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(
+        r.json()["message"],
+        "aggregate call 'orders' failed: no answer within the aggregate's timeout (1s 500ms)"
+    );
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_millis(3000),
+        "{took:?}"
+    );
+    let m = gw.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "portico_aggregate_calls_total",
+            &[("route", "pslow"), ("call", "orders"), ("result", "timeout")]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn depends_on_uses_an_earlier_answer_percent_encoded() {
+    let accounts = ContentServer::start(r#"{"id": 7, "account": "../x?y=1", "tags": ["a b"]}"#);
+    let rec = RecordingUpstream::start();
+    let body = format!(
+        r#"{}routes:
+  - name: chain
+    match: {{ path: "/chain/{{id}}" }}
+    plugins:
+      - aggregate:
+          on_error: partial
+          calls:
+            user: {{ upstream: accounts, path: "/users/{{id}}" }}
+            acct: {{ upstream: rec, path: "/accounts/${{user.account}}?u=${{user.id}}&t=${{user.tags.0}}&q=${{query.q}}", depends_on: [user] }}
+            nope: {{ upstream: rec, path: "/x/${{user.missing}}", depends_on: [user] }}
+            after: {{ upstream: rec, path: "/after/${{nope.id}}", depends_on: [nope] }}
+"#,
+        upstreams(&[("accounts", accounts.addr.to_string()), ("rec", rec.addr.to_string())])
+    );
+    let gw = Gw::start(&body);
+    let v = gw.get("/chain/a%20b?q=1%262").json();
+    let targets: Vec<String> = rec.requests().iter().map(|r| r.target.clone()).collect();
+    assert_eq!(targets, ["/accounts/..%2Fx%3Fy%3D1?u=7&t=a%20b&q=1%262"]);
+    assert_eq!(v["user"]["account"], "../x?y=1");
+    assert_eq!(v["acct"]["target"], "/accounts/..%2Fx%3Fy%3D1?u=7&t=a%20b&q=1%262");
+    // A value the earlier answer lacks: that call is not run, nor the one that needs it.
+    assert!(v["nope"].is_null());
+    assert_eq!(v["errors"]["nope"]["status"], 424);
+    assert_eq!(
+        v["errors"]["nope"]["message"],
+        "not run: ${user.missing}: the answer of call 'user' has no field 'missing'"
+    );
+    assert_eq!(v["errors"]["after"]["message"], "not run: call 'nope' failed");
+    // The route parameter arrived percent-encoded and is sent in one segment.
+    assert_eq!(accounts.hits(), 1);
+}
+
+#[test]
+fn every_sub_call_carries_the_trace_and_reuses_connections() {
+    let rec = RecordingUpstream::start();
+    let body = format!(
+        r#"{}routes:
+  - name: both
+    match: {{ path: "/both/{{id}}" }}
+    plugins:
+      - aggregate:
+          forward_headers: [authorization, x-tenant]
+          calls:
+            a: {{ upstream: rec, path: "/a/{{id}}" }}
+            b: {{ upstream: rec, path: "/b/{{id}}" }}
+"#,
+        upstreams(&[("rec", rec.addr.to_string())])
+    );
+    let gw = Gw::start(&body);
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let r = gw.send(
+        Request::get("/both/1")
+            .header("x-request-id", "agg-trace-1")
+            .header("traceparent", format!("00-{trace}-b7ad6b7169203331-01"))
+            .header("authorization", "Bearer t0k")
+            .header("x-tenant", "acme")
+            .header("cookie", "secret=1"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-request-id"), Some("agg-trace-1"));
+    let seen = rec.requests();
+    assert_eq!(seen.len(), 2);
+    let mut spans = Vec::new();
+    for s in &seen {
+        assert_eq!(s.header("x-request-id"), Some("agg-trace-1"), "{s:?}");
+        let tp: Vec<&str> = s.header("traceparent").unwrap().split('-').collect();
+        assert_eq!(tp[1], trace, "{s:?}");
+        assert_ne!(tp[2], "b7ad6b7169203331", "a child span, not the client's");
+        spans.push(tp[2].to_string());
+        assert_eq!(s.header("authorization"), Some("Bearer t0k"));
+        assert_eq!(s.header("x-tenant"), Some("acme"));
+        assert_eq!(s.header("cookie"), None, "only the listed headers are forwarded");
+        assert_eq!(s.header("x-forwarded-for"), Some("127.0.0.1"));
+        assert_eq!(s.header_count("host"), 1);
+    }
+    assert_ne!(spans[0], spans[1], "each sub-call is its own span");
+
+    // 500 aggregate requests, 1000 sub-calls: pooled connections, not one each.
+    for i in 0..500 {
+        let r = gw.get(&format!("/both/{i}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let requests = rec.requests().len();
+    let connections = rec.connection_bytes().len();
+    assert_eq!(requests, 1002);
+    assert!(
+        connections <= 20,
+        "{connections} upstream connections for {requests} sub-calls"
+    );
+    assert!(rec.garbage().is_empty());
+}
+
+#[test]
+fn answers_are_embedded_by_type_and_bounded() {
+    let small = ContentServer::start(r#"{"id": 1}"#);
+    let echo = EchoServer::start("echo").unwrap();
+    let body = format!(
+        r#"{}routes:
+  - name: kinds
+    match: {{ path: "/kinds" }}
+    plugins:
+      - aggregate:
+          calls:
+            json: {{ upstream: small, path: /j }}
+            xml: {{ upstream: echo, path: "/x?format=xml" }}
+  - name: bounded
+    match: {{ path: "/bounded" }}
+    plugins:
+      - aggregate:
+          on_error: partial
+          max_body: 1KiB
+          forward_headers: [x-pad]
+          calls:
+            small: {{ upstream: small, path: /s }}
+            big: {{ upstream: echo, path: /b }}
+"#,
+        upstreams(&[("small", small.addr.to_string()), ("echo", echo.addr.to_string())])
+    );
+    let gw = Gw::start(&body);
+    let v = gw.get("/kinds").json();
+    assert_eq!(v["json"], serde_json::json!({"id": 1}));
+    let xml = v["xml"].as_str().expect("a non-JSON answer is a string");
+    assert!(xml.starts_with("<?xml") && xml.contains("<path>/x</path>"), "{xml}");
+    // The echo answer carries the 2 KB header back: over max_body, not read further.
+    let r = gw.send(Request::get("/bounded").header("x-pad", "p".repeat(2000)));
+    let v = r.json();
+    assert_eq!(v["small"]["id"], 1);
+    assert!(v["big"].is_null());
+    assert_eq!(v["errors"]["big"]["status"], 502);
+    assert_eq!(
+        v["errors"]["big"]["message"],
+        "the answer is larger than max_body (1024 bytes)"
+    );
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn aggregate_over_h2c() {
+    let users = EchoServer::start("users").unwrap();
+    let orders = EchoServer::start("orders").unwrap();
+    let body = format!(
+        r#"{}routes:
+  - name: profile
+    match: {{ path: "/profile/{{id}}" }}
+    plugins:
+      - aggregate:
+          calls:
+            user: {{ upstream: users, path: "/users/{{id}}" }}
+            orders: {{ upstream: orders, path: "/orders/{{id}}?delay_ms=50" }}
+"#,
+        upstreams(&[("users", users.addr.to_string()), ("orders", orders.addr.to_string())])
+    );
+    let gw = Gw::start_h2c(&body);
+    let addr = gw.addr.clone();
+    runtime().block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        // Several streams at once on one connection.
+        let mut waits = Vec::new();
+        for id in 0..4 {
+            let mut c = client.clone().ready().await.unwrap();
+            let req = http::Request::builder()
+                .uri(format!("http://gw.test/profile/{id}"))
+                .body(())
+                .unwrap();
+            let (resp, _) = c.send_request(req, true).unwrap();
+            waits.push((id, resp));
+        }
+        for (id, resp) in waits {
+            let resp = resp.await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.headers()["content-type"], "application/json");
+            let mut body = resp.into_body();
+            let mut bytes = Vec::new();
+            while let Some(d) = body.data().await {
+                let d: Bytes = d.unwrap();
+                let _ = body.flow_control().release_capacity(d.len());
+                bytes.extend_from_slice(&d);
+            }
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(v["user"]["path"], format!("/users/{id}"));
+            assert_eq!(v["orders"]["path"], format!("/orders/{id}"));
+        }
+    });
+}
+
+#[test]
+fn a_transform_reshapes_the_aggregate_answer() {
+    let users = EchoServer::start("users").unwrap();
+    let body = format!(
+        r#"{}routes:
+  - name: profile
+    match: {{ path: "/profile/{{id}}" }}
+    plugins:
+      - aggregate:
+          calls:
+            user: {{ upstream: users, path: "/users/{{id}}" }}
+      - transform: {{ response: {{ select: [user.path, user.service], rename: {{ user.path: p }}, wrap: data }} }}
+      - headers: {{ response: {{ set: {{ x-shaped: "yes" }} }} }}
+"#,
+        upstreams(&[("users", users.addr.to_string())])
+    );
+    let gw = Gw::start(&body);
+    let r = gw.get("/profile/9");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-shaped"), Some("yes"));
+    assert_eq!(r.header("transfer-encoding"), None);
+    assert_eq!(r.header("content-length"), Some(r.body.len().to_string().as_str()));
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"data": {"user": {"p": "/users/9", "service": "users"}}})
+    );
+    // Portico's own errors keep the contract's shape.
+    let r = gw.get("/nowhere");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"], "no_route");
+}
+
+fn check(yaml: &str) -> (i32, String) {
+    let dir = TempDir::new("agg-cli");
+    let path = dir.write("c.yaml", yaml);
+    let out = Command::new(BIN).arg("-t").arg("-c").arg(&path).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn bad_aggregates_are_located_config_errors() {
+    let base = "listeners: [{ address: 127.0.0.1:18080 }]\nupstreams:\n  u: { endpoints: [127.0.0.1:9001] }\nroutes:\n  - name: r\n    match: { path: \"/p/{id}\" }\n    plugins:\n      - aggregate:\n          calls:\n";
+    let cases: &[(&str, &str)] = &[
+        (
+            "            a: { upstream: u, path: '/a/${b.x}', depends_on: [b] }\n            b: { upstream: u, path: '/b/${a.x}', depends_on: [a] }\n",
+            "routes[0].plugins[0].aggregate.calls.a.depends_on: cycle a -> b -> a",
+        ),
+        (
+            "            a: { upstream: u, path: '/a/${zz.x}' }\n",
+            "routes[0].plugins[0].aggregate.calls.a.path: '${zz.x}' refers to unknown call 'zz'",
+        ),
+        (
+            "            a: { upstream: u, path: /a, depends_on: [zz] }\n",
+            "routes[0].plugins[0].aggregate.calls.a.depends_on: unknown call 'zz'",
+        ),
+        (
+            "            a: { upstream: u, path: '/a/{nope}' }\n",
+            "routes[0].plugins[0].aggregate.calls.a.path: unknown route parameter '{nope}' (the route has: id)",
+        ),
+        (
+            "            a: { upstream: missing, path: /a }\n",
+            "routes[0].plugins[0].aggregate.calls.a.upstream: unknown upstream 'missing'",
+        ),
+    ];
+    for (calls, want) in cases {
+        let (code, out) = check(&format!("{base}{calls}"));
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains(want), "want {want}\ngot {out}");
+    }
+    let (code, out) = check(&format!("{base}            a: {{ upstream: u, path: '/a/{{id}}' }}\n"));
+    assert_eq!((code, out.trim()), (0, "ok"));
+}
