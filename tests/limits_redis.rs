@@ -156,7 +156,7 @@ fn a_killed_redis_follows_on_store_error_and_a_restarted_one_is_shared_again() {
             let mut out = Vec::new();
             let mut i = 0usize;
             while !stop.load(Ordering::SeqCst) {
-                let path = if i % 2 == 0 { "/allow" } else { "/deny" };
+                let path = if i.is_multiple_of(2) { "/allow" } else { "/deny" };
                 let sent = Instant::now();
                 let (r, took) = timed(&gws[(i / 2) % 2], path);
                 out.push((sent, path, r, took));
