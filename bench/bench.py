@@ -36,6 +36,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROXY_CPU = 0
 LOAD_CPU = 1
+# Open files for every process the bench starts: the hard limit, at most 65536.
+NOFILE = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
 
 # ---------------------------------------------------------------------------------------------
 # Parsers (tested by tests/bench_parser.rs on the recorded samples in bench/samples/)
@@ -137,7 +139,7 @@ class Processes:
 
         def child():
             os.sched_setaffinity(0, {cpu})
-            resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
 
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=child, env=env, cwd=ROOT
@@ -253,11 +255,11 @@ def nginx_conf(work, name, http_body):
     with open(path, "w") as f:
         f.write(
             f"""worker_processes 1;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile {NOFILE};
 daemon off;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-events {{ worker_connections 30000; }}
+events {{ worker_connections {NOFILE}; }}
 http {{
   access_log off;
   {http_body}
@@ -292,7 +294,7 @@ FULL_CHAIN = [
         "headers",
         "{ request: { set: { x-client: '${client_ip}' } }, response: { set: { x-route: '${route}' } } }",
     ),
-    ("rate_limit", "{ requests: 1000000000, per: 1s, key: ip }"),
+    ("rate_limit", "{ requests: 1000000, per: 1s, key: ip }"),
     ("canary", "{ upstream: canary, percent: 0 }"),
 ]
 
@@ -409,16 +411,19 @@ def latency(targets, seconds, raw):
     return result
 
 
-def settle_rss(pid, seconds=3.0):
-    """VmRSS once it stops moving (allocators give memory back a little later)."""
+def settle_rss(pid, seconds=3.0, quiet=2.0):
+    """VmRSS once it has not moved for `quiet` seconds (allocators give memory back a little
+    later: mimalloc purges after a delay, Portico collects a second after connections close)."""
     last = rss_kb(pid)
-    deadline = time.monotonic() + seconds
+    still_since = time.monotonic()
+    deadline = still_since + seconds
     while time.monotonic() < deadline:
         time.sleep(0.25)
         now = rss_kb(pid)
-        if abs(now - last) < 64:
-            return now
-        last = now
+        if abs(now - last) >= 64:
+            last, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since >= quiet:
+            break
     return last
 
 
@@ -445,7 +450,7 @@ def idle_memory(target, count):
     finally:
         for s in conns:
             s.close()
-    after = settle_rss(pid, seconds=5.0)
+    after = settle_rss(pid, seconds=10.0)
     return {
         "connections": count,
         "rss_before_kb": before,
@@ -575,7 +580,9 @@ def main():
     build(args.skip_build)
     portico = os.path.join(ROOT, "target", "release", "portico")
     baseline = os.path.join(ROOT, "target", "release", "pingora-baseline")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+    if NOFILE < args.idle + 1000:
+        sys.exit(f"{args.idle} idle connections need more open files than the limit ({NOFILE}): use --idle")
     os.sched_setaffinity(0, {LOAD_CPU})
 
     work = tempfile.mkdtemp(prefix="portico-bench.")

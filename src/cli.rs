@@ -82,6 +82,7 @@ enum Command {
 /// Run Portico's command line with this plugin registry (built-ins plus your own).
 pub fn main_with(registry: Registry) -> ExitCode {
     server::guard_sighup();
+    crate::memory::init();
     let cli = Cli::parse();
     init_logging();
     if let Some(Command::Demo {

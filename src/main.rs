@@ -1,4 +1,7 @@
 // mimalloc: measured in bench/run against glibc malloc, which spent ~15% of the proxy's CPU.
+// The `system-allocator` feature leaves it out, for heap profilers that only see malloc
+// (valgrind's massif, heaptrack): see bench/README.md.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -145,10 +145,12 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) -> Result<(), String>
         h2.max_concurrent_streams(100);
         proxy.h2_options = Some(h2);
         let (name, app, read_buffer) = match kind {
-            // Pingora reads through a 64 KiB buffer per connection by default (~80 KB of RSS
-            // per idle keep-alive connection); 4 KiB holds a typical request head in one read.
-            Kind::Plain => ("proxy", EdgeApp::new(proxy, shared.clone()), 4096),
-            Kind::H2c => ("proxy h2c", EdgeApp::new(proxy, shared.clone()), 4096),
+            // No L4 read buffer on plain listeners (Pingora's default is 64 KiB per connection,
+            // ~80 KB of RSS per idle keep-alive connection): the edge layer reads each head into
+            // a buffer of its own, held only while bytes arrive, and bodies go straight from
+            // the socket into Pingora's body buffers. HTTP/2 frames are buffered by h2 itself.
+            Kind::Plain => ("proxy", EdgeApp::new(proxy, shared.clone()), 0),
+            Kind::H2c => ("proxy h2c", EdgeApp::new(proxy, shared.clone()), 0),
             // A TLS record is up to 16 KiB: a smaller buffer splits every full record read.
             Kind::Tls => {
                 let mut tls = Vec::new();

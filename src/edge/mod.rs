@@ -126,6 +126,23 @@ impl EdgeApp {
 #[async_trait]
 impl ServerApp for EdgeApp {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let reused = self.serve_connection(stream, shutdown).await;
+        crate::memory::connection_closed();
+        reused
+    }
+
+    async fn cleanup(&self) {
+        let end = Instant::now() + FIRST_BYTES_DRAIN;
+        while self.awaiting_first_bytes.load(Ordering::Acquire) > 0 && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        ServerApp::cleanup(&*self.proxy).await;
+    }
+}
+
+impl EdgeApp {
+    /// One connection, from accept to close: per-IP cap, TLS handshake, HTTP/1 or HTTP/2.
+    async fn serve_connection(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let accepted = Instant::now();
         let snap = self.shared.snapshot();
         let peer = stream.get_socket_digest().and_then(|d| {
@@ -149,7 +166,9 @@ impl ServerApp for EdgeApp {
         let stream = if self.tls.is_empty() {
             stream
         } else {
-            self.handshake(stream, accepted + limits.header_timeout).await?
+            // Boxed: the handshake's state is large and only needed while it runs, and every
+            // byte of this future is held by each idle keep-alive connection.
+            Box::pin(self.handshake(stream, accepted + limits.header_timeout)).await?
         };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             let mut conn = EdgeStream::new(stream);
@@ -186,16 +205,6 @@ impl ServerApp for EdgeApp {
         self.serve_http1(conn, accepted, shutdown).await
     }
 
-    async fn cleanup(&self) {
-        let end = Instant::now() + FIRST_BYTES_DRAIN;
-        while self.awaiting_first_bytes.load(Ordering::Acquire) > 0 && Instant::now() < end {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        ServerApp::cleanup(&*self.proxy).await;
-    }
-}
-
-impl EdgeApp {
     /// The HTTP/1 keep-alive loop (as Pingora's own), with each head read and checked first.
     async fn serve_http1(
         self: &Arc<Self>,
@@ -235,7 +244,7 @@ impl EdgeApp {
                 Head::Ready => {}
                 Head::Closed => return None,
                 Head::Refuse(reply) => {
-                    refuse::refuse(&mut conn, reply, &snap, &self.shared, head_started).await;
+                    Box::pin(refuse::refuse(&mut conn, reply, &snap, &self.shared, head_started)).await;
                     return None;
                 }
             }

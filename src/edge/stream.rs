@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 pub struct EdgeStream {
@@ -62,16 +62,35 @@ impl EdgeStream {
     /// Read more into the buffer until `done(buffer)`, the peer closes (`Ok(false)`) or the
     /// deadline passes (`Err`). Returns at once if the buffer already satisfies `done`.
     pub async fn fill_until(&mut self, deadline: Instant, mut done: impl FnMut(&[u8]) -> bool) -> Result<bool, ()> {
-        let mut chunk = [0u8; 4096];
         loop {
             if done(&self.prefix) {
                 return Ok(true);
             }
-            match tokio::time::timeout_at(deadline, self.inner.read(&mut chunk)).await {
+            match tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| self.poll_fill(cx))).await {
                 Err(_) => return Err(()),
                 Ok(Ok(0)) | Ok(Err(_)) => return Ok(false),
-                Ok(Ok(n)) => self.prefix.extend_from_slice(&chunk[..n]),
+                Ok(Ok(_)) => {}
             }
+        }
+    }
+
+    /// One read from the socket, appended to `prefix`. The read goes straight into the
+    /// buffer's spare room, and room is only held while bytes are there to read: a connection
+    /// waiting idle between requests keeps no buffer at all (Portico's memory per idle
+    /// keep-alive connection).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        const READ_SIZE: usize = 4096;
+        if self.prefix.capacity() - self.prefix.len() < READ_SIZE / 4 {
+            self.prefix.reserve(READ_SIZE);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.inner), cx, &mut self.prefix) {
+            Poll::Pending => {
+                if self.prefix.is_empty() {
+                    self.prefix = Vec::new();
+                }
+                Poll::Pending
+            }
+            ready => ready,
         }
     }
 }
@@ -133,7 +152,12 @@ impl AsyncRead for EdgeStream {
         let polled = if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
-            this.prefix.drain(..n);
+            if n == this.prefix.len() {
+                // Replayed whole: give the room back (the next read reserves its own).
+                this.prefix = Vec::new();
+            } else {
+                this.prefix.drain(..n);
+            }
             Poll::Ready(Ok(()))
         } else {
             Pin::new(&mut this.inner).poll_read(cx, buf)
