@@ -557,3 +557,31 @@ fn a_body_over_the_limit_to_an_h2_upstream_is_refused_at_once() {
         assert!(line.contains("\"error\":\"payload_too_large\""), "{line}");
     }
 }
+
+/// A call the client gives up on (its deadline passed, so it resets the stream) is logged as
+/// `client_closed`, a documented code.
+#[test]
+fn a_call_the_client_cancels_is_logged_as_client_closed() {
+    let s = setup();
+    let rt = rt();
+    // The connection stays open (the runtime lives on): only the stream is reset.
+    let _conn = rt.block_on(async {
+        let c = s.over_h2c().await;
+        let req = http::Request::post("http://gw.test/test.Echo/Slow")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-request-id", "cancelled-call-1")
+            .body(())
+            .unwrap();
+        let (_resp, mut body) = c.clone().ready().await.unwrap().send_request(req, false).unwrap();
+        body.send_data(frame(b"x"), true).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        body.send_reset(h2::Reason::CANCEL);
+        c
+    });
+    let line = wait_for("the access log line", Duration::from_secs(10), || {
+        let log = s.gw.p.stdout_text();
+        log.lines().find(|l| l.contains("cancelled-call-1")).map(str::to_string)
+    });
+    assert!(line.contains("\"error\":\"client_closed\""), "{line}");
+}
