@@ -534,3 +534,40 @@ fn the_verified_identity_reaches_the_upstream_and_refusals_say_why() {
         assert!(seen["headers"].get("x-client-identity").is_none(), "{bad}: {seen}");
     }
 }
+
+/// Plain HTTP sent to a TLS port gets what nginx gives ("400 The plain HTTP request was sent
+/// to HTTPS port"), as the contract's JSON error with a trace id — not a TLS alert that a
+/// client reads as HTTP/0.9 garbage. TLS clients are served as before.
+#[test]
+fn plain_http_on_the_tls_port_gets_a_400_json_error() {
+    let ca = TestCa::new("Test CA");
+    let dir = TempDir::new("tls-plain");
+    let echo = EchoServer::start("e").unwrap();
+    let gw = Gw::start_listeners(&sni_listeners(&dir, &ca, &["gw.test"]), &[TLS_SPEC, PLAIN_SPEC], &routes(&echo));
+    let https = &gw.addrs[0];
+    let raw = raw(
+        https,
+        b"GET /x HTTP/1.1\r\nHost: gw.test\r\nx-request-id: plain-to-tls-1\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("content-type: application/json"), "{head}");
+    assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["error"], "bad_request");
+    assert_eq!(v["message"], "a plain HTTP request was sent to a TLS port: use https://");
+    assert_eq!(v["trace_id"], "plain-to-tls-1");
+    let line = wait_for("the access log line", Duration::from_secs(5), || {
+        let log = gw.p.stdout_text();
+        log.lines().find(|l| l.contains("plain-to-tls-1")).map(str::to_string)
+    });
+    assert!(line.contains("\"status\":400") && line.contains("\"error\":\"bad_request\""), "{line}");
+    // TLS still works on the port.
+    let r = tls::send(https, "gw.test", tls::client(&ca, None, &["http/1.1"]), &Request::get("/after")).unwrap();
+    assert_eq!(r.status, 200);
+}
