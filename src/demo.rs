@@ -169,6 +169,8 @@ routes:
     upstream: v1
     plugins:
       - allow_services: {{ services: [orders], trust_domain: mesh }}
+      # The verified identity, for the app (a client's own x-client-identity never passes).
+      - headers: {{ request: {{ set: {{ x-client-identity: "${{identity}}" }} }} }}
 "#
     )
 }
@@ -248,8 +250,11 @@ HTTPS (TLS 1.2/1.3; the DEMO-ONLY CA is {certs}/demo-ca.crt), HTTP/2 chosen by A
 SNI: api.example.com gets its own certificate (look at "subject:" in the handshake)
   $ curl -s -v {ca} --resolve api.example.com:{tls_port}:{tls_ip} https://api.example.com:{tls_port}/users/7
 mTLS identity: the demo client certificate says spiffe://mesh/orders, which /mesh allows
+(and passes to v1 as x-client-identity); without it: 401
   $ curl -s {ca} {client} {s}/mesh/orders
   $ curl -s -i {ca} {s}/mesh/orders
+Plain HTTP sent to the TLS port: a 400 JSON error, as nginx answers
+  $ curl -s -i http://{tls_ip}:{tls_port}/users/7
 Mint your own token:
   portico jwt --secret '{secret}' --sub alice --claim scope=orders:read --ttl 10m
 

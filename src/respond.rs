@@ -6,7 +6,7 @@ use bytes::Bytes;
 use pingora::http::ResponseHeader;
 
 /// gRPC status for a gateway error code (the client sees why, in gRPC's own terms).
-fn grpc_status(code: &str, http: u16) -> u32 {
+pub fn grpc_code(code: &str, http: u16) -> u32 {
     match code {
         "bad_request" => 3,                                              // INVALID_ARGUMENT
         "no_route" => 12,                                                // UNIMPLEMENTED
@@ -34,12 +34,12 @@ pub fn error_json(code: &str, message: &str, trace_id: &str) -> Bytes {
 
 /// The head and body of a reply, before response-phase plugins run on the head.
 pub fn render(reply: &Reply, st: &RequestState, grpc: bool) -> (ResponseHeader, Bytes) {
-    let (status, content_type, body, grpc_trailers) = match &reply.body {
+    let (status, content_type, body, grpc) = match &reply.body {
         ReplyBody::Error { code, message } if grpc => (
             200,
             "application/grpc",
             Bytes::new(),
-            Some((grpc_status(code, reply.status), message.as_str())),
+            Some((grpc_code(code, reply.status), message.as_str())),
         ),
         ReplyBody::Error { code, message } => (
             reply.status,
@@ -55,15 +55,27 @@ pub fn render(reply: &Reply, st: &RequestState, grpc: bool) -> (ResponseHeader, 
         let _ = head.insert_header(http::header::CONTENT_TYPE, content_type);
     }
     let _ = head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
-    if let Some((code, message)) = grpc_trailers {
-        let _ = head.insert_header("grpc-status", code.to_string());
-        let encoded = percent_encoding::utf8_percent_encode(message, GRPC_MESSAGE).to_string();
-        let _ = head.insert_header("grpc-message", encoded);
+    if let Some((code, message)) = grpc {
+        for (k, v) in &grpc_trailers(code, message) {
+            let _ = head.insert_header(k.clone(), v.clone());
+        }
     }
     for (k, v) in &reply.headers {
         let _ = head.append_header(k.clone(), v.clone());
     }
     (head, body)
+}
+
+/// `grpc-status` and the percent-encoded `grpc-message`: the trailers of a gRPC call Portico
+/// ends itself (or the head of a trailers-only answer).
+pub fn grpc_trailers(code: u32, message: &str) -> http::HeaderMap {
+    let mut h = http::HeaderMap::with_capacity(2);
+    h.insert("grpc-status", http::HeaderValue::from(code));
+    let encoded = percent_encoding::utf8_percent_encode(message, GRPC_MESSAGE).to_string();
+    if let Ok(v) = http::HeaderValue::from_str(&encoded) {
+        h.insert("grpc-message", v);
+    }
+    h
 }
 
 /// A head and body as HTTP/1.1 bytes, for the edge layer, which answers before Pingora has a

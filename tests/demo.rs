@@ -118,7 +118,14 @@ fn demo_answers_the_commands_it_prints() {
         .expect("an SNI command");
     let out = Command::new("sh").arg("-c").arg(sni).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("CN=api.example.com"));
-    assert!(run("--cert ").contains("\"path\":\"/mesh/orders\""));
+    let mesh: serde_json::Value = serde_json::from_str(&run("--cert ")).unwrap();
+    assert_eq!(mesh["path"], "/mesh/orders");
+    assert_eq!(mesh["headers"]["x-client-identity"], "spiffe://mesh/orders");
+    let plain = run(&format!("http://{tls_listen}/"));
+    assert!(
+        plain.starts_with("HTTP/1.1 400") && plain.contains("\"error\":\"bad_request\""),
+        "{plain}"
+    );
     let anonymous = commands
         .iter()
         .find(|c| c.contains("/mesh/orders") && !c.contains("--cert "))

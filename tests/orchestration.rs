@@ -470,3 +470,158 @@ fn bad_aggregates_are_located_config_errors() {
     let (code, out) = check(&format!("{base}            a: {{ upstream: u, path: '/a/{{id}}' }}\n"));
     assert_eq!((code, out.trim()), (0, "ok"));
 }
+
+/// An upstream that answers each path with fixed bytes, whatever the request asked for (an app
+/// behind a compressing middleware gzips even unasked), and records each request head.
+struct Canned {
+    addr: std::net::SocketAddr,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Canned {
+    fn start(answer: fn(&str) -> (&'static str, &'static str, Vec<u8>)) -> Canned {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                seen.lock().unwrap().push(head);
+                let (content_type, encoding, body) = answer(&path);
+                let mut resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n",
+                    body.len()
+                );
+                if !encoding.is_empty() {
+                    resp.push_str(&format!("content-encoding: {encoding}\r\n"));
+                }
+                resp.push_str("\r\n");
+                let _ = stream.write_all(resp.as_bytes());
+                let _ = stream.write_all(&body);
+            }
+        });
+        Canned { addr, heads }
+    }
+
+    /// The value of header `name` in each request received.
+    fn header(&self, name: &str) -> Vec<String> {
+        let prefix = format!("\r\n{name}: ");
+        self.heads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                h.split(&prefix)
+                    .nth(1)
+                    .and_then(|rest| rest.split("\r\n").next())
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// Sub-calls ask for plain answers (`Accept-Encoding: identity`); a gzip answer sent anyway is
+/// decoded and embedded as JSON; an answer in another encoding, gzip that does not decode, or
+/// binary bytes fail their call — never a string of mangled bytes. Calls get the client's
+/// `X-Forwarded-Host` as written (port included), as proxied requests do.
+#[test]
+fn encoded_answers_are_decoded_or_fail_and_calls_forward_the_host_as_written() {
+    let app = Canned::start(|path| match path {
+        "/gz" => ("application/json", "gzip", gzip(br#"{"name":"ann","n":[1,2]}"#)),
+        "/bad" => ("application/json", "gzip", b"\x1f\x8b not gzip at all".to_vec()),
+        "/br" => ("application/json", "br", vec![0x0b, 0x02, 0x80]),
+        "/bin" => ("application/octet-stream", "", vec![0x1f, 0x8b, 0xff, 0x00, 0xfe]),
+        _ => ("text/plain", "", b"hello".to_vec()),
+    });
+    let body = format!(
+        r#"{}routes:
+  - name: agg
+    match: {{ path: "/agg" }}
+    plugins:
+      - aggregate:
+          on_error: partial
+          calls:
+            gz: {{ upstream: app, path: /gz }}
+            bad: {{ upstream: app, path: /bad }}
+            br: {{ upstream: app, path: /br }}
+            bin: {{ upstream: app, path: /bin }}
+            text: {{ upstream: app, path: /text }}
+  - name: proxied
+    match: {{ path: "/text" }}
+    upstream: app
+"#,
+        upstreams(&[("app", app.addr.to_string())])
+    );
+    let gw = Gw::start(&body);
+    let r = gw.get("/agg");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["gz"], serde_json::json!({"name": "ann", "n": [1, 2]}), "{v}");
+    assert_eq!(v["text"], "hello");
+    let failed = |k: &str| {
+        (
+            v[k].clone(),
+            v["errors"][k]["status"].clone(),
+            v["errors"][k]["message"].clone(),
+        )
+    };
+    assert_eq!(
+        failed("bad"),
+        (
+            serde_json::Value::Null,
+            502.into(),
+            "the answer's gzip encoding does not decode".into()
+        )
+    );
+    assert_eq!(
+        failed("br"),
+        (
+            serde_json::Value::Null,
+            502.into(),
+            "the answer is encoded (br), which aggregate does not decode".into()
+        )
+    );
+    assert_eq!(
+        failed("bin"),
+        (
+            serde_json::Value::Null,
+            502.into(),
+            "the answer is neither JSON nor UTF-8 text".into()
+        )
+    );
+    assert!(
+        !r.text().contains('\u{fffd}'),
+        "no replacement characters: {}",
+        r.text()
+    );
+    assert_eq!(app.header("accept-encoding"), vec!["identity"; 5]);
+
+    // X-Forwarded-Host: what a proxied request gets, the sub-calls get.
+    assert_eq!(gw.get("/text").text(), "hello");
+    let hosts = app.header("x-forwarded-host");
+    assert_eq!(hosts.len(), 6);
+    assert!(
+        hosts.iter().all(|h| h == &gw.addr),
+        "{hosts:?} (the client sent {})",
+        gw.addr
+    );
+}

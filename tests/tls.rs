@@ -459,3 +459,115 @@ routes:
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The verified identity, upstream and in refusals
+
+/// `${identity}` passes the verified client certificate's identity upstream (`headers` `set`
+/// replaces, so a client's own copy never passes; an empty value sends no header); 403s name
+/// the caller's whole SPIFFE ID and the real reason; SPIFFE IDs are lowercase up to the path.
+#[test]
+fn the_verified_identity_reaches_the_upstream_and_refusals_say_why() {
+    let m = Mesh {
+        ca: TestCa::new("Mesh CA"),
+        dir: TempDir::new("ident"),
+        echo: EchoServer::start("e").unwrap(),
+    };
+    let ca_file = m.ca.write_ca(&m.dir, "mesh-ca");
+    let routes = mtls_routes(&m).replace(
+        "routes:\n",
+        "routes:\n  - name: ident\n    match: { path_prefix: /ident }\n    upstream: e\n    plugins:\n      - headers: { request: { set: { x-client-identity: \"${identity}\", x-consumer-name: \"${consumer}\" } } }\n",
+    );
+    let gw = Gw::start_listeners(&mtls_listener(&m, &ca_file, false), &[TLS_SPEC], &routes);
+    let call = |cert: Option<&portico::testing::pki::Leaf>, req: Request<'_>| {
+        let config = tls::client(&m.ca, cert.map(|c| (c, &m.ca)), &["http/1.1"]);
+        tls::send(&gw.addr, "gw.mesh", config, &req).unwrap()
+    };
+    let spoofed = |path| {
+        Request::get(path)
+            .header("x-client-identity", "spiffe://mesh/admin")
+            .header("x-consumer-name", "admin")
+    };
+    let orders = m.ca.client(Some("ignored-cn"), &["spiffe://mesh/orders"]);
+    let frontend = m.ca.client(Some("frontend"), &[]);
+    let billing = m.ca.client(None, &["spiffe://mesh/billing"]);
+
+    // The identity reaches the upstream; the client's own copy is replaced.
+    let seen = echoed(&call(Some(&orders), spoofed("/ident")));
+    assert_eq!(seen["headers"]["x-client-identity"], "spiffe://mesh/orders", "{seen}");
+    // No consumer: no x-consumer-name at all (not an empty one, not the client's).
+    assert!(seen["headers"].get("x-consumer-name").is_none(), "{seen}");
+    let seen = echoed(&call(Some(&frontend), Request::get("/ident")));
+    assert_eq!(seen["headers"]["x-client-identity"], "frontend");
+    // No certificate: no identity, and the client cannot supply one.
+    let seen = echoed(&call(None, spoofed("/ident")));
+    assert!(seen["headers"].get("x-client-identity").is_none(), "{seen}");
+    assert!(seen["headers"].get("x-consumer-name").is_none(), "{seen}");
+
+    // 403s say who was refused, and why.
+    let r = call(Some(&orders), Request::get("/other-domain"));
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (403, Some("service_not_allowed"))
+    );
+    assert_eq!(
+        r.json()["message"],
+        "'spiffe://mesh/orders' is not of trust domain 'elsewhere', the only one this route accepts"
+    );
+    let r = call(Some(&billing), Request::get("/orders-only"));
+    assert_eq!(
+        r.json()["message"],
+        "'spiffe://mesh/billing' is not among the services that may call this route"
+    );
+
+    // SPIFFE IDs: the scheme and the trust domain are lowercase (SPIFFE ID standard §2, §2.1).
+    // Written otherwise it is no SPIFFE ID — no identity — and never falls back to the CN.
+    for bad in ["SPIFFE://MESH/orders", "spiffe://Mesh/orders", "SPIFFE://mesh/orders"] {
+        let cert = m.ca.client(Some("orders"), &[bad]);
+        let r = call(Some(&cert), Request::get("/orders-only"));
+        assert_eq!(
+            (r.status, r.json()["error"].as_str()),
+            (401, Some("unauthorized")),
+            "{bad}"
+        );
+        let seen = echoed(&call(Some(&cert), Request::get("/ident")));
+        assert!(seen["headers"].get("x-client-identity").is_none(), "{bad}: {seen}");
+    }
+}
+
+/// Plain HTTP sent to a TLS port gets what nginx gives ("400 The plain HTTP request was sent
+/// to HTTPS port"), as the contract's JSON error with a trace id — not a TLS alert that a
+/// client reads as HTTP/0.9 garbage. TLS clients are served as before.
+#[test]
+fn plain_http_on_the_tls_port_gets_a_400_json_error() {
+    let ca = TestCa::new("Test CA");
+    let dir = TempDir::new("tls-plain");
+    let echo = EchoServer::start("e").unwrap();
+    let gw = Gw::start_listeners(&sni_listeners(&dir, &ca, &["gw.test"]), &[TLS_SPEC, PLAIN_SPEC], &routes(&echo));
+    let https = &gw.addrs[0];
+    let raw = raw(
+        https,
+        b"GET /x HTTP/1.1\r\nHost: gw.test\r\nx-request-id: plain-to-tls-1\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("content-type: application/json"), "{head}");
+    assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["error"], "bad_request");
+    assert_eq!(v["message"], "a plain HTTP request was sent to a TLS port: use https://");
+    assert_eq!(v["trace_id"], "plain-to-tls-1");
+    let line = wait_for("the access log line", Duration::from_secs(5), || {
+        let log = gw.p.stdout_text();
+        log.lines().find(|l| l.contains("plain-to-tls-1")).map(str::to_string)
+    });
+    assert!(line.contains("\"status\":400") && line.contains("\"error\":\"bad_request\""), "{line}");
+    // TLS still works on the port.
+    let r = tls::send(https, "gw.test", tls::client(&ca, None, &["http/1.1"]), &Request::get("/after")).unwrap();
+    assert_eq!(r.status, 200);
+}

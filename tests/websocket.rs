@@ -75,6 +75,9 @@ routes:
     match: {{ path_prefix: /ws }}
     upstream: ws
     timeouts: {{ read: 30s }}
+  - name: short
+    match: {{ path_prefix: /short }}
+    upstream: ws
 "#,
         ws.addr
     )
@@ -168,4 +171,33 @@ fn websocket_over_a_tls_listener() {
         assert_eq!(resp.status(), 101);
         echo_1000(&mut ws).await;
     });
+}
+
+/// An upgraded connection idle past its read timeout is closed, and the access log says why
+/// with a documented code (`upstream_timeout`: the route's read timeout), not a catch-all.
+#[test]
+fn an_idle_websocket_cut_by_the_read_timeout_is_logged_as_upstream_timeout() {
+    let echo = WsEcho::start();
+    let gw = Gw::start(&body(&echo));
+    rt().block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+        let mut req =
+            tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{}/short", gw.addr)).unwrap();
+        req.headers_mut().insert("x-request-id", "idle-ws-1".parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+        ws.send(Message::text("hi")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+        // The upstream's read timeout is 1 s and the route sets none: the idle connection ends.
+        let end = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+        assert!(
+            matches!(end, Ok(None) | Ok(Some(Err(_)))),
+            "the idle connection was not closed: {end:?}"
+        );
+    });
+    let line = wait_for("the access log line", Duration::from_secs(10), || {
+        let log = gw.p.stdout_text();
+        log.lines().find(|l| l.contains("idle-ws-1")).map(str::to_string)
+    });
+    assert!(line.contains("\"error\":\"upstream_timeout\""), "{line}");
+    assert!(line.contains("\"status\":101"), "{line}");
 }

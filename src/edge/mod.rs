@@ -100,7 +100,7 @@ impl EdgeApp {
             return None;
         };
         self.awaiting_first_bytes.fetch_add(1, Ordering::AcqRel);
-        let done = tokio::time::timeout_at(deadline, listener.acceptor.tls_handshake(*tcp)).await;
+        let done = tls::handshake(&listener.acceptor, *tcp, deadline, &self.shared).await;
         self.awaiting_first_bytes.fetch_sub(1, Ordering::AcqRel);
         let reject = |reason: &str| {
             crate::metrics::REJECTED_CONNECTIONS.with_label_values(&[reason]).inc();

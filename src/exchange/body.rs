@@ -199,7 +199,7 @@ pub async fn request_body(
             if let Err(reply) = entry.plugin.request_body(body, end_of_stream, &mut ctx.st).await {
                 let status = reply.status;
                 ctx.pending_reply = Some(reply);
-                return Error::e_explain(HTTPStatus(status), "a body plugin answered instead");
+                return Err(stop_proxying(status, "a body plugin answered instead"));
             }
         }
     }
@@ -227,10 +227,18 @@ fn count(body: &mut Option<Bytes>, ctx: &mut Ctx) -> Result<()> {
         ctx.body_seen += ctx.body_pos.fresh_in(b.len() as u64);
         if ctx.body_seen > ctx.body_limit {
             *body = None;
-            return Error::e_explain(HTTPStatus(413), "request body over the limit");
+            return Err(stop_proxying(413, "request body over the limit"));
         }
     }
     Ok(())
+}
+
+/// The error that ends the exchange when Portico answers `status` in place of the upstream,
+/// marked as the client's side: Pingora's HTTP/2 upstream loop only stops (and resets the
+/// upstream stream) for a downstream error — any other error from the body hook leaves it
+/// waiting for the upstream's answer until the read timeout. HTTP/1 upstreams stop either way.
+fn stop_proxying(status: u16, why: &'static str) -> Box<Error> {
+    Error::explain(HTTPStatus(status), why).into_down()
 }
 
 /// An HTTP/2 request may end with an empty DATA frame. Pingora 0.9.1 writes an empty final

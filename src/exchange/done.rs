@@ -70,7 +70,7 @@ pub fn done(session: &Session, e: Option<&Error>, ctx: &mut Ctx, shared: &Shared
             bytes_received: session.body_bytes_read(),
             user_agent: header("user-agent"),
             referer: header("referer"),
-            error: ctx.error_code.or_else(|| e.map(|_| "proxy_error")),
+            error: ctx.error_code.or_else(|| e.map(super::reply::error_code)),
         };
         shared.access_log.write(format, &record);
     }

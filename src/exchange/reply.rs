@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::Method;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
+use pingora::protocols::http::HttpTask;
 
 /// The response head going to the client: the trace header, then the response plugins.
 pub fn finish_response_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx: &mut Ctx) {
@@ -47,8 +48,16 @@ pub async fn send_reply(session: &mut Session, ctx: &mut Ctx, reply: Reply) -> R
         session.set_keepalive(None);
     }
     let head_only = body.is_empty() || session.req_header().method == Method::HEAD;
-    session.write_response_header(Box::new(head), head_only).await?;
-    if !head_only {
+    if head_only {
+        // The head ends the response. `Session::write_response_header` never tells HTTP/2 so
+        // (Pingora ends the stream later with an empty DATA frame, or a reset when the request
+        // failed); as a task, the head goes out as one HEADERS frame with END_STREAM — which is
+        // exactly a gRPC trailers-only answer.
+        session
+            .write_response_tasks(vec![HttpTask::Header(Box::new(head), true)])
+            .await?;
+    } else {
+        session.write_response_header(Box::new(head), false).await?;
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
@@ -71,7 +80,11 @@ fn reply_body(body: Bytes, ctx: &mut Ctx) -> Bytes {
     piece.unwrap_or_default()
 }
 
-/// A status and gateway error code for a Pingora error.
+/// The error code of a client that went away (or reset its HTTP/2 stream) before its answer
+/// was complete: nothing can be sent, the access log says so.
+pub const CLIENT_CLOSED: &str = "client_closed";
+
+/// A status and gateway error code for a Pingora error (status 0: the client is gone).
 fn classify(e: &Error) -> (u16, &'static str, &'static str) {
     if let HTTPStatus(code) = e.etype() {
         return by_status(*code);
@@ -88,7 +101,7 @@ fn classify(e: &Error) -> (u16, &'static str, &'static str) {
             ),
         },
         ErrorSource::Downstream => match e.etype() {
-            ReadError | WriteError | ConnectionClosed => (0, "", ""),
+            ReadError | WriteError | ConnectionClosed | H2Error => (0, CLIENT_CLOSED, ""),
             ReadTimedout => (408, "request_timeout", "the request did not arrive in time"),
             _ => (400, "bad_request", "the request could not be read"),
         },
@@ -140,12 +153,18 @@ pub(super) fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
 }
 
 /// The final error handler: answer with the contract's JSON error if nothing was sent yet
-/// (or with the reply a body plugin asked for).
+/// (or with the reply a body plugin asked for). When the answer had already begun, the error
+/// code is kept for the log and a gRPC call gets its status as trailers (one HEADERS frame with
+/// END_STREAM) instead of a reset, so the client learns UNAVAILABLE or DEADLINE_EXCEEDED rather
+/// than CANCELLED.
 pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
     if let Some(reply) = ctx.pending_reply.take() {
         let status = reply.status;
         if !final_response_written(session) {
             let _ = send_reply(session, ctx, reply).await;
+        } else {
+            ctx.error_code
+                .get_or_insert(reply.error_code().unwrap_or("internal_error"));
         }
         return status;
     }
@@ -158,14 +177,42 @@ pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
             _ => Failure::Broken,
         });
     }
-    let (status, code, message) = classify(e);
+    let (status, code, message) = classify_in(e, session, ctx);
     if status == 0 {
+        ctx.error_code.get_or_insert(code);
         return 0;
     }
     if final_response_written(session) {
+        ctx.error_code.get_or_insert(code);
+        if ctx.grpc && ctx.grpc_status.is_none() && session.req_header().version == http::Version::HTTP_2 {
+            let grpc = respond::grpc_code(code, status);
+            let trailers = respond::grpc_trailers(grpc, message);
+            let end = HttpTask::Trailer(Some(Box::new(trailers)));
+            if session.write_response_tasks(vec![end]).await.is_ok() {
+                ctx.grpc_status = Some(grpc);
+            }
+        }
         return status;
     }
     let reply = Reply::error(status, code, message);
     let _ = send_reply(session, ctx, reply).await;
     status
+}
+
+/// [`classify`], knowing what the request was doing. A timeout Portico enforces on a running
+/// answer (the gRPC deadline) is the upstream's timeout; so is the read timeout that ends an
+/// idle upgraded connection (WebSocket) — on either side, it is the route's `timeouts.read`.
+fn classify_in(e: &Error, session: &Session, ctx: &Ctx) -> (u16, &'static str, &'static str) {
+    let timed_out = matches!(e.etype(), ReadTimedout | WriteTimedout);
+    let enforced = ctx.failure == Some(Failure::Timeout) && !matches!(e.esource(), ErrorSource::Downstream);
+    if timed_out && (enforced || session.was_upgraded()) {
+        return by_status(504);
+    }
+    classify(e)
+}
+
+/// The error code the access log shows for a request that ended with `e` (the final error
+/// handler normally decided it already).
+pub fn error_code(e: &Error) -> &'static str {
+    classify(e).1
 }

@@ -6,13 +6,15 @@
 //! ```
 //!
 //! Each call's answer sits under its name: its JSON when the upstream said `application/json`
-//! (or `…+json`) and the body parses, else the body as a string (invalid UTF-8 replaced), and
-//! `null` for an empty body. With `on_error: partial`, a failed call is `null` and is listed
+//! (or `…+json`) and the body parses, else the body as a string, and `null` for an empty body.
+//! A gzip answer is decoded first (bounded); an answer in another encoding, gzip that does not
+//! decode, or a body that is neither JSON nor UTF-8 text fails its call — the document never
+//! carries bytes mangled into a string. With `on_error: partial`, a failed call is `null` and is listed
 //! under `"errors"` with a status and a message; `"errors"` is there only when a call failed.
 //! A call skipped because a call it depends on failed, or whose path needed a value the earlier
 //! answer did not have, fails with status 424 (failed dependency).
 
-use super::body::is_json_content_type;
+use super::body::{gunzip, is_json_content_type, Reason};
 use super::template::MissingValue;
 use serde_json::{json, Map, Value};
 
@@ -44,17 +46,50 @@ impl CallFailure {
     }
 }
 
-/// A call's answer as it goes into the document (and into later calls' templates).
-pub fn answer_body(content_type: Option<&str>, body: &[u8]) -> Value {
+/// A call's answer as it goes into the document (and into later calls' templates), or why it
+/// cannot be: `content_encoding` is the answer's `Content-Encoding` (its values joined), `max`
+/// bounds a gzip body's decoded size.
+pub fn answer_body(
+    content_type: Option<&str>,
+    content_encoding: Option<&str>,
+    body: &[u8],
+    max: usize,
+) -> Result<Value, String> {
+    let codings: Vec<String> = content_encoding
+        .unwrap_or("")
+        .split(',')
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty() && c != "identity")
+        .collect();
+    let decoded;
+    let body = match codings.as_slice() {
+        [] => body,
+        [c] if c == "gzip" || c == "x-gzip" => {
+            decoded = gunzip(body, max).map_err(|why| match why {
+                Reason::TooLarge => format!("the answer is larger than max_body ({max} bytes) once decoded"),
+                _ => "the answer's gzip encoding does not decode".to_string(),
+            })?;
+            &decoded[..]
+        }
+        _ => {
+            return Err(format!(
+                "the answer is encoded ({}), which aggregate does not decode",
+                codings.join(", ")
+            ))
+        }
+    };
     if body.is_empty() {
-        return Value::Null;
+        return Ok(Value::Null);
     }
     if content_type.is_some_and(is_json_content_type) {
         if let Ok(v) = serde_json::from_slice(body) {
-            return v;
+            return Ok(v);
         }
     }
-    Value::String(String::from_utf8_lossy(body).into_owned())
+    match std::str::from_utf8(body) {
+        Ok(text) => Ok(Value::String(text.to_string())),
+        Err(_) => Err("the answer is neither JSON nor UTF-8 text".to_string()),
+    }
 }
 
 /// The aggregate's document from every call's outcome (the `on_error: partial` shape; with
@@ -93,11 +128,48 @@ mod tests {
             (Some("text/plain"), b"{\"a\":1}", json!("{\"a\":1}")),
             (None, b"hi", json!("hi")),
             (Some("application/json"), b"", Value::Null),
-            (Some("application/octet-stream"), b"\xffok", json!("\u{fffd}ok")),
         ];
         for (ct, body, want) in cases {
-            assert_eq!(&answer_body(*ct, body), want, "{ct:?}");
+            assert_eq!(answer_body(*ct, None, body, 1 << 20).as_ref(), Ok(want), "{ct:?}");
         }
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn encoded_and_binary_answers() {
+        let json = Some("application/json");
+        let z = gzip(br#"{"a":[1,2]}"#);
+        assert_eq!(answer_body(json, Some("gzip"), &z, 100), Ok(json!({"a": [1, 2]})));
+        assert_eq!(
+            answer_body(json, Some("identity, GZIP"), &z, 100),
+            Ok(json!({"a": [1, 2]}))
+        );
+        assert_eq!(
+            answer_body(Some("text/plain"), Some("x-gzip"), &gzip(b"hi"), 100),
+            Ok(json!("hi"))
+        );
+        assert_eq!(
+            answer_body(json, Some("gzip"), &z, 5),
+            Err("the answer is larger than max_body (5 bytes) once decoded".into())
+        );
+        assert_eq!(
+            answer_body(json, Some("gzip"), b"not gzip", 100),
+            Err("the answer's gzip encoding does not decode".into())
+        );
+        assert_eq!(
+            answer_body(json, Some("br"), b"\x0b\x02", 100),
+            Err("the answer is encoded (br), which aggregate does not decode".into())
+        );
+        assert_eq!(
+            answer_body(Some("application/octet-stream"), None, b"\xffok", 100),
+            Err("the answer is neither JSON nor UTF-8 text".into())
+        );
     }
 
     #[test]

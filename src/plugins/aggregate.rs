@@ -94,8 +94,9 @@ pub struct Config {
 
 /// Headers Portico sets on each sub-call itself (or that frame the message): never copied
 /// from the client.
-const SET_BY_PORTICO: [&str; 16] = [
+const SET_BY_PORTICO: [&str; 17] = [
     "host",
+    "accept-encoding",
     "content-length",
     "transfer-encoding",
     "connection",
@@ -199,15 +200,24 @@ impl Aggregate {
                 out.push((HeaderName::from_static(name), v));
             }
         };
+        // The answers are parsed: ask for them plain (an encoded one is decoded if gzip, or
+        // fails its call).
+        put("accept-encoding", "identity");
         let ip = st.client_ip.to_string();
         put("x-forwarded-for", &ip);
         put("x-real-ip", &ip);
         put("x-forwarded-proto", if st.tls { "https" } else { "http" });
-        if !st.host.is_empty() {
-            put("x-forwarded-host", &st.host);
-        }
+        // The client's Host as written (port included), as proxied requests get it.
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .cloned()
+            .or_else(|| req.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         if let Some(c) = &st.consumer {
             put("x-consumer", c);
+        }
+        if let Some(h) = host {
+            out.push((HeaderName::from_static("x-forwarded-host"), h));
         }
         out
     }
@@ -238,7 +248,14 @@ impl Aggregate {
         match self.client.send(st, &call.upstream, sub).await {
             Ok(r) if (200..300).contains(&r.status) => {
                 let ct = r.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-                Ok(answer_body(ct, &r.body))
+                let ce: Vec<&str> = r
+                    .headers
+                    .get_all(http::header::CONTENT_ENCODING)
+                    .iter()
+                    .map(|v| v.to_str().unwrap_or("unreadable"))
+                    .collect();
+                let ce = (!ce.is_empty()).then(|| ce.join(","));
+                answer_body(ct, ce.as_deref(), &r.body, self.max_body).map_err(|why| CallFailure::new(502, why))
             }
             Ok(r) => Err(CallFailure::new(
                 r.status,

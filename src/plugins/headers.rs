@@ -1,9 +1,14 @@
 //! `headers`: set, add and remove request and response headers. Values may use
-//! `${trace_id}`, `${client_ip}`, `${consumer}` and `${route}`.
+//! `${trace_id}`, `${client_ip}`, `${consumer}`, `${identity}` and `${route}`.
 //!
 //! Request changes apply to the head going upstream, after Portico set its own headers, so a
 //! rule may override anything (Host included). Response changes apply to every response the
 //! client gets, Portico's own errors included.
+//!
+//! A value that renders empty (`${consumer}` without a consumer) is no header at all, as with
+//! nginx's `proxy_set_header`: `set` then removes the header — a copy the client sent included,
+//! so `set: { x-client-identity: "${identity}" }` can never pass a client's own value on — and
+//! `add` adds nothing.
 
 use crate::config::ConfigError;
 use crate::plugin::{BuildContext, Phases, Plugin, PluginKind, RequestState};
@@ -42,6 +47,7 @@ enum Part {
     TraceId,
     ClientIp,
     Consumer,
+    Identity,
     Route,
 }
 
@@ -58,10 +64,11 @@ impl Template {
                 "trace_id" => Part::TraceId,
                 "client_ip" => Part::ClientIp,
                 "consumer" => Part::Consumer,
+                "identity" => Part::Identity,
                 "route" => Part::Route,
                 other => {
                     return Err(format!(
-                        "unknown variable '${{{other}}}' (known: trace_id, client_ip, consumer, route)"
+                        "unknown variable '${{{other}}}' (known: trace_id, client_ip, consumer, identity, route)"
                     ))
                 }
             });
@@ -78,9 +85,11 @@ impl Template {
         Ok(Template(parts))
     }
 
+    /// The value for this request; `None` when it renders empty (no header is sent) or would
+    /// not be a valid header value.
     pub fn render(&self, st: &RequestState) -> Option<HeaderValue> {
         if let [Part::Text(t)] = self.0.as_slice() {
-            return HeaderValue::from_str(t).ok();
+            return HeaderValue::from_str(t).ok().filter(|v| !v.is_empty());
         }
         let mut out = String::new();
         for p in &self.0 {
@@ -89,8 +98,12 @@ impl Template {
                 Part::TraceId => out.push_str(&st.trace.request_id),
                 Part::ClientIp => out.push_str(&st.client_ip.to_string()),
                 Part::Consumer => out.push_str(st.consumer.as_deref().unwrap_or("")),
+                Part::Identity => out.push_str(st.identity.as_deref().unwrap_or("")),
                 Part::Route => out.push_str(&st.route),
             }
+        }
+        if out.is_empty() {
+            return None;
         }
         // Values come from validated sources, but never let one smuggle a CR/LF.
         HeaderValue::from_str(&out).ok()
@@ -158,8 +171,15 @@ macro_rules! apply_rules {
             $head.remove_header(n);
         }
         for (n, t) in &$rules.set {
-            if let Some(v) = t.render($st) {
-                let _ = $head.insert_header(n.clone(), v);
+            match t.render($st) {
+                Some(v) => {
+                    let _ = $head.insert_header(n.clone(), v);
+                }
+                // Nothing to set: no header of that name at all (never the client's copy).
+                None if $head.headers.contains_key(n) => {
+                    $head.remove_header(n);
+                }
+                None => {}
             }
         }
         for (n, t) in &$rules.add {
@@ -204,8 +224,16 @@ mod tests {
         let mut st = RequestState::new("10.1.2.3".parse().unwrap());
         st.trace.request_id = "rid".into();
         st.route = "users".into();
-        let t = Template::parse("id=${trace_id} ip=${client_ip} r=${route} c=${consumer}").unwrap();
-        assert_eq!(t.render(&st).unwrap(), "id=rid ip=10.1.2.3 r=users c=");
+        let t = Template::parse("id=${trace_id} ip=${client_ip} r=${route} c=${consumer} i=${identity}").unwrap();
+        assert_eq!(t.render(&st).unwrap(), "id=rid ip=10.1.2.3 r=users c= i=");
+        st.identity = Some("spiffe://mesh/orders".into());
+        assert_eq!(
+            Template::parse("${identity}").unwrap().render(&st).unwrap(),
+            "spiffe://mesh/orders"
+        );
+        // Empty renders are no value at all.
+        assert_eq!(Template::parse("${consumer}").unwrap().render(&st), None);
+        assert_eq!(Template::parse("").unwrap().render(&st), None);
         assert!(Template::parse("${nope}").is_err());
         assert!(Template::parse("${trace_id").is_err());
         assert!(Template::parse("a\nb").is_err());
@@ -229,5 +257,28 @@ mod tests {
         assert!(resp.headers.get("server").is_none());
         assert_eq!(resp.headers.get("x-a").unwrap(), "1");
         assert_eq!(resp.headers.get("x-b").unwrap(), "r1");
+    }
+
+    #[test]
+    fn an_empty_value_is_no_header() {
+        let ctx = BuildContext::standalone();
+        let yaml = "request: {set: {x-consumer-name: '${consumer}', x-id: '${identity}'}, add: {x-c: '${consumer}'}}";
+        let cfg: Config = ctx.parse(&serde_yaml::from_str(yaml).unwrap()).unwrap();
+        let p = Headers::new(cfg, &ctx).unwrap();
+        let mut st = RequestState::new("127.0.0.1".parse().unwrap());
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("x-id", "spoofed").unwrap();
+        req.insert_header("x-consumer-name", "spoofed").unwrap();
+        p.upstream_request(&mut req, &st);
+        assert!(
+            req.headers.get("x-id").is_none(),
+            "set replaces: a client's copy never passes"
+        );
+        assert!(req.headers.get("x-consumer-name").is_none());
+        assert!(req.headers.get("x-c").is_none());
+        st.identity = Some("frontend".into());
+        req.insert_header("x-id", "spoofed").unwrap();
+        p.upstream_request(&mut req, &st);
+        assert_eq!(req.headers.get_all("x-id").iter().collect::<Vec<_>>(), ["frontend"]);
     }
 }

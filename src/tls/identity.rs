@@ -66,15 +66,13 @@ impl Identity {
     }
 
     /// `spiffe://DOMAIN/SERVICE` with exactly one path segment, as `allow_services` names
-    /// services. The trust domain is lower-cased (SPIFFE requires lower case; accepting either
-    /// matches `allow_services`).
+    /// services. By the SPIFFE ID standard the scheme is `spiffe` and the trust domain
+    /// lowercase (§2, §2.1: "The host part of the authority MUST be lowercase"), as go-spiffe
+    /// enforces: `SPIFFE://MESH/orders` is not a SPIFFE ID (and, being a `spiffe` URI, it never
+    /// falls back to the CN). The path is case-sensitive.
     pub fn from_spiffe(uri: &str) -> Option<Identity> {
-        if !has_spiffe_scheme(uri) {
-            return None;
-        }
-        let rest = &uri["spiffe://".len()..];
+        let rest = uri.strip_prefix("spiffe://")?;
         let (domain, service) = rest.split_once('/')?;
-        let domain = domain.to_ascii_lowercase();
         let domain_ok = !domain.is_empty()
             && domain.len() <= 255
             && domain
@@ -88,7 +86,7 @@ impl Identity {
                 .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
         (domain_ok && service_ok).then(|| Identity {
             spiffe: Some(format!("spiffe://{domain}/{service}")),
-            trust_domain: Some(domain),
+            trust_domain: Some(domain.to_string()),
             service: service.to_string(),
         })
     }
@@ -242,9 +240,13 @@ mod tests {
     }
 
     #[test]
-    fn the_trust_domain_is_lower_cased() {
-        let id = Identity::from_spiffe("SPIFFE://Mesh/orders").unwrap();
-        assert_eq!(id.trust_domain.as_deref(), Some("mesh"));
-        assert_eq!(id.principal(), "spiffe://mesh/orders");
+    fn scheme_and_trust_domain_must_be_lowercase() {
+        for bad in ["SPIFFE://mesh/orders", "spiffe://Mesh/orders", "SPIFFE://MESH/orders"] {
+            assert_eq!(Identity::from_spiffe(bad), None, "{bad}");
+            // A spiffe URI in any case is a (broken) SPIFFE ID: no fallback to the CN.
+            assert_eq!(of(Some("orders"), &[bad]), None, "{bad}");
+        }
+        let id = Identity::from_spiffe("spiffe://mesh/Orders").unwrap();
+        assert_eq!(id.principal(), "spiffe://mesh/Orders", "the path keeps its case");
     }
 }

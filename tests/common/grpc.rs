@@ -48,12 +48,15 @@ pub fn unframe(buf: &mut BytesMut) -> Vec<Vec<u8>> {
 /// A gRPC server on `127.0.0.1:0`, on its own thread. Methods of service `test.Echo`:
 /// `Unary` (echoes each message as `echo:MSG`), `Bidi` (answers its head at once, then echoes
 /// each message as it comes, `grpc-status: 0` when the client ends), `Fail` (`grpc-status: 5`,
-/// `grpc-message: no such thing`), `Slow` (as `Unary`, 3 s later). Every answer carries
+/// `grpc-message: no such thing`), `Slow` (as `Unary`, 3 s later), `Die` (as `Bidi` for its
+/// first message, then resets the stream as a crashing server would). Every answer carries
 /// `x-seen-traceparent` and `x-seen-grpc-timeout` (what the request had).
 pub struct GrpcServer {
     pub addr: SocketAddr,
     /// The request heads it received.
     pub seen: Arc<Mutex<Vec<HeaderMap>>>,
+    /// Calls whose request stream the client (the gateway) reset.
+    pub resets: Arc<std::sync::atomic::AtomicUsize>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -73,8 +76,10 @@ impl GrpcServer {
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let resets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let s = seen.clone();
+        let r = resets.clone();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -88,13 +93,13 @@ impl GrpcServer {
                         let Ok((tcp, _)) = listener.accept().await else {
                             continue;
                         };
-                        let (acceptor, seen) = (acceptor.clone(), s.clone());
+                        let (acceptor, seen, resets) = (acceptor.clone(), s.clone(), r.clone());
                         tokio::spawn(async move {
                             match acceptor {
-                                None => serve_h2(tcp, seen).await,
+                                None => serve_h2(tcp, seen, resets).await,
                                 Some(a) => {
                                     if let Ok(tls) = a.accept(tcp).await {
-                                        serve_h2(tls, seen).await
+                                        serve_h2(tls, seen, resets).await
                                     }
                                 }
                             }
@@ -110,6 +115,7 @@ impl GrpcServer {
         GrpcServer {
             addr,
             seen,
+            resets,
             stop: Some(stop),
         }
     }
@@ -123,14 +129,23 @@ impl Drop for GrpcServer {
     }
 }
 
-async fn serve_h2<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: T, seen: Arc<Mutex<Vec<HeaderMap>>>) {
+async fn serve_h2<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: T,
+    seen: Arc<Mutex<Vec<HeaderMap>>>,
+    resets: Arc<std::sync::atomic::AtomicUsize>,
+) {
     let Ok(mut conn) = h2::server::handshake(io).await else {
         return;
     };
     while let Some(Ok((req, respond))) = conn.accept().await {
         seen.lock().unwrap().push(req.headers().clone());
+        let resets = resets.clone();
         tokio::spawn(async move {
-            let _ = handle(req, respond).await;
+            if let Err(e) = handle(req, respond).await {
+                if e.is_reset() {
+                    resets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
         });
     }
 }
@@ -175,6 +190,22 @@ async fn handle(req: Request<h2::RecvStream>, mut respond: h2::server::SendRespo
                 }
             }
             send.send_trailers(trailers(0, None))?;
+        }
+        "/test.Echo/Die" => {
+            let mut send = respond.send_response(head, false)?;
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk?;
+                let _ = body.flow_control().release_capacity(chunk.len());
+                buf.extend_from_slice(&chunk);
+                if let Some(msg) = unframe(&mut buf).first() {
+                    let mut out = b"echo:".to_vec();
+                    out.extend_from_slice(msg);
+                    send.send_data(frame(&out), false)?;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    send.send_reset(h2::Reason::INTERNAL_ERROR);
+                    return Ok(());
+                }
+            }
         }
         "/test.Echo/Unary" | "/test.Echo/Slow" | "/test.Echo/Fail" => {
             while let Some(chunk) = body.data().await {
@@ -302,6 +333,11 @@ pub async fn unary(
     let mut send = send.clone().ready().await?;
     let (resp, mut body) = send.send_request(grpc_request(uri, headers), false)?;
     body.send_data(frame(msg), true)?;
+    read_reply(resp).await
+}
+
+/// The answer of a gRPC call: its head, messages and status.
+pub async fn read_reply(resp: h2::client::ResponseFuture) -> Result<GrpcReply, h2::Error> {
     let resp = resp.await?;
     let http_status = resp.status().as_u16();
     let head = resp.headers().clone();
@@ -337,6 +373,8 @@ pub async fn unary(
 
 /// A bidirectional-streaming call in progress.
 pub struct Bidi {
+    /// The HTTP/2 stream it went on.
+    pub id: u32,
     out: h2::SendStream<Bytes>,
     recv: h2::RecvStream,
     pub head: HeaderMap,
@@ -354,8 +392,10 @@ impl Bidi {
     ) -> Result<Bidi, h2::Error> {
         let mut send = send.clone().ready().await?;
         let (resp, out) = send.send_request(grpc_request(uri, headers), false)?;
+        let id = out.stream_id().into();
         let resp = resp.await?;
         Ok(Bidi {
+            id,
             http_status: resp.status().as_u16(),
             head: resp.headers().clone(),
             recv: resp.into_body(),
@@ -387,6 +427,16 @@ impl Bidi {
         }
     }
 
+    /// Without ending the client's side: the rest of the answer, then the status its trailers
+    /// carry (a call the server ends by itself).
+    pub async fn status(mut self) -> Result<(Option<u32>, Option<String>), h2::Error> {
+        while let Some(chunk) = self.recv.data().await {
+            chunk?;
+        }
+        let t = self.recv.trailers().await?.unwrap_or_default();
+        Ok(status_of(&t))
+    }
+
     /// End the client's side and wait for the status.
     pub async fn finish(mut self) -> Result<(Option<u32>, Option<String>), h2::Error> {
         self.out.send_data(Bytes::new(), true)?;
@@ -396,4 +446,169 @@ impl Bidi {
         let t = self.recv.trailers().await?.unwrap_or_default();
         Ok(status_of(&t))
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The frames on the wire
+
+/// Every byte a peer sent on one connection, as the client read it (for HTTP/2: its frames).
+#[derive(Clone, Default)]
+pub struct Wire(Arc<Mutex<Vec<u8>>>);
+
+/// An I/O stream that copies what it reads into a [`Wire`].
+pub struct Recorded<T> {
+    io: T,
+    wire: Wire,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Recorded<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled {
+            self.wire.0.lock().unwrap().extend_from_slice(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Recorded<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, data)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// An HTTP/2 client over `io` whose received frames are recorded.
+pub async fn h2_recorded<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: T,
+) -> (h2::client::SendRequest<Bytes>, Wire) {
+    let wire = Wire::default();
+    let send = h2_client(Recorded { io, wire: wire.clone() }).await;
+    (send, wire)
+}
+
+/// One HTTP/2 frame as received: its type, flags and stream (the payload only for RST_STREAM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: u8,
+    pub flags: u8,
+    pub stream: u32,
+    pub len: usize,
+    /// RST_STREAM's error code.
+    pub error_code: Option<u32>,
+}
+
+impl std::fmt::Display for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.kind {
+            0 => "DATA",
+            1 => "HEADERS",
+            3 => "RST_STREAM",
+            9 => "CONTINUATION",
+            _ => "OTHER",
+        };
+        write!(f, "{name}")?;
+        if self.kind == 0 {
+            write!(f, "({})", self.len)?;
+        }
+        if let Some(code) = self.error_code {
+            let reason = match code {
+                0 => "NO_ERROR",
+                2 => "INTERNAL_ERROR",
+                8 => "CANCEL",
+                _ => "OTHER",
+            };
+            write!(f, "({reason})")?;
+        }
+        if matches!(self.kind, 0 | 1) && self.flags & 0x1 != 0 {
+            write!(f, "+END_STREAM")?;
+        }
+        Ok(())
+    }
+}
+
+impl Wire {
+    /// The frames received so far (a server sends no preface: frames from the first byte).
+    pub fn frames(&self) -> Vec<Frame> {
+        let bytes = self.0.lock().unwrap().clone();
+        let mut out = Vec::new();
+        let mut at = 0;
+        while bytes.len() >= at + 9 {
+            let len = u32::from_be_bytes([0, bytes[at], bytes[at + 1], bytes[at + 2]]) as usize;
+            if bytes.len() < at + 9 + len {
+                break;
+            }
+            let kind = bytes[at + 3];
+            let stream = u32::from_be_bytes([bytes[at + 5], bytes[at + 6], bytes[at + 7], bytes[at + 8]]) & 0x7fff_ffff;
+            let payload = &bytes[at + 9..at + 9 + len];
+            let error_code =
+                (kind == 3 && len == 4).then(|| u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]));
+            out.push(Frame {
+                kind,
+                flags: bytes[at + 4],
+                stream,
+                len,
+                error_code,
+            });
+            at += 9 + len;
+        }
+        out
+    }
+
+    /// The frames of one stream, written out (`HEADERS+END_STREAM`, `DATA(5)`,
+    /// `RST_STREAM(CANCEL)`), once the connection has been quiet for a moment: a reset that
+    /// follows an answer is seen too.
+    pub async fn stream(&self, id: u32) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut last = (self.0.lock().unwrap().len(), std::time::Instant::now());
+        while std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let len = self.0.lock().unwrap().len();
+            if len != last.0 {
+                last = (len, std::time::Instant::now());
+            } else if last.1.elapsed() >= Duration::from_millis(300) {
+                break;
+            }
+        }
+        self.frames()
+            .iter()
+            .filter(|f| f.stream == id)
+            .map(|f| f.to_string())
+            .collect()
+    }
+}
+
+/// A unary call that also says which stream it went on.
+pub async fn unary_on(
+    send: &mut h2::client::SendRequest<Bytes>,
+    uri: &str,
+    msg: &[u8],
+    headers: &[(&str, &str)],
+) -> Result<(u32, GrpcReply), h2::Error> {
+    let mut send = send.clone().ready().await?;
+    let (resp, mut body) = send.send_request(grpc_request(uri, headers), false)?;
+    let id: u32 = body.stream_id().into();
+    body.send_data(frame(msg), true)?;
+    let reply = read_reply(resp).await?;
+    Ok((id, reply))
 }
