@@ -220,7 +220,9 @@ impl Jwt {
             return Err(cfg_err("jwks_refresh", "only applies with jwks_url"));
         }
         let leeway = cfg.leeway.map(|d| d.0.as_secs()).unwrap_or(30);
-        let mut required: Vec<String> = vec!["exp".into()];
+        // `exp` is required and checked by Portico itself (check_claims): jsonwebtoken reads
+        // time claims as integers only, and not at all with serde_json's arbitrary_precision.
+        let mut required: Vec<String> = Vec::new();
         let mut validations = HashMap::new();
         for a in &algorithms {
             let mut v = Validation::new(*a);
