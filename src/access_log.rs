@@ -192,6 +192,34 @@ pub fn format_line(format: LogFormat, r: &Record<'_>) -> String {
     }
 }
 
+/// `target` with the values of the query parameters in `names` replaced by `REDACTED` (names
+/// compared percent-decoded, as the plugins that read them do). Borrowed when there is nothing
+/// to redact.
+pub fn redact_query<'a>(target: &'a str, names: &[String]) -> std::borrow::Cow<'a, str> {
+    let Some((path, query)) = target.split_once('?').filter(|_| !names.is_empty()) else {
+        return std::borrow::Cow::Borrowed(target);
+    };
+    let secret = |kv: &str| {
+        let k = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
+        let k = percent_encoding::percent_decode_str(k).decode_utf8_lossy();
+        names.iter().any(|n| *n == k)
+    };
+    if !query.split('&').any(secret) {
+        return std::borrow::Cow::Borrowed(target);
+    }
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|kv| {
+            if secret(kv) {
+                format!("{}=REDACTED", kv.split_once('=').map(|(k, _)| k).unwrap_or(kv))
+            } else {
+                kv.to_string()
+            }
+        })
+        .collect();
+    std::borrow::Cow::Owned(format!("{path}?{}", parts.join("&")))
+}
+
 /// `30/Nov/2026:14:40:45 +0000`: the timestamp Apache and nginx write (always UTC here).
 pub fn apache_time(t: SystemTime) -> String {
     const MONTHS: [&str; 12] = [
@@ -221,6 +249,16 @@ pub fn apache_time(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_the_query_are_redacted() {
+        let names = vec!["tok".to_string(), "api_key".to_string()];
+        assert_eq!(redact_query("/a?x=1&tok=eyJ.x.y&y=2", &names), "/a?x=1&tok=REDACTED&y=2");
+        assert_eq!(redact_query("/a?t%6Fk=eyJ&tok&api_key=k", &names), "/a?t%6Fk=REDACTED&tok=REDACTED&api_key=REDACTED");
+        assert_eq!(redact_query("/a?token=1", &names), "/a?token=1");
+        assert!(matches!(redact_query("/a?x=1", &names), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(redact_query("/a?tok=1", &[]), "/a?tok=1");
+    }
 
     #[test]
     fn apache_timestamps() {

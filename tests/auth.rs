@@ -946,3 +946,61 @@ fn bad_plugin_configs_are_located() {
         assert!(out.contains(want), "expected `{want}` for {plugins}, got:\n{out}");
     }
 }
+
+/// Attack-d #3: a token in the query (or a cookie) is a credential: refused or not, it goes
+/// neither upstream nor into the access log — also when a plugin before jwt refused the request,
+/// or the edge refused its head.
+#[test]
+fn query_and_cookie_tokens_never_reach_the_log_or_the_upstream() {
+    let up = EchoServer::start("up").unwrap();
+    let jwt = |from: &str, extra: &str| {
+        format!("{{ algorithms: [HS256], secret: '{SECRET}', audience: api, from: '{from}'{extra} }}")
+    };
+    let gw = Gw::start(&format!(
+        "upstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n{}{}{}  - {{ name: walled, upstream: up, match: {{ path_prefix: /walled }}, plugins: [ {{ ip_filter: {{ allow: [10.0.0.0/8] }} }}, {{ jwt: {} }} ] }}\n",
+        up.addr,
+        jwt_route("q", &jwt("query:tok", "")),
+        jwt_route("qscope", &jwt("query:tok", ", scopes: [admin]")),
+        jwt_route("c", &jwt("cookie:session", ", scopes: [admin]")),
+        jwt("query:tok", ""),
+    ));
+    let good = sign(Algorithm::HS256, SECRET, &claims(json!({})), None);
+    let other_aud = sign(Algorithm::HS256, SECRET, &claims(json!({"aud": "elsewhere"})), None);
+    let mut cases = vec![
+        (format!("/qscope/x?tok={good}&a=1"), 403, "a valid token without the scope"),
+        (format!("/q/x?tok={other_aud}"), 401, "a token for another audience"),
+        (format!("/q/x?tok={good}&tok={good}"), 401, "two tokens"),
+        (format!("/q/x?t%6Fk={good}&tok=x"), 401, "an encoded name"),
+        (format!("/walled/x?tok={good}"), 403, "refused before jwt ran (ip_filter)"),
+    ];
+    for (i, (path, status, what)) in cases.drain(..).enumerate() {
+        let id = format!("tok-case-{i}");
+        let r = gw.send(Request::get(&path).header("x-request-id", id.clone()));
+        assert_eq!(r.status, status, "{what}: {}", r.text());
+        let line = wait_for("the access log line", Duration::from_secs(5), || {
+            gw.p.stdout_text().lines().find(|l| l.contains(&id)).map(str::to_string)
+        });
+        assert!(!line.contains(&good[20..]) && !line.contains(&other_aud[20..]), "{what}: {line}");
+    }
+    // Accepted: removed from the query the upstream gets.
+    let r = gw.get(&format!("/q/x?a=1&tok={good}"));
+    assert_eq!((r.status, echoed(&r)["query"].as_str()), (200, Some("a=1")));
+    // A cookie token is taken out of Cookie before deciding; the other cookies go on.
+    let r = gw.send(Request::get("/c/x").header("cookie", format!("a=1; session={good}; b=2")));
+    assert_eq!(r.status, 403);
+    // A head the edge refuses (two Host headers) is logged with the token redacted.
+    let out = portico::testing::raw(
+        &gw.addr,
+        format!("GET /q/x?tok={good} HTTP/1.1\r\nhost: a\r\nhost: b\r\nx-request-id: edge-tok\r\n\r\n").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"));
+    let line = wait_for("the edge's access log line", Duration::from_secs(5), || {
+        gw.p.stdout_text().lines().find(|l| l.contains("edge-tok")).map(str::to_string)
+    });
+    assert!(line.contains("/q/x?tok=REDACTED"), "{line}");
+    let all = gw.p.stdout_text() + &gw.p.stderr_text();
+    assert!(!all.contains(&good[20..]), "a token in the logs");
+    assert_eq!(metric(&gw.metrics(), "portico_panics_total", &[]), 0.0);
+}

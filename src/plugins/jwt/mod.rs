@@ -273,6 +273,27 @@ impl Jwt {
         })
     }
 
+    /// The token, taken out of the request first when it sits in the query or a cookie: a
+    /// credential goes neither upstream nor into the access log, whatever the verdict (as
+    /// api_key does with its key).
+    fn take_token(&self, req: &mut RequestHeader) -> Result<String, &'static str> {
+        let token = self.token(req);
+        match &self.from {
+            TokenSource::Query(q) => {
+                if let Some(uri) = crate::util::without_query_param(&req.uri, q) {
+                    req.set_uri(uri);
+                }
+            }
+            TokenSource::Cookie(c) => {
+                if crate::util::cookie(&req.headers, c).is_some() {
+                    crate::util::remove_cookie(req, c);
+                }
+            }
+            TokenSource::Header(_) => {}
+        }
+        token
+    }
+
     fn token(&self, req: &RequestHeader) -> Result<String, &'static str> {
         match &self.from {
             TokenSource::Header(h) => {
@@ -293,7 +314,12 @@ impl Jwt {
             TokenSource::Cookie(c) => crate::util::cookie(&req.headers, c)
                 .map(str::to_string)
                 .ok_or("no token in the request"),
-            TokenSource::Query(q) => crate::util::query_param(&req.uri, q).ok_or("no token in the request"),
+            TokenSource::Query(q) => {
+                if crate::util::query_params(&req.uri, q) > 1 {
+                    return Err("more than one token in the query");
+                }
+                crate::util::query_param(&req.uri, q).ok_or("no token in the request")
+            }
         }
     }
 }
@@ -323,12 +349,19 @@ impl Plugin for Jwt {
         Phases::REQUEST
     }
 
+    fn credential_query_params(&self) -> Vec<String> {
+        match &self.from {
+            TokenSource::Query(q) => vec![q.clone()],
+            _ => Vec::new(),
+        }
+    }
+
     async fn request(&self, req: &mut RequestHeader, st: &mut RequestState) -> Verdict {
         // Claim headers are the gateway's to set: a client's own copies never pass.
         for (_, h) in &self.forward {
             req.remove_header(h);
         }
-        let token = match self.token(req) {
+        let token = match self.take_token(req) {
             Ok(t) => t,
             Err(why) => return invalid(why),
         };
@@ -358,17 +391,6 @@ impl Plugin for Jwt {
             if let Some(v) = claims.get(claim).and_then(claim_header_value) {
                 let _ = req.insert_header(h.clone(), v);
             }
-        }
-        // A token taken from the query or a cookie is a credential: it goes neither upstream nor
-        // into the access log (as api_key does with its key).
-        match &self.from {
-            TokenSource::Query(q) => {
-                if let Some(uri) = crate::util::without_query_param(&req.uri, q) {
-                    req.set_uri(uri);
-                }
-            }
-            TokenSource::Cookie(c) => crate::util::remove_cookie(req, c),
-            TokenSource::Header(_) => {}
         }
         st.vars.insert(Claims(claims));
         Verdict::Continue
