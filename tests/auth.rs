@@ -1004,3 +1004,31 @@ fn query_and_cookie_tokens_never_reach_the_log_or_the_upstream() {
     assert!(!all.contains(&good[20..]), "a token in the logs");
     assert_eq!(metric(&gw.metrics(), "portico_panics_total", &[]), 0.0);
 }
+
+/// Attack-d #4: a token's `sub` (the consumer) cannot forge access-log lines: a newline, quotes
+/// and spaces in it are escaped as nginx escapes them, in the combined format.
+#[test]
+fn a_consumer_cannot_forge_combined_log_lines() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&format!(
+        "access_log: {{ format: combined }}\nupstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n{}",
+        up.addr,
+        jwt_route("hs", &format!("{{ algorithms: [HS256], secret: '{SECRET}' }}")),
+    ));
+    let sub = "mallory - [01/Jan/2026:00:00:00 +0000] \"GET /admin/delete-all HTTP/1.1\" 200 0 \"-\" \"forged\"\n6.6.6.6 - root";
+    let token = sign(Algorithm::HS256, SECRET, &json!({"sub": sub, "exp": now() + 600}), None);
+    let r = gw.send(
+        Request::get("/hs/combined")
+            .header("authorization", format!("Bearer {token}"))
+            .header("x-request-id", "forge-1"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let line = wait_for("the access log line", Duration::from_secs(5), || {
+        gw.p.stdout_text().lines().find(|l| l.contains("forge-1")).map(str::to_string)
+    });
+    let out = gw.p.stdout_text();
+    assert!(!out.lines().any(|l| l.starts_with("6.6.6.6") || l.contains("/admin/delete-all HTTP/1.1\" 200")), "{out}");
+    assert!(line.starts_with("127.0.0.1 - mallory\\x20-\\x20[01/Jan/2026"), "{line}");
+    assert!(line.contains("\\x0A6.6.6.6\\x20-\\x20root ["), "{line}");
+    assert!(line.contains("\"GET /hs/combined HTTP/1.1\" 200 "), "{line}");
+}
