@@ -141,7 +141,6 @@ impl AccessLog {
 pub fn format_line(format: LogFormat, r: &Record<'_>) -> String {
     let time = r.time.unwrap_or_else(SystemTime::now);
     let duration_ms = r.duration.as_secs_f64() * 1000.0;
-    let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
     match format {
         LogFormat::Json => serde_json::json!({
             "time": humantime::format_rfc3339_millis(time).to_string(),
@@ -171,11 +170,22 @@ pub fn format_line(format: LogFormat, r: &Record<'_>) -> String {
             // or a token controls is escaped as nginx does: one line per request, whatever they
             // hold, and unquoted fields without spaces.
             let quoted = |v: Option<&str>| v.map(|s| escape(s, true)).unwrap_or_else(|| "-".into());
-            let word = |v: &str| if v.is_empty() { "-".to_string() } else { escape(v, false) };
+            let word = |v: &str| {
+                if v.is_empty() {
+                    "-".to_string()
+                } else {
+                    escape(v, false)
+                }
+            };
             let request = if r.method.is_empty() {
                 "-".to_string()
             } else {
-                format!("{} {} {}", escape(r.method, false), escape(r.target, false), escape(r.protocol, false))
+                format!(
+                    "{} {} {}",
+                    escape(r.method, false),
+                    escape(r.target, false),
+                    escape(r.protocol, false)
+                )
             };
             format!(
                 "{} - {} [{}] \"{}\" {} {} \"{}\" \"{}\" trace_id={} route={} upstream={} duration_ms={:.3}",
@@ -315,7 +325,10 @@ mod tests {
         assert_eq!(fields[0], "10.0.0.1");
         assert_eq!(fields[1], "-");
         assert!(fields[2].starts_with("mallory\\x20-\\x20[01/Jan/2026"), "{line}");
-        assert!(fields[3].starts_with("[01/Jan/1970:00:00:00 +0000] \"GET /a\\x22b\\x0Ac\\x20d HTTP/1.1\\x0D\" 200 0 \""), "{line}");
+        assert!(
+            fields[3].starts_with("[01/Jan/1970:00:00:00 +0000] \"GET /a\\x22b\\x0Ac\\x20d HTTP/1.1\\x0D\" 200 0 \""),
+            "{line}"
+        );
         // Exactly four quotes around the request and two around each of referer and agent.
         assert_eq!(line.matches('"').count(), 6, "{line}");
         assert!(line.contains("\\x5Cx0A"), "a literal backslash is escaped too: {line}");
@@ -332,8 +345,14 @@ mod tests {
     #[test]
     fn credentials_in_the_query_are_redacted() {
         let names = vec!["tok".to_string(), "api_key".to_string()];
-        assert_eq!(redact_query("/a?x=1&tok=eyJ.x.y&y=2", &names), "/a?x=1&tok=REDACTED&y=2");
-        assert_eq!(redact_query("/a?t%6Fk=eyJ&tok&api_key=k", &names), "/a?t%6Fk=REDACTED&tok=REDACTED&api_key=REDACTED");
+        assert_eq!(
+            redact_query("/a?x=1&tok=eyJ.x.y&y=2", &names),
+            "/a?x=1&tok=REDACTED&y=2"
+        );
+        assert_eq!(
+            redact_query("/a?t%6Fk=eyJ&tok&api_key=k", &names),
+            "/a?t%6Fk=REDACTED&tok=REDACTED&api_key=REDACTED"
+        );
         assert_eq!(redact_query("/a?token=1", &names), "/a?token=1");
         assert!(matches!(redact_query("/a?x=1", &names), std::borrow::Cow::Borrowed(_)));
         assert_eq!(redact_query("/a?tok=1", &[]), "/a?tok=1");

@@ -85,7 +85,10 @@ pub fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
 pub fn query_params(uri: &http::Uri, name: &str) -> usize {
     uri.query().map_or(0, |q| {
         q.split('&')
-            .filter(|kv| percent_encoding::percent_decode_str(kv.split_once('=').map_or(*kv, |(k, _)| k)).decode_utf8_lossy() == name)
+            .filter(|kv| {
+                percent_encoding::percent_decode_str(kv.split_once('=').map_or(*kv, |(k, _)| k)).decode_utf8_lossy()
+                    == name
+            })
             .count()
     })
 }

@@ -967,11 +967,19 @@ fn query_and_cookie_tokens_never_reach_the_log_or_the_upstream() {
     let good = sign(Algorithm::HS256, SECRET, &claims(json!({})), None);
     let other_aud = sign(Algorithm::HS256, SECRET, &claims(json!({"aud": "elsewhere"})), None);
     let mut cases = vec![
-        (format!("/qscope/x?tok={good}&a=1"), 403, "a valid token without the scope"),
+        (
+            format!("/qscope/x?tok={good}&a=1"),
+            403,
+            "a valid token without the scope",
+        ),
         (format!("/q/x?tok={other_aud}"), 401, "a token for another audience"),
         (format!("/q/x?tok={good}&tok={good}"), 401, "two tokens"),
         (format!("/q/x?t%6Fk={good}&tok=x"), 401, "an encoded name"),
-        (format!("/walled/x?tok={good}"), 403, "refused before jwt ran (ip_filter)"),
+        (
+            format!("/walled/x?tok={good}"),
+            403,
+            "refused before jwt ran (ip_filter)",
+        ),
     ];
     for (i, (path, status, what)) in cases.drain(..).enumerate() {
         let id = format!("tok-case-{i}");
@@ -980,7 +988,10 @@ fn query_and_cookie_tokens_never_reach_the_log_or_the_upstream() {
         let line = wait_for("the access log line", Duration::from_secs(5), || {
             gw.p.stdout_text().lines().find(|l| l.contains(&id)).map(str::to_string)
         });
-        assert!(!line.contains(&good[20..]) && !line.contains(&other_aud[20..]), "{what}: {line}");
+        assert!(
+            !line.contains(&good[20..]) && !line.contains(&other_aud[20..]),
+            "{what}: {line}"
+        );
     }
     // Accepted: removed from the query the upstream gets.
     let r = gw.get(&format!("/q/x?a=1&tok={good}"));
@@ -997,7 +1008,10 @@ fn query_and_cookie_tokens_never_reach_the_log_or_the_upstream() {
     .unwrap();
     assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"));
     let line = wait_for("the edge's access log line", Duration::from_secs(5), || {
-        gw.p.stdout_text().lines().find(|l| l.contains("edge-tok")).map(str::to_string)
+        gw.p.stdout_text()
+            .lines()
+            .find(|l| l.contains("edge-tok"))
+            .map(str::to_string)
     });
     assert!(line.contains("/q/x?tok=REDACTED"), "{line}");
     let all = gw.p.stdout_text() + &gw.p.stderr_text();
@@ -1024,10 +1038,17 @@ fn a_consumer_cannot_forge_combined_log_lines() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let line = wait_for("the access log line", Duration::from_secs(5), || {
-        gw.p.stdout_text().lines().find(|l| l.contains("forge-1")).map(str::to_string)
+        gw.p.stdout_text()
+            .lines()
+            .find(|l| l.contains("forge-1"))
+            .map(str::to_string)
     });
     let out = gw.p.stdout_text();
-    assert!(!out.lines().any(|l| l.starts_with("6.6.6.6") || l.contains("/admin/delete-all HTTP/1.1\" 200")), "{out}");
+    assert!(
+        !out.lines()
+            .any(|l| l.starts_with("6.6.6.6") || l.contains("/admin/delete-all HTTP/1.1\" 200")),
+        "{out}"
+    );
     assert!(line.starts_with("127.0.0.1 - mallory\\x20-\\x20[01/Jan/2026"), "{line}");
     assert!(line.contains("\\x0A6.6.6.6\\x20-\\x20root ["), "{line}");
     assert!(line.contains("\"GET /hs/combined HTTP/1.1\" 200 "), "{line}");

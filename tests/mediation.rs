@@ -300,7 +300,8 @@ fn xml_becomes_json_with_correct_framing() {
 #[test]
 fn large_gzip_and_malformed_bodies() {
     let script = scripted(content);
-    let body = format!(
+    let body =
+        format!(
         "upstreams:\n  script: {{ endpoints: [{script}] }}\nroutes:\n{}{}",
         route(
             "m",
@@ -612,18 +613,17 @@ fn obliging_upstream(seen: Arc<std::sync::Mutex<Vec<String>>>) -> SocketAddr {
         seen.lock().unwrap().push(head.to_string());
         let lower = head.to_ascii_lowercase();
         let target = head.split_whitespace().nth(1).unwrap_or("/").to_string();
-        let n: usize = target
-            .split("n=")
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2);
+        let n: usize = target.split("n=").nth(1).and_then(|v| v.parse().ok()).unwrap_or(2);
         let doc = format!(
             r#"{{"secret":"s3cr3t","internal":{{"db":"pg://admin:pw@10.0.0.5"}},"items":[{}]}}"#,
             vec!["1"; n].join(",")
         );
         let asked = |h: &str| lower.lines().find_map(|l| l.strip_prefix(h)).unwrap_or("").to_string();
         let mut a = match target.split('?').next().unwrap_or("") {
-            "/stubborn" => return answer("application/json", b"\x8b\x05\x80not-really-br".to_vec()).header("content-encoding", "br"),
+            "/stubborn" => {
+                return answer("application/json", b"\x8b\x05\x80not-really-br".to_vec())
+                    .header("content-encoding", "br")
+            }
             "/malformed" => return answer("application/json", r#"{"secret":"s3cr3t","#).chunked(),
             "/numbers" => {
                 return answer(
@@ -663,11 +663,21 @@ fn a_client_cannot_get_the_removed_fields() {
     let body = format!(
         "upstreams:\n  up: {{ endpoints: [{up}] }}\nroutes:\n{}{}",
         route("leak", "{ max_body: 4KiB, response: { remove: [secret, internal] } }"),
-        route("lax", "{ max_body: 4KiB, on_error: passthrough, response: { remove: [secret, internal] } }"),
+        route(
+            "lax",
+            "{ max_body: 4KiB, on_error: passthrough, response: { remove: [secret, internal] } }"
+        ),
     )
     .replace("upstream: script", "upstream: up");
     let gw = Gw::start_h2c(&body);
-    let last_seen = || seen.lock().unwrap().last().cloned().unwrap_or_default().to_ascii_lowercase();
+    let last_seen = || {
+        seen.lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    };
     let clean = json!({"items": [1, 1]});
     let mut conn = connect(&gw.addr, None).unwrap();
     let mut get = |path: &str, headers: &[(&str, &str)]| {
@@ -700,13 +710,24 @@ fn a_client_cannot_get_the_removed_fields() {
     let r = get("/leak/page?n=3000", &[("x-request-id", "big-page")]);
     assert_eq!(r.status, 502, "{}", r.text());
     let v = r.json();
-    assert_eq!((v["error"].as_str(), v["trace_id"].as_str()), (Some("transform_failed"), Some("big-page")));
+    assert_eq!(
+        (v["error"].as_str(), v["trace_id"].as_str()),
+        (Some("transform_failed"), Some("big-page"))
+    );
     assert!(!r.text().contains("s3cr3t"));
     // An upstream that sends br whatever it is asked: the 502 too.
     let r = get("/leak/stubborn", &[]);
     assert_eq!((r.status, r.json()["error"].as_str()), (502, Some("transform_failed")));
     // An upgrade is not offered upstream: no tunnel past the transform.
-    let r = get("/leak/page", &[("connection", "upgrade"), ("upgrade", "websocket"), ("sec-websocket-version", "13"), ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")]);
+    let r = get(
+        "/leak/page",
+        &[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+    );
     assert_eq!((r.status, r.json()), (200, clean.clone()));
     assert!(!last_seen().contains("upgrade"), "{}", last_seen());
     // Numbers and key order pass as written (attack-d #6).
@@ -755,8 +776,14 @@ fn refused_or_cut(what: &str, bytes: &[u8]) {
         return;
     }
     assert!(text.starts_with("HTTP/1.1 200"), "{what}: {text}");
-    assert!(!text.ends_with("0\r\n\r\n"), "{what}: a cut body must not look complete: {text}");
-    assert!(read_response(&mut std::io::Cursor::new(bytes.to_vec()), false).is_err(), "{what}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "{what}: a cut body must not look complete: {text}"
+    );
+    assert!(
+        read_response(&mut std::io::Cursor::new(bytes.to_vec()), false).is_err(),
+        "{what}"
+    );
 }
 
 /// An upstream that sends its (chunked) head and the start of a document, then waits for the
@@ -858,7 +885,11 @@ fn an_answer_found_untransformable_after_its_head_is_cut() {
                 }
             }
         }
-        assert!(failed, "the stream must end in an error, got {:?}", String::from_utf8_lossy(&got));
+        assert!(
+            failed,
+            "the stream must end in an error, got {:?}",
+            String::from_utf8_lossy(&got)
+        );
         assert!(!String::from_utf8_lossy(&got).contains("s3cr3t"));
     });
     let m = gw.metrics();
@@ -911,7 +942,11 @@ routes:
     }
     let bom = [b"\xEF\xBB\xBF".as_slice(), &forged].concat();
     assert_eq!(post("application/json", &[], bom).status, 200);
-    let r = post("application/json", &[], br#"{"id":12345678901234567890123,"role":"x","x":1e400}"#.to_vec());
+    let r = post(
+        "application/json",
+        &[],
+        br#"{"id":12345678901234567890123,"role":"x","x":1e400}"#.to_vec(),
+    );
     assert_eq!(r.status, 200);
     let refused = [
         br#"{"role":"admin","meta":{"by":"someone-else"},"x":NaN}"#.to_vec(),
@@ -924,24 +959,37 @@ routes:
         let r = post("application/json", &[], b);
         assert_eq!(r.status, 400, "{}", r.text());
         let v = r.json();
-        assert_eq!((v["error"].as_str(), v["trace_id"].as_str()), (Some("bad_request"), Some("rq-1")));
+        assert_eq!(
+            (v["error"].as_str(), v["trace_id"].as_str()),
+            (Some("bad_request"), Some("rq-1"))
+        );
     }
     let r = post("application/json", &[("content-encoding", "gzip")], gzip(&forged));
     assert_eq!(r.status, 400);
     let big = format!(r#"{{"role":"admin","pad":"{}"}}"#, "x".repeat(150_000)).into_bytes();
     let r = post("application/json", &[], big.clone());
     assert_eq!((r.status, r.json()["error"].as_str()), (413, Some("payload_too_large")));
-    let r = post("application/json", &[("transfer-encoding", "chunked")], chunked(&big, 20_000));
+    let r = post(
+        "application/json",
+        &[("transfer-encoding", "chunked")],
+        chunked(&big, 20_000),
+    );
     assert_eq!((r.status, r.json()["error"].as_str()), (413, Some("payload_too_large")));
     // Not JSON: not a body a JSON transform rewrites; it goes on as sent (documented).
     assert_eq!(post("text/plain", &[], b"role=admin".to_vec()).status, 200);
     let seen = rec.requests();
-    let bodies: Vec<String> = seen.iter().map(|s| String::from_utf8_lossy(&s.body).to_string()).collect();
+    let bodies: Vec<String> = seen
+        .iter()
+        .map(|s| String::from_utf8_lossy(&s.body).to_string())
+        .collect();
     assert_eq!(bodies.len(), 9, "{bodies:?}");
     for b in &bodies[..7] {
         assert_eq!(b, r#"{"meta":{"by":"app"}}"#);
     }
-    assert_eq!(bodies[7], r#"{"id":12345678901234567890123,"x":1e+400,"meta":{"by":"app"}}"#);
+    assert_eq!(
+        bodies[7],
+        r#"{"id":12345678901234567890123,"x":1e+400,"meta":{"by":"app"}}"#
+    );
     assert_eq!(bodies[8], "role=admin");
     assert!(rec.garbage().is_empty());
     assert_eq!(metric(&gw.metrics(), "portico_panics_total", &[]), 0.0);

@@ -576,7 +576,11 @@ mod tests {
             (b"{\"a\":NaN}".to_vec(), JSON, Err(Reason::Invalid)),
             (b"{\"a\":\"\\ud800\"}".to_vec(), JSON, Err(Reason::Invalid)),
             (b"{\"a\":\"\xE9\"}".to_vec(), JSON, Err(Reason::Invalid)),
-            (b"{\"a\":1e400}".to_vec(), JSON, Ok(serde_json::from_str("{\"a\":1e400}").unwrap())),
+            (
+                b"{\"a\":1e400}".to_vec(),
+                JSON,
+                Ok(serde_json::from_str("{\"a\":1e400}").unwrap()),
+            ),
             (b"<a>".to_vec(), xml, Err(Reason::Invalid)),
             (b"{\"a\":1}".to_vec(), gzip(Format::Json), Err(Reason::BadEncoding)),
             (

@@ -629,14 +629,21 @@ mod tests {
             r#"{"z":1,"id":18446744073709551616,"b":-9223372036854775809,"big":12345678901234567890123,"h":1e+2,"f":1.50,"n":{"y":2,"x":1e+400},"new":1}"#
         );
         let out = ops("select: [n.x, z, h]").apply(parse());
-        assert_eq!(serde_json::to_string(&out).unwrap(), r#"{"z":1,"h":1e+2,"n":{"x":1e+400}}"#);
+        assert_eq!(
+            serde_json::to_string(&out).unwrap(),
+            r#"{"z":1,"h":1e+2,"n":{"x":1e+400}}"#
+        );
         // A rename onto an existing key: the renamed field takes its own place.
         let out = ops("rename: {h: z}").apply(parse());
         assert_eq!(
             out.as_object().unwrap().keys().collect::<Vec<_>>(),
             ["id", "a", "big", "z", "f", "n", "drop"]
         );
-        assert_eq!(out["z"].to_string(), "1e+2", "serde_json spells an exponent with its sign");
+        assert_eq!(
+            out["z"].to_string(),
+            "1e+2",
+            "serde_json spells an exponent with its sign"
+        );
     }
 
     #[test]

@@ -213,7 +213,12 @@ struct Side {
 }
 
 impl Side {
-    fn build(cfg: &SideConfig, loc: &'static str, default_max: u64, default_on_error: OnError) -> Result<Side, ConfigError> {
+    fn build(
+        cfg: &SideConfig,
+        loc: &'static str,
+        default_max: u64,
+        default_on_error: OnError,
+    ) -> Result<Side, ConfigError> {
         let ops = JsonOps::compile(&cfg.ops(), loc)?;
         let max = cfg.max_body.map(|s| s.0).unwrap_or(default_max);
         let max_loc = if cfg.max_body.is_some() {
@@ -788,7 +793,10 @@ mod tests {
     #[test]
     fn json_in_pieces_is_reframed_and_rewritten() {
         let p = build("response: {select: [a.b], rename: {a.b: c}}").unwrap();
-        assert_eq!(p.phases(), Phases::RESPONSE | Phases::RESPONSE_BODY | Phases::UPSTREAM_REQUEST);
+        assert_eq!(
+            p.phases(),
+            Phases::RESPONSE | Phases::RESPONSE_BODY | Phases::UPSTREAM_REQUEST
+        );
         let mut resp = head("application/json", Some(27));
         let out = run(&p, &mut resp, &[b"{\"a\": {\"b\": 1, ", b"\"x\": 2}, \"y\": 3}"]).unwrap();
         assert_eq!(out, br#"{"a":{"c":1}}"#);
@@ -926,10 +934,19 @@ mod tests {
         assert_eq!(run(&p, &mut resp, &[b""]).unwrap(), b"");
         // JSON with a charset parameter, and a BOM, are transformed.
         let mut resp = head("application/json; charset=ISO-8859-1", None);
-        let out = run(&p, &mut resp, &["\u{feff}{\"secret\":1,\"a\":2}".as_bytes()[..19].as_ref(), b"}"]);
+        let out = run(
+            &p,
+            &mut resp,
+            &["\u{feff}{\"secret\":1,\"a\":2}".as_bytes()[..19].as_ref(), b"}"],
+        );
         assert!(out.is_err(), "23 bytes: over max_body, cut");
         let mut resp = head("application/json; charset=ISO-8859-1", None);
-        let out = run(&p, &mut resp, &["\u{feff}{\"secret\":1,\"a\":2}".as_bytes()[3..].as_ref()]).unwrap();
+        let out = run(
+            &p,
+            &mut resp,
+            &["\u{feff}{\"secret\":1,\"a\":2}".as_bytes()[3..].as_ref()],
+        )
+        .unwrap();
         assert_eq!(out, br#"{"a":2}"#);
         let mut resp = head("application/json", None);
         let out = run(&p, &mut resp, &["\u{feff}{\"a\":[1e2]}".as_bytes()]).unwrap();
@@ -948,10 +965,17 @@ mod tests {
             p.upstream_request(&mut r, &st);
             r
         };
-        let r = req(&[("range", "bytes=0-"), ("if-range", "\"v\""), ("accept-encoding", "br, deflate, gzip;q=0.1")]);
+        let r = req(&[
+            ("range", "bytes=0-"),
+            ("if-range", "\"v\""),
+            ("accept-encoding", "br, deflate, gzip;q=0.1"),
+        ]);
         assert!(r.headers.get("range").is_none() && r.headers.get("if-range").is_none());
         assert_eq!(r.headers["accept-encoding"], "gzip");
-        assert_eq!(req(&[("accept-encoding", "deflate, br, zstd")]).headers["accept-encoding"], "identity");
+        assert_eq!(
+            req(&[("accept-encoding", "deflate, br, zstd")]).headers["accept-encoding"],
+            "identity"
+        );
         assert_eq!(req(&[]).headers["accept-encoding"], "identity");
         let r = req(&[("upgrade", "websocket"), ("connection", "keep-alive, Upgrade")]);
         assert!(r.headers.get("upgrade").is_none());
@@ -1006,9 +1030,14 @@ mod tests {
             assert_eq!(out, br#"{"meta":{"by":"app"}}"#, "{ct}");
         }
         let bom = [b"\xEF\xBB\xBF".as_slice(), doc].concat();
-        assert_eq!(send(&p, &json("application/json"), &[&bom]).unwrap(), br#"{"meta":{"by":"app"}}"#);
+        assert_eq!(
+            send(&p, &json("application/json"), &[&bom]).unwrap(),
+            br#"{"meta":{"by":"app"}}"#
+        );
         // What cannot be rewritten: 400 (413 past max_body).
-        let status = |headers: &[(&str, &str)], pieces: &[&[u8]]| send(&p, headers, pieces).map(|_| 200).unwrap_or_else(|r| r.status);
+        let status = |headers: &[(&str, &str)], pieces: &[&[u8]]| {
+            send(&p, headers, pieces).map(|_| 200).unwrap_or_else(|r| r.status)
+        };
         for bad in [
             &br#"{"role":"admin","x":NaN}"#[..],
             br#"{"role":"admin","x":"\ud800"}"#,
@@ -1016,17 +1045,48 @@ mod tests {
             b"{\"role\":",
         ] {
             let r = send(&p, &json("application/json"), &[bad]).unwrap_err();
-            assert_eq!((r.status, r.error_code()), (400, Some("bad_request")), "{}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                (r.status, r.error_code()),
+                (400, Some("bad_request")),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert_eq!(status(&json("application/json"), &[&[b' '; 40], &[b' '; 40]]), 413);
-        assert_eq!(status(&[("content-type", "application/json"), ("content-length", "65")], &[]), 413);
-        assert_eq!(status(&[("content-type", "application/json"), ("content-length", "5"), ("content-encoding", "gzip")], &[]), 400);
-        assert_eq!(status(&[("content-type", "text/plain"), ("content-type", "application/json"), ("content-length", "5")], &[]), 400);
+        assert_eq!(
+            status(&[("content-type", "application/json"), ("content-length", "65")], &[]),
+            413
+        );
+        assert_eq!(
+            status(
+                &[
+                    ("content-type", "application/json"),
+                    ("content-length", "5"),
+                    ("content-encoding", "gzip")
+                ],
+                &[]
+            ),
+            400
+        );
+        assert_eq!(
+            status(
+                &[
+                    ("content-type", "text/plain"),
+                    ("content-type", "application/json"),
+                    ("content-length", "5")
+                ],
+                &[]
+            ),
+            400
+        );
         // Not JSON: nothing to rewrite, it goes on.
         assert_eq!(send(&p, &json("text/plain"), &[doc]).unwrap(), doc);
         // on_error: passthrough: the original goes on.
         let lax = build("request: {remove: [role], on_error: passthrough}").unwrap();
-        assert_eq!(send(&lax, &json("application/json"), &[b"{\"role\":NaN}"]).unwrap(), b"{\"role\":NaN}");
+        assert_eq!(
+            send(&lax, &json("application/json"), &[b"{\"role\":NaN}"]).unwrap(),
+            b"{\"role\":NaN}"
+        );
     }
 
     #[test]
@@ -1035,7 +1095,10 @@ mod tests {
             "request: {rename: {a: b}, remove: [x], set: {by: '${consumer}', ip: '${client_ip}', t: '${trace_id}'}}",
         )
         .unwrap();
-        assert_eq!(p.phases(), Phases::REQUEST | Phases::REQUEST_BODY | Phases::UPSTREAM_REQUEST);
+        assert_eq!(
+            p.phases(),
+            Phases::REQUEST | Phases::REQUEST_BODY | Phases::UPSTREAM_REQUEST
+        );
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let mut st = st();
         st.consumer = Some("app".into());
