@@ -32,7 +32,7 @@ pub fn finish_response_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx:
 /// last). The whole body is known before the head goes, so the head declares its exact length
 /// whatever a body plugin did to it.
 pub async fn send_reply(session: &mut Session, ctx: &mut Ctx, reply: Reply) -> Result<()> {
-    let (mut head, body) = respond::render(&reply, &ctx.st, ctx.grpc);
+    let (mut head, body) = respond::render(&reply, &ctx.st, ctx.grpc.as_deref());
     ctx.error_code = reply.error_code();
     finish_response_head(session.req_header(), &mut head, ctx);
     let body = reply_body(body, ctx);
