@@ -389,12 +389,31 @@ fn bad_tokens_are_all_rejected() {
         ("missing exp", "/hs", with(json!({"exp": null}))),
         ("non-numeric exp", "/hs", with(json!({"exp": "9999999999"}))),
         (
-            "fractional exp",
+            "fractional exp beyond leeway",
             "/hs",
             with_raw_payload(&format!(
                 r#"{{"sub":"a","iss":"portico-test","aud":"api","exp":{}.5}}"#,
-                now() + 600
+                now() - 120
             )),
+        ),
+        (
+            "fractional nbf in the future",
+            "/hs",
+            with_raw_payload(&format!(
+                r#"{{"sub":"a","iss":"portico-test","aud":"api","exp":{},"nbf":{}.25}}"#,
+                now() + 600,
+                now() + 300
+            )),
+        ),
+        (
+            "fractional exp too large",
+            "/hs",
+            with_raw_payload(r#"{"sub":"a","iss":"portico-test","aud":"api","exp":1e300}"#),
+        ),
+        (
+            "negative fractional exp",
+            "/hs",
+            with_raw_payload(r#"{"sub":"a","iss":"portico-test","aud":"api","exp":-0.5}"#),
         ),
         ("negative exp", "/hs", with(json!({"exp": -1}))),
         ("non-numeric nbf", "/hs", with(json!({"nbf": "soon"}))),
@@ -473,6 +492,15 @@ fn bad_tokens_are_all_rejected() {
         assert_eq!(r.json()["error"], "invalid_token", "{what}");
     }
     assert_eq!(up.requests(), served, "no bad token reached the upstream");
+    // NumericDates with a fraction (RFC 7519 §2) are times like any other.
+    let fractional = with_raw_payload(&format!(
+        r#"{{"sub":"a","iss":"portico-test","aud":"api","exp":{}.5,"nbf":{}.25,"iat":{}.123}}"#,
+        now() + 600,
+        now() - 5,
+        now()
+    ));
+    let r = bearer(&gw, "/hs", &fractional);
+    assert_eq!(r.status, 200, "fractional exp, nbf, iat: {}", r.text());
 }
 
 #[test]

@@ -221,7 +221,8 @@ impl Jwt {
         }
         let leeway = cfg.leeway.map(|d| d.0.as_secs()).unwrap_or(30);
         // `exp` is required and checked by Portico itself (check_claims): jsonwebtoken reads
-        // time claims as integers only, and not at all with serde_json's arbitrary_precision.
+        // time claims as integers only (not fractions, and not at all with serde_json's
+        // arbitrary_precision).
         let mut required: Vec<String> = Vec::new();
         let mut validations = HashMap::new();
         for a in &algorithms {
@@ -462,5 +463,48 @@ mod tests {
         let jwt = plugin(old);
         let t = token(serde_json::json!({"sub": "a", "exp": 1_000_060}));
         assert!(run(jwt.verify(&t)).is_ok());
+    }
+
+    #[test]
+    fn fractional_numeric_dates_are_rounded_against_the_whole_second_clock() {
+        let clock = Arc::new(ManualClock::new(Duration::from_secs(T0)));
+        let jwt = plugin(clock.clone());
+        // exp T0 + 60.5 with a 30 s leeway: valid through second T0 + 90, expired at T0 + 91.
+        let t = token(serde_json::json!({"sub": "a", "exp": T0 as f64 + 60.5, "iat": T0 as f64 + 0.25}));
+        assert!(
+            run(jwt.verify(&t)).is_ok(),
+            "fractional exp and iat: {:?}",
+            run(jwt.verify(&t))
+        );
+        clock.advance(Duration::from_secs(90));
+        assert!(run(jwt.verify(&t)).is_ok(), "second T0 + 90 is before T0 + 90.5");
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(run(jwt.verify(&t)).unwrap_err(), "the token has expired");
+
+        // nbf T0 + 100.5 with a 30 s leeway: not valid in second T0 + 70, valid from T0 + 71.
+        let clock = Arc::new(ManualClock::new(Duration::from_secs(T0 + 70)));
+        let jwt = plugin(clock.clone());
+        let t = token(serde_json::json!({"sub": "a", "exp": T0 + 3600, "nbf": T0 as f64 + 100.5}));
+        assert_eq!(run(jwt.verify(&t)).unwrap_err(), "the token is not valid yet");
+        clock.advance(Duration::from_secs(1));
+        assert!(run(jwt.verify(&t)).is_ok());
+        // In second T0 + 71 (leeway 30), iat T0 + 101.5 is in the future; T0 + 100.5 is not.
+        let t = token(serde_json::json!({"sub": "a", "exp": T0 + 3600, "iat": T0 as f64 + 101.5}));
+        assert_eq!(run(jwt.verify(&t)).unwrap_err(), "the token was issued in the future");
+        let t = token(serde_json::json!({"sub": "a", "exp": T0 + 3600, "iat": T0 as f64 + 100.5}));
+        assert!(run(jwt.verify(&t)).is_ok());
+
+        for bad in [
+            serde_json::json!(-0.5),
+            serde_json::json!(1e300),
+            serde_json::json!("1.5"),
+        ] {
+            let t = token(serde_json::json!({"sub": "a", "exp": bad}));
+            assert_eq!(
+                run(jwt.verify(&t)).unwrap_err(),
+                "the 'exp' claim is not a number",
+                "{bad}"
+            );
+        }
     }
 }
