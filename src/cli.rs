@@ -83,7 +83,7 @@ enum Command {
 pub fn main_with(registry: Registry) -> ExitCode {
     server::guard_sighup();
     let cli = Cli::parse();
-    init_logging();
+    crate::logging::init();
     if let Some(Command::Demo {
         listen,
         tls_listen,
@@ -192,12 +192,6 @@ fn validate(conf: &std::path::Path, registry: &Registry) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging() {
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .try_init();
 }
 
 /// Mint a token for `portico jwt`.
