@@ -230,7 +230,7 @@ impl JsonLine for String {
 pub fn escape(s: &str, quoted: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b == b'"' || b == b'\\' || b < 0x20 || b >= 0x7f || (b == b' ' && !quoted) {
+        if !(0x20..0x7f).contains(&b) || b == b'"' || b == b'\\' || (b == b' ' && !quoted) {
             out.push_str(&format!("\\x{b:02X}"));
         } else {
             out.push(b as char);
