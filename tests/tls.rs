@@ -224,12 +224,15 @@ fn mtls_identities_pass_are_refused_and_follow_a_new_ca() {
     let rogue = rogue_ca.client(None, &["spiffe://mesh/orders"]);
     let config = tls::client(&m.ca, Some((&rogue, &rogue_ca)), &["http/1.1"]);
     assert!(tls::send(&https, "gw.mesh", config, &Request::get("/open")).is_err());
-    let refused = metric(
-        &gw.metrics(),
-        "portico_rejected_connections_total",
-        &[("reason", "tls_handshake")],
-    );
-    assert!(refused >= 2.0, "refused handshakes are counted: {refused}");
+    // The client may see the alert before the gateway has counted the handshake: poll.
+    wait_for("both refused handshakes counted", Duration::from_secs(10), || {
+        let refused = metric(
+            &gw.metrics(),
+            "portico_rejected_connections_total",
+            &[("reason", "tls_handshake")],
+        );
+        (refused >= 2.0).then_some(())
+    });
 
     // One client config (so its TLS session may resume) before and after a reload that
     // replaces the CA: the old certificate no longer gets in, resumed session or not.
