@@ -141,7 +141,6 @@ impl AccessLog {
 pub fn format_line(format: LogFormat, r: &Record<'_>) -> String {
     let time = r.time.unwrap_or_else(SystemTime::now);
     let duration_ms = r.duration.as_secs_f64() * 1000.0;
-    let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
     match format {
         LogFormat::Json => serde_json::json!({
             "time": humantime::format_rfc3339_millis(time).to_string(),
@@ -163,33 +162,109 @@ pub fn format_line(format: LogFormat, r: &Record<'_>) -> String {
             "user_agent": r.user_agent,
             "error": r.error,
         })
-        .to_string(),
+        .to_string()
+        .one_line(),
         LogFormat::Combined => {
             // Apache's combined format, then Portico's own fields as key=value pairs (parsers
-            // of the combined format ignore what follows the user agent).
-            let quoted = |v: Option<&str>| v.map(|s| s.replace('"', "%22")).unwrap_or_else(|| "-".into());
+            // of the combined format ignore what follows the user agent). Every field a client
+            // or a token controls is escaped as nginx does: one line per request, whatever they
+            // hold, and unquoted fields without spaces.
+            let quoted = |v: Option<&str>| v.map(|s| escape(s, true)).unwrap_or_else(|| "-".into());
+            let word = |v: &str| {
+                if v.is_empty() {
+                    "-".to_string()
+                } else {
+                    escape(v, false)
+                }
+            };
             let request = if r.method.is_empty() {
                 "-".to_string()
             } else {
-                format!("{} {} {}", r.method, r.target, r.protocol).replace('"', "%22")
+                format!(
+                    "{} {} {}",
+                    escape(r.method, false),
+                    escape(r.target, false),
+                    escape(r.protocol, false)
+                )
             };
             format!(
                 "{} - {} [{}] \"{}\" {} {} \"{}\" \"{}\" trace_id={} route={} upstream={} duration_ms={:.3}",
                 r.client_ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into()),
-                r.consumer.unwrap_or("-"),
+                word(r.consumer.unwrap_or("")),
                 apache_time(time),
                 request,
                 r.status,
                 r.bytes_sent,
                 quoted(r.referer),
                 quoted(r.user_agent),
-                dash(r.trace_id),
-                dash(r.route),
-                dash(r.upstream),
+                word(r.trace_id),
+                word(r.route),
+                word(r.upstream),
                 duration_ms
             )
         }
     }
+}
+
+/// Characters JSON lets stand raw that some line splitters (Python's `splitlines`, a few log
+/// shippers) take for line ends: written as `\uXXXX` (they can only be inside strings), so a
+/// JSON line is one line for every reader.
+trait JsonLine {
+    fn one_line(self) -> String;
+}
+
+impl JsonLine for String {
+    fn one_line(self) -> String {
+        if !self.contains(['\u{85}', '\u{2028}', '\u{2029}']) {
+            return self;
+        }
+        self.replace('\u{85}', "\\u0085")
+            .replace('\u{2028}', "\\u2028")
+            .replace('\u{2029}', "\\u2029")
+    }
+}
+
+/// nginx's `escape=default` for a combined-format field: `"`, `\`, and every byte below 0x20
+/// or from 0x7F up (control characters, and all of UTF-8 beyond ASCII) become `\xHH`; outside
+/// quotes (`quoted: false`) a space too, so the line still splits into its fields.
+pub fn escape(s: &str, quoted: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if !(0x20..0x7f).contains(&b) || b == b'"' || b == b'\\' || (b == b' ' && !quoted) {
+            out.push_str(&format!("\\x{b:02X}"));
+        } else {
+            out.push(b as char);
+        }
+    }
+    out
+}
+
+/// `target` with the values of the query parameters in `names` replaced by `REDACTED` (names
+/// compared percent-decoded, as the plugins that read them do). Borrowed when there is nothing
+/// to redact.
+pub fn redact_query<'a>(target: &'a str, names: &[String]) -> std::borrow::Cow<'a, str> {
+    let Some((path, query)) = target.split_once('?').filter(|_| !names.is_empty()) else {
+        return std::borrow::Cow::Borrowed(target);
+    };
+    let secret = |kv: &str| {
+        let k = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
+        let k = percent_encoding::percent_decode_str(k).decode_utf8_lossy();
+        names.iter().any(|n| *n == k)
+    };
+    if !query.split('&').any(secret) {
+        return std::borrow::Cow::Borrowed(target);
+    }
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|kv| {
+            if secret(kv) {
+                format!("{}=REDACTED", kv.split_once('=').map(|(k, _)| k).unwrap_or(kv))
+            } else {
+                kv.to_string()
+            }
+        })
+        .collect();
+    std::borrow::Cow::Owned(format!("{path}?{}", parts.join("&")))
 }
 
 /// `30/Nov/2026:14:40:45 +0000`: the timestamp Apache and nginx write (always UTC here).
@@ -222,6 +297,67 @@ pub fn apache_time(t: SystemTime) -> String {
 mod tests {
     use super::*;
 
+    /// Attack-d #4: whatever the client or a token puts in a field, a line is one line, its
+    /// fields are where a parser expects them, and the JSON line is valid JSON.
+    #[test]
+    fn hostile_fields_cannot_forge_lines() {
+        let evil = "mallory - [01/Jan/2026:00:00:00 +0000] \"GET /admin HTTP/1.1\" 200 0 \"-\" \"forged\"\n6.6.6.6 - root\r\u{85}\u{2028}\\x0A\t";
+        let r = Record {
+            time: Some(UNIX_EPOCH),
+            trace_id: "t\n1",
+            client_ip: Some("10.0.0.1".parse().unwrap()),
+            method: "GET",
+            host: evil,
+            target: "/a\"b\nc d",
+            protocol: "HTTP/1.1\r",
+            status: 200,
+            route: "r 1",
+            upstream: "u",
+            consumer: Some(evil),
+            user_agent: Some(evil),
+            referer: Some(evil),
+            ..Default::default()
+        };
+        let line = format_line(LogFormat::Combined, &r);
+        assert!(!line.contains(['\n', '\r', '\u{85}', '\u{2028}']), "{line}");
+        assert!(line.is_ascii(), "{line}");
+        let fields: Vec<&str> = line.splitn(4, ' ').collect();
+        assert_eq!(fields[0], "10.0.0.1");
+        assert_eq!(fields[1], "-");
+        assert!(fields[2].starts_with("mallory\\x20-\\x20[01/Jan/2026"), "{line}");
+        assert!(
+            fields[3].starts_with("[01/Jan/1970:00:00:00 +0000] \"GET /a\\x22b\\x0Ac\\x20d HTTP/1.1\\x0D\" 200 0 \""),
+            "{line}"
+        );
+        // Exactly four quotes around the request and two around each of referer and agent.
+        assert_eq!(line.matches('"').count(), 6, "{line}");
+        assert!(line.contains("\\x5Cx0A"), "a literal backslash is escaped too: {line}");
+        assert!(line.contains("trace_id=t\\x0A1 route=r\\x201 upstream=u"), "{line}");
+        let json = format_line(LogFormat::Json, &r);
+        assert!(!json.contains(['\n', '\r', '\u{85}', '\u{2028}']), "{json}");
+        assert_eq!(json.lines().count(), 1);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["consumer"], evil);
+        assert_eq!(v["host"], evil);
+        assert_eq!(v["path"], "/a\"b\nc d");
+    }
+
+    #[test]
+    fn credentials_in_the_query_are_redacted() {
+        let names = vec!["tok".to_string(), "api_key".to_string()];
+        assert_eq!(
+            redact_query("/a?x=1&tok=eyJ.x.y&y=2", &names),
+            "/a?x=1&tok=REDACTED&y=2"
+        );
+        assert_eq!(
+            redact_query("/a?t%6Fk=eyJ&tok&api_key=k", &names),
+            "/a?t%6Fk=REDACTED&tok=REDACTED&api_key=REDACTED"
+        );
+        assert_eq!(redact_query("/a?token=1", &names), "/a?token=1");
+        assert!(matches!(redact_query("/a?x=1", &names), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(redact_query("/a?tok=1", &[]), "/a?tok=1");
+    }
+
     #[test]
     fn apache_timestamps() {
         let t = UNIX_EPOCH + Duration::from_secs(1_796_049_645); // 2026-11-30T14:40:45Z
@@ -250,7 +386,7 @@ mod tests {
         let line = format_line(LogFormat::Combined, &r);
         assert!(
             line.starts_with(
-                "10.0.0.1 - - [30/Nov/2026:14:40:45 +0000] \"GET /x?a=1 HTTP/1.1\" 200 12 \"-\" \"curl/8 %22x%22\" trace_id=abc"
+                "10.0.0.1 - - [30/Nov/2026:14:40:45 +0000] \"GET /x?a=1 HTTP/1.1\" 200 12 \"-\" \"curl/8 \\x22x\\x22\" trace_id=abc"
             ),
             "{line}"
         );

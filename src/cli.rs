@@ -84,7 +84,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
     server::guard_sighup();
     crate::memory::init();
     let cli = Cli::parse();
-    init_logging();
+    crate::logging::init();
     if let Some(Command::Demo {
         listen,
         tls_listen,
@@ -193,12 +193,6 @@ fn validate(conf: &std::path::Path, registry: &Registry) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging() {
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .try_init();
 }
 
 /// Mint a token for `portico jwt`.

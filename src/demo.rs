@@ -232,13 +232,18 @@ Aggregation: one answer from v1 (/users/42) and v2 (/orders, using v1's answer: 
 XML to JSON: the upstream answers XML (first), the catalog route turns it into JSON
   $ curl -s '{g}/users/1?format=xml'
   $ curl -s -i '{g}/catalog/items?format=xml'
+A byte range cannot skip the transform: Range is not forwarded, the whole document is reshaped
+  $ curl -s -H 'range: bytes=0-9' '{g}/catalog/items?format=xml'
 Request body mediation: name -> fullName, debug removed, the trace id added (see "body")
   $ curl -s -H 'content-type: application/json' -d '{{"name":"ann","debug":true}}' {g}/intake
+A JSON body the rewrite cannot apply to is refused (400), never passed on unchanged
+  $ curl -s -i -H 'content-type: application/json; charset=latin1' -d '{{"name":NaN}}' {g}/intake
 Canary: 20% of /shop goes to v2 (the same x-user always to the same side; x-canary: 1 forces v2)
   $ curl -s -H 'x-user: alice' {g}/shop/cart
   $ curl -s -H 'x-canary: 1' {g}/shop/cart
-Canary guard: make v2 fail (it answers ?status=500); after 5 failures it is rolled back to 0%
-  $ curl -s -o /dev/null -w '%{{http_code}} ' -H 'x-canary: 1' '{g}/shop/cart?status=500&n=[1-6]'
+Canary guard: make v2 fail (it answers ?status=500) for carol, whom stickiness puts on the
+canary; after 5 failures it is rolled back to 0% (forced requests never count: anyone can send them)
+  $ curl -s -o /dev/null -w '%{{http_code}} ' -H 'x-user: carol' '{g}/shop/cart?status=500&n=[1-6]'
   $ curl -s {a}/canaries
   $ curl -s -X POST {a}/canaries/shop/reset
 Mirror: v1 answers /shadow, and v2 gets a copy of each request (its answer is discarded;

@@ -22,6 +22,7 @@ pub mod grpc;
 pub mod health;
 pub mod limiter;
 pub mod listen;
+pub mod logging;
 pub mod mediation;
 pub mod memory;
 pub mod metrics;

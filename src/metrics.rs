@@ -116,6 +116,14 @@ pub static REJECTED_CONNECTIONS: Lazy<IntCounterVec> = Lazy::new(|| {
     c
 });
 
+pub static TLS_PEER_WARNINGS: Lazy<IntCounter> = Lazy::new(|| {
+    register_int_counter!(
+        "portico_tls_peer_warnings_total",
+        "Warnings of the TLS library about what a peer sent (an IP address as SNI, a warning alert, an out-of-place message), logged at debug"
+    )
+    .expect("register portico_tls_peer_warnings_total")
+});
+
 /// Make every metric exist from the start (so dashboards see zeros, not gaps).
 pub fn init() {
     Lazy::force(&REQUESTS);
@@ -128,6 +136,7 @@ pub fn init() {
     Lazy::force(&CANARY_FAILURES);
     Lazy::force(&MIRROR_COPIES);
     Lazy::force(&PANICS);
+    Lazy::force(&TLS_PEER_WARNINGS);
     Lazy::force(&REJECTED_CONNECTIONS);
     crate::limiter::metrics::init();
     crate::plugins::aggregate::init_metrics();

@@ -12,6 +12,9 @@ use pingora::proxy::FailToProxy;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A response a body plugin ended (`Err(Abort)`).
+const PLUGIN_ABORT: ErrorType = ErrorType::Custom("plugin ended the response");
+
 pub struct Gateway {
     pub shared: Arc<Shared>,
 }
@@ -138,8 +141,18 @@ impl ProxyHttp for Gateway {
         }
         for entry in &ctx.chains().response_body {
             if let Err(abort) = entry.plugin.response_body(body, end_of_stream, &mut ctx.st) {
-                log::warn!("plugin {} ended the response: {}", entry.name, abort.0);
-                return Error::e_explain(InternalError, abort.0);
+                // A client can cause these (a transform that cannot reshape a body it asked
+                // for): the plugin counts them; a log line each would let it flood the log.
+                log::debug!("plugin {} ended the response: {}", entry.name, abort.0);
+                // Pingora writes a head together with the body pieces that came with it: when
+                // it has not gone out yet, the client gets the contract's error instead.
+                ctx.error_code = Some(crate::plugins::transform::FAILED_CODE);
+                ctx.pending_reply = Some(crate::plugin::Reply::error(
+                    502,
+                    crate::plugins::transform::FAILED_CODE,
+                    abort.0,
+                ));
+                return Error::e_explain(PLUGIN_ABORT, "a body plugin ended the response");
             }
         }
         Ok(None)
@@ -174,6 +187,8 @@ impl ProxyHttp for Gateway {
     /// or too slowly, was refused with a 4xx — is routine and in the access log; ERROR is kept
     /// for what an operator must act on (upstreams failing, Portico's own faults).
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
-        matches!(e.esource(), ErrorSource::Downstream) || matches!(e.etype(), HTTPStatus(code) if *code < 500)
+        matches!(e.esource(), ErrorSource::Downstream)
+            || matches!(e.etype(), HTTPStatus(code) if *code < 500)
+            || *e.etype() == PLUGIN_ABORT
     }
 }

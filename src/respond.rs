@@ -20,11 +20,24 @@ pub fn grpc_code(code: &str, http: u16) -> u32 {
     }
 }
 
-/// True when the request speaks gRPC (`content-type: application/grpc*`).
-pub fn is_grpc(req: &pingora::http::RequestHeader) -> bool {
-    req.headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+/// The content type of a gRPC-shaped answer to this request, or `None` when the request does
+/// not speak gRPC. Media types compare case-insensitively (RFC 9110 §8.3.1):
+/// `application/grpc` alone or followed by `+` (a codec: `+proto`, `+json`) or `;` is gRPC,
+/// answered `application/grpc`; `application/grpc-web…` (`-web`, `-web+proto`, `-web-text`) is
+/// gRPC-web, answered in the request's own type, the only one a gRPC-web client reads (its
+/// trailers-only answer carries `grpc-status` in the head all the same). `application/grpcx`
+/// is not gRPC.
+pub fn grpc_content_type(req: &pingora::http::RequestHeader) -> Option<String> {
+    let ct = req.headers.get(http::header::CONTENT_TYPE)?.to_str().ok()?;
+    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let rest = essence.strip_prefix("application/grpc")?;
+    // (A `;` ends the essence: `application/grpc; …` is `application/grpc` here.)
+    let codec_or_nothing = |s: &str| s.is_empty() || s.starts_with('+');
+    if codec_or_nothing(rest) {
+        return Some("application/grpc".to_string());
+    }
+    let web = rest.strip_prefix("-web")?;
+    (codec_or_nothing(web) || web.strip_prefix("-text").is_some_and(codec_or_nothing)).then_some(essence)
 }
 
 /// The JSON error body: `{"error", "message", "trace_id"}`.
@@ -32,30 +45,31 @@ pub fn error_json(code: &str, message: &str, trace_id: &str) -> Bytes {
     Bytes::from(serde_json::json!({ "error": code, "message": message, "trace_id": trace_id }).to_string())
 }
 
-/// The head and body of a reply, before response-phase plugins run on the head.
-pub fn render(reply: &Reply, st: &RequestState, grpc: bool) -> (ResponseHeader, Bytes) {
-    let (status, content_type, body, grpc) = match &reply.body {
-        ReplyBody::Error { code, message } if grpc => (
+/// The head and body of a reply, before response-phase plugins run on the head. `grpc`: the
+/// content type of a gRPC-shaped answer ([`grpc_content_type`]), for gRPC requests.
+pub fn render(reply: &Reply, st: &RequestState, grpc: Option<&str>) -> (ResponseHeader, Bytes) {
+    let (status, content_type, body, grpc_status) = match (&reply.body, grpc) {
+        (ReplyBody::Error { code, message }, Some(grpc)) => (
             200,
-            "application/grpc",
+            grpc,
             Bytes::new(),
             Some((grpc_code(code, reply.status), message.as_str())),
         ),
-        ReplyBody::Error { code, message } => (
+        (ReplyBody::Error { code, message }, None) => (
             reply.status,
             "application/json",
             error_json(code, message, &st.trace.request_id),
             None,
         ),
-        ReplyBody::Data { content_type, bytes } => (reply.status, *content_type, bytes.clone(), None),
-        ReplyBody::Empty => (reply.status, "", Bytes::new(), None),
+        (ReplyBody::Data { content_type, bytes }, _) => (reply.status, *content_type, bytes.clone(), None),
+        (ReplyBody::Empty, _) => (reply.status, "", Bytes::new(), None),
     };
     let mut head = ResponseHeader::build(status, Some(4 + reply.headers.len())).expect("valid status");
     if !content_type.is_empty() {
         let _ = head.insert_header(http::header::CONTENT_TYPE, content_type);
     }
     let _ = head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
-    if let Some((code, message)) = grpc {
+    if let Some((code, message)) = grpc_status {
         for (k, v) in &grpc_trailers(code, message) {
             let _ = head.insert_header(k.clone(), v.clone());
         }
@@ -109,7 +123,7 @@ mod tests {
     fn json_error_body() {
         let mut st = RequestState::new("127.0.0.1".parse().unwrap());
         st.trace.request_id = "abc".into();
-        let (head, body) = render(&Reply::error(404, "no_route", "no route \"x\""), &st, false);
+        let (head, body) = render(&Reply::error(404, "no_route", "no route \"x\""), &st, None);
         assert_eq!(head.status.as_u16(), 404);
         assert_eq!(head.headers["content-type"], "application/json");
         assert_eq!(head.headers["content-length"], body.len().to_string().as_str());
@@ -120,9 +134,61 @@ mod tests {
     }
 
     #[test]
+    fn which_requests_speak_grpc() {
+        let kind = |ct: &str| {
+            let mut req = pingora::http::RequestHeader::build("POST", b"/", None).unwrap();
+            req.insert_header("content-type", ct).unwrap();
+            grpc_content_type(&req)
+        };
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "Application/GRPC",
+            "APPLICATION/grpc+JSON",
+            "application/grpc; charset=utf-8",
+            "application/grpc ;x=1",
+        ] {
+            assert_eq!(kind(ct).as_deref(), Some("application/grpc"), "{ct}");
+        }
+        for (ct, answer) in [
+            ("application/grpc-web", "application/grpc-web"),
+            ("application/grpc-web+proto", "application/grpc-web+proto"),
+            ("Application/gRPC-Web-Text", "application/grpc-web-text"),
+            (
+                "application/grpc-web-text+proto; x=1",
+                "application/grpc-web-text+proto",
+            ),
+        ] {
+            assert_eq!(kind(ct).as_deref(), Some(answer), "{ct}");
+        }
+        for ct in [
+            "application/grpcx",
+            "application/grpc-",
+            "application/grpc-webx",
+            "application/grpc-web-textual",
+            "application/json",
+            "text/grpc",
+            "application/grp",
+        ] {
+            assert_eq!(kind(ct), None, "{ct}");
+        }
+        let (head, _) = render(
+            &Reply::error(401, "unauthorized", "no"),
+            &RequestState::new("127.0.0.1".parse().unwrap()),
+            kind("application/grpc-web-text").as_deref(),
+        );
+        assert_eq!(head.headers["content-type"], "application/grpc-web-text");
+        assert_eq!(head.headers["grpc-status"], "16");
+    }
+
+    #[test]
     fn grpc_error() {
         let st = RequestState::new("127.0.0.1".parse().unwrap());
-        let (head, body) = render(&Reply::error(403, "forbidden", "nope 100%"), &st, true);
+        let (head, body) = render(
+            &Reply::error(403, "forbidden", "nope 100%"),
+            &st,
+            Some("application/grpc"),
+        );
         assert_eq!(head.status.as_u16(), 200);
         assert_eq!(head.headers["grpc-status"], "7");
         assert_eq!(head.headers["grpc-message"], "nope 100%25");

@@ -81,6 +81,18 @@ pub fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
         })
 }
 
+/// How many times query parameter `name` appears (names compared percent-decoded).
+pub fn query_params(uri: &http::Uri, name: &str) -> usize {
+    uri.query().map_or(0, |q| {
+        q.split('&')
+            .filter(|kv| {
+                percent_encoding::percent_decode_str(kv.split_once('=').map_or(*kv, |(k, _)| k)).decode_utf8_lossy()
+                    == name
+            })
+            .count()
+    })
+}
+
 /// `uri` without query parameter `name` (every occurrence).
 pub fn without_query_param(uri: &http::Uri, name: &str) -> Option<http::Uri> {
     let q = uri.query()?;

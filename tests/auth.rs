@@ -389,12 +389,31 @@ fn bad_tokens_are_all_rejected() {
         ("missing exp", "/hs", with(json!({"exp": null}))),
         ("non-numeric exp", "/hs", with(json!({"exp": "9999999999"}))),
         (
-            "fractional exp",
+            "fractional exp beyond leeway",
             "/hs",
             with_raw_payload(&format!(
                 r#"{{"sub":"a","iss":"portico-test","aud":"api","exp":{}.5}}"#,
-                now() + 600
+                now() - 120
             )),
+        ),
+        (
+            "fractional nbf in the future",
+            "/hs",
+            with_raw_payload(&format!(
+                r#"{{"sub":"a","iss":"portico-test","aud":"api","exp":{},"nbf":{}.25}}"#,
+                now() + 600,
+                now() + 300
+            )),
+        ),
+        (
+            "fractional exp too large",
+            "/hs",
+            with_raw_payload(r#"{"sub":"a","iss":"portico-test","aud":"api","exp":1e300}"#),
+        ),
+        (
+            "negative fractional exp",
+            "/hs",
+            with_raw_payload(r#"{"sub":"a","iss":"portico-test","aud":"api","exp":-0.5}"#),
         ),
         ("negative exp", "/hs", with(json!({"exp": -1}))),
         ("non-numeric nbf", "/hs", with(json!({"nbf": "soon"}))),
@@ -473,6 +492,15 @@ fn bad_tokens_are_all_rejected() {
         assert_eq!(r.json()["error"], "invalid_token", "{what}");
     }
     assert_eq!(up.requests(), served, "no bad token reached the upstream");
+    // NumericDates with a fraction (RFC 7519 §2) are times like any other.
+    let fractional = with_raw_payload(&format!(
+        r#"{{"sub":"a","iss":"portico-test","aud":"api","exp":{}.5,"nbf":{}.25,"iat":{}.123}}"#,
+        now() + 600,
+        now() - 5,
+        now()
+    ));
+    let r = bearer(&gw, "/hs", &fractional);
+    assert_eq!(r.status, 200, "fractional exp, nbf, iat: {}", r.text());
 }
 
 #[test]
@@ -945,4 +973,111 @@ fn bad_plugin_configs_are_located() {
         let out = check(&plugins);
         assert!(out.contains(want), "expected `{want}` for {plugins}, got:\n{out}");
     }
+}
+
+/// Attack-d #3: a token in the query (or a cookie) is a credential: refused or not, it goes
+/// neither upstream nor into the access log — also when a plugin before jwt refused the request,
+/// or the edge refused its head.
+#[test]
+fn query_and_cookie_tokens_never_reach_the_log_or_the_upstream() {
+    let up = EchoServer::start("up").unwrap();
+    let jwt = |from: &str, extra: &str| {
+        format!("{{ algorithms: [HS256], secret: '{SECRET}', audience: api, from: '{from}'{extra} }}")
+    };
+    let gw = Gw::start(&format!(
+        "upstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n{}{}{}  - {{ name: walled, upstream: up, match: {{ path_prefix: /walled }}, plugins: [ {{ ip_filter: {{ allow: [10.0.0.0/8] }} }}, {{ jwt: {} }} ] }}\n",
+        up.addr,
+        jwt_route("q", &jwt("query:tok", "")),
+        jwt_route("qscope", &jwt("query:tok", ", scopes: [admin]")),
+        jwt_route("c", &jwt("cookie:session", ", scopes: [admin]")),
+        jwt("query:tok", ""),
+    ));
+    let good = sign(Algorithm::HS256, SECRET, &claims(json!({})), None);
+    let other_aud = sign(Algorithm::HS256, SECRET, &claims(json!({"aud": "elsewhere"})), None);
+    let mut cases = vec![
+        (
+            format!("/qscope/x?tok={good}&a=1"),
+            403,
+            "a valid token without the scope",
+        ),
+        (format!("/q/x?tok={other_aud}"), 401, "a token for another audience"),
+        (format!("/q/x?tok={good}&tok={good}"), 401, "two tokens"),
+        (format!("/q/x?t%6Fk={good}&tok=x"), 401, "an encoded name"),
+        (
+            format!("/walled/x?tok={good}"),
+            403,
+            "refused before jwt ran (ip_filter)",
+        ),
+    ];
+    for (i, (path, status, what)) in cases.drain(..).enumerate() {
+        let id = format!("tok-case-{i}");
+        let r = gw.send(Request::get(&path).header("x-request-id", id.clone()));
+        assert_eq!(r.status, status, "{what}: {}", r.text());
+        let line = wait_for("the access log line", Duration::from_secs(5), || {
+            gw.p.stdout_text().lines().find(|l| l.contains(&id)).map(str::to_string)
+        });
+        assert!(
+            !line.contains(&good[20..]) && !line.contains(&other_aud[20..]),
+            "{what}: {line}"
+        );
+    }
+    // Accepted: removed from the query the upstream gets.
+    let r = gw.get(&format!("/q/x?a=1&tok={good}"));
+    assert_eq!((r.status, echoed(&r)["query"].as_str()), (200, Some("a=1")));
+    // A cookie token is taken out of Cookie before deciding; the other cookies go on.
+    let r = gw.send(Request::get("/c/x").header("cookie", format!("a=1; session={good}; b=2")));
+    assert_eq!(r.status, 403);
+    // A head the edge refuses (two Host headers) is logged with the token redacted.
+    let out = portico::testing::raw(
+        &gw.addr,
+        format!("GET /q/x?tok={good} HTTP/1.1\r\nhost: a\r\nhost: b\r\nx-request-id: edge-tok\r\n\r\n").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"));
+    let line = wait_for("the edge's access log line", Duration::from_secs(5), || {
+        gw.p.stdout_text()
+            .lines()
+            .find(|l| l.contains("edge-tok"))
+            .map(str::to_string)
+    });
+    assert!(line.contains("/q/x?tok=REDACTED"), "{line}");
+    let all = gw.p.stdout_text() + &gw.p.stderr_text();
+    assert!(!all.contains(&good[20..]), "a token in the logs");
+    assert_eq!(metric(&gw.metrics(), "portico_panics_total", &[]), 0.0);
+}
+
+/// Attack-d #4: a token's `sub` (the consumer) cannot forge access-log lines: a newline, quotes
+/// and spaces in it are escaped as nginx escapes them, in the combined format.
+#[test]
+fn a_consumer_cannot_forge_combined_log_lines() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&format!(
+        "access_log: {{ format: combined }}\nupstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n{}",
+        up.addr,
+        jwt_route("hs", &format!("{{ algorithms: [HS256], secret: '{SECRET}' }}")),
+    ));
+    let sub = "mallory - [01/Jan/2026:00:00:00 +0000] \"GET /admin/delete-all HTTP/1.1\" 200 0 \"-\" \"forged\"\n6.6.6.6 - root";
+    let token = sign(Algorithm::HS256, SECRET, &json!({"sub": sub, "exp": now() + 600}), None);
+    let r = gw.send(
+        Request::get("/hs/combined")
+            .header("authorization", format!("Bearer {token}"))
+            .header("x-request-id", "forge-1"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let line = wait_for("the access log line", Duration::from_secs(5), || {
+        gw.p.stdout_text()
+            .lines()
+            .find(|l| l.contains("forge-1"))
+            .map(str::to_string)
+    });
+    let out = gw.p.stdout_text();
+    assert!(
+        !out.lines()
+            .any(|l| l.starts_with("6.6.6.6") || l.contains("/admin/delete-all HTTP/1.1\" 200")),
+        "{out}"
+    );
+    assert!(line.starts_with("127.0.0.1 - mallory\\x20-\\x20[01/Jan/2026"), "{line}");
+    assert!(line.contains("\\x0A6.6.6.6\\x20-\\x20root ["), "{line}");
+    assert!(line.contains("\"GET /hs/combined HTTP/1.1\" 200 "), "{line}");
 }

@@ -386,3 +386,56 @@ fn canary_config_errors() {
         "{text}"
     );
 }
+
+/// Attack-d #5: `force_header` is open to every client, so forced requests never feed the
+/// guard — anonymous clients can neither roll a canary back for everyone nor hide its failures.
+#[test]
+fn forced_requests_do_not_feed_the_guard() {
+    let v1 = EchoServer::start("v1").unwrap();
+    let v2 = EchoServer::start("v2").unwrap();
+    let gw = Gw::start(&format!(
+        r#"upstreams:
+  v1: {{ endpoints: ["{}"] }}
+  v2: {{ endpoints: ["{}"] }}
+routes:
+  - name: shop
+    match: {{ path_prefix: /shop }}
+    upstream: v1
+    plugins:
+      - canary: {{ upstream: v2, percent: 100, force_header: x-canary, guard: {{ max_error_rate: 0.5, min_requests: 5, window: 60s }} }}
+"#,
+        v1.addr, v2.addr
+    ));
+    let mut c = KeepAlive::new(&gw.addr);
+    // The report's roll-back: forced requests to a URL the new version answers with a 500.
+    for _ in 0..20 {
+        assert_eq!(c.get("/shop/cart?status=500", &[("x-canary", "1")]).status, 500);
+    }
+    // The log hook runs once the answer is out: wait for it to have counted them all.
+    let e = wait_for("20 forced failures counted", Duration::from_secs(10), || {
+        let e = entry(&gw, "shop");
+        (e["failures"]["canary"] == 20).then_some(e)
+    });
+    assert_eq!(e["rolled_back"], false, "{e}");
+    assert_eq!(e["effective_percent"], 100.0);
+    assert_eq!(e["guard"]["window_requests"], 0, "counted in the metrics, not guarded");
+    // Forced successes do not dilute real failures either: 4 real failures are not enough
+    // (min_requests 5), the 5th rolls it back.
+    for _ in 0..50 {
+        assert_eq!(c.get("/shop/cart", &[("x-canary", "true")]).status, 200);
+    }
+    for _ in 0..4 {
+        assert_eq!(c.get("/shop/cart?status=500", &[]).status, 500);
+    }
+    let e = wait_for("4 real failures in the window", Duration::from_secs(10), || {
+        let e = entry(&gw, "shop");
+        (e["guard"]["window_requests"] == 4).then_some(e)
+    });
+    assert_eq!(e["rolled_back"], false, "{e}");
+    assert_eq!(c.get("/shop/cart?status=500", &[]).status, 500);
+    wait_for("the rollback", Duration::from_secs(10), || {
+        (entry(&gw, "shop")["rolled_back"] == true).then_some(())
+    });
+    assert_eq!(entry(&gw, "shop")["guard"]["rollback"]["requests"], 5);
+    assert_eq!(metric(&gw.metrics(), "portico_panics_total", &[]), 0.0);
+}

@@ -158,6 +158,9 @@ fn demo_answers_the_commands_it_prints() {
     assert_eq!(dash["orders"]["query"], "user=42&seen_by=v1");
     assert!(dash["user"].get("headers").is_none());
     assert!(run("/users/1?format=xml").starts_with("<?xml"));
+    let ranged: serde_json::Value = serde_json::from_str(&run("range: bytes")).unwrap();
+    assert_eq!(ranged["data"]["echo"]["service"], "v2", "{ranged}");
+    assert!(run("NaN").contains("\"error\":\"bad_request\""));
     let catalog = run("/catalog/items");
     assert!(
         catalog.to_ascii_lowercase().contains("content-type: application/json"),

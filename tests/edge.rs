@@ -241,6 +241,7 @@ fn framing_vectors() {
         ("NUL in a header", "GET /a HTTP/1.1\r\nHost: x\0y\r\n\r\n".into(), 400, 0),
         ("obs-fold", "GET /a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n X-B: 2\r\n\r\n".into(), 400, 0),
         ("space in the request target", "GET /a b HTTP/1.1\r\nHost: x\r\n\r\n".into(), 400, 0),
+        ("a quote in the request target's query", "GET /a?x=\"b HTTP/1.1\r\nHost: x\r\n\r\n".into(), 400, 0),
         ("HTTP/2.0 request line over HTTP/1", "GET /a HTTP/2.0\r\nHost: x\r\n\r\n".into(), 400, 0),
         ("two Host headers", "GET /a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n".into(), 400, 0),
         ("HTTP/1.1 without Host", "GET /a HTTP/1.1\r\n\r\n".into(), 400, 0),
@@ -301,14 +302,22 @@ fn edge_refusals_are_in_the_access_log_in_its_format() {
     );
     let (status, _) = status_of(&gw.addr, big.as_bytes());
     assert_eq!(status, 431);
-    let lines = wait_for("both refusals in the access log", Duration::from_secs(10), || {
+    // A target Pingora's URI parser refuses (a `"`): 400, the JSON error with its trace id.
+    let (status, text) = status_of(
+        &gw.addr,
+        b"GET /evil/x?a=\"b HTTP/1.1\r\nHost: a\r\nX-Request-Id: quote-789\r\n\r\n",
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("\"trace_id\":\"quote-789\""), "{text}");
+    assert!(!text.contains("Pingora"), "{text}");
+    let lines = wait_for("the refusals in the access log", Duration::from_secs(10), || {
         let out = gw.p.stdout_text();
         let found: Vec<String> = out
             .lines()
-            .filter(|l| l.contains("slow-123") || l.contains("big-456"))
+            .filter(|l| l.contains("slow-123") || l.contains("big-456") || l.contains("quote-789"))
             .map(str::to_string)
             .collect();
-        (found.len() == 2).then_some(found)
+        (found.len() == 3).then_some(found)
     });
     let slow = lines.iter().find(|l| l.contains("slow-123")).unwrap();
     assert!(slow.contains("\"GET /slow?x=1 HTTP/1.1\" 408 "), "{slow}");
@@ -320,4 +329,7 @@ fn edge_refusals_are_in_the_access_log_in_its_format() {
     let big = lines.iter().find(|l| l.contains("big-456")).unwrap();
     assert!(big.contains("\"POST /big HTTP/1.1\" 431 "), "{big}");
     assert!(big.contains("route=none"), "{big}");
+    let quote = lines.iter().find(|l| l.contains("quote-789")).unwrap();
+    assert!(quote.contains("\"GET /evil/x?a=") && quote.contains(" 400 "), "{quote}");
+    assert!(quote.contains("route=none"), "{quote}");
 }

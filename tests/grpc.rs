@@ -2,8 +2,9 @@
 //! over the `h2` crate): unary and bidirectional streaming on h2c→h2c, TLS h2→h2c and TLS
 //! h2→TLS h2 with trailers intact; an upstream `grpc-status` passes through unchanged; Portico's
 //! own failures are gRPC statuses (missing JWT → 16, rate-limited → 8, upstream down → 14, no
-//! route → 12, grpc-timeout → 4); a stream idle longer than the upstream's read timeout (and
-//! than `body_timeout`) survives on a route with its own `timeouts.read`, and not without.
+//! route → 12, grpc-timeout → 4), chosen by the request's media type (gRPC-web answered in its
+//! own type); a stream idle longer than the upstream's read timeout (and than `body_timeout`)
+//! survives on a route with its own `timeouts.read`, and not without.
 
 mod common;
 use common::grpc::*;
@@ -241,6 +242,52 @@ fn statuses_pass_through_and_gateway_failures_are_grpc_statuses() {
         let r = call("Unary", "none", Some(("grpc-timeout", "5S".into()))).await;
         assert_eq!(r.grpc_status, Some(0));
         assert_eq!(r.head["x-seen-grpc-timeout"], "5S", "the upstream sees the deadline");
+    });
+}
+
+/// Which requests get gRPC-shaped errors: the content type decides, compared as a media type
+/// (case-insensitive, `+codec` and parameters allowed), and gRPC-web gets its own type back.
+#[test]
+fn grpc_errors_follow_the_media_type_of_the_request() {
+    let s = setup();
+    rt().block_on(async {
+        let c = s.over_h2c().await;
+        let refused = |ct: &'static str| {
+            let c = c.clone();
+            async move {
+                let req = http::Request::post("http://gw.test/test.Echo/Unary")
+                    .header("content-type", ct)
+                    .header("te", "trailers")
+                    .header("x-target", "jwt")
+                    .body(())
+                    .unwrap();
+                let (resp, _) = c.ready().await.unwrap().send_request(req, true).unwrap();
+                let resp = resp.await.unwrap();
+                let head = resp.headers().clone();
+                let text = |n: &str| head.get(n).map(|v| v.to_str().unwrap().to_string());
+                (resp.status().as_u16(), text("content-type"), text("grpc-status"))
+            }
+        };
+        let grpc = |ct: &str| (200, Some(ct.to_string()), Some("16".to_string()));
+        for (ct, answer) in [
+            ("application/grpc", "application/grpc"),
+            ("application/grpc+proto", "application/grpc"),
+            ("Application/GRPC", "application/grpc"),
+            ("application/grpc; charset=utf-8", "application/grpc"),
+            ("application/grpc-web", "application/grpc-web"),
+            ("application/grpc-web+proto", "application/grpc-web+proto"),
+            ("application/grpc-web-text", "application/grpc-web-text"),
+        ] {
+            assert_eq!(refused(ct).await, grpc(answer), "{ct}");
+        }
+        for ct in ["application/grpcx", "application/grpc-webby", "application/json"] {
+            let (status, content_type, grpc_status) = refused(ct).await;
+            assert_eq!(
+                (status, content_type.as_deref(), grpc_status),
+                (401, Some("application/json"), None),
+                "{ct}"
+            );
+        }
     });
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 /// What a scripted upstream answers: head fields and a body, with a content-length or chunked.
 struct Answer {
+    status: u16,
     content_type: &'static str,
     headers: Vec<(&'static str, String)>,
     body: Vec<u8>,
@@ -22,6 +23,7 @@ struct Answer {
 
 fn answer(content_type: &'static str, body: impl Into<Vec<u8>>) -> Answer {
     Answer {
+        status: 200,
         content_type,
         headers: Vec::new(),
         body: body.into(),
@@ -39,7 +41,7 @@ impl Answer {
         self
     }
     fn bytes(&self) -> Vec<u8> {
-        let mut head = format!("HTTP/1.1 200 OK\r\ncontent-type: {}\r\n", self.content_type);
+        let mut head = format!("HTTP/1.1 {} X\r\ncontent-type: {}\r\n", self.status, self.content_type);
         for (k, v) in &self.headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -64,6 +66,11 @@ impl Answer {
 
 /// An HTTP/1.1 upstream on a free port that answers each request by its path (keep-alive).
 fn scripted(route: impl Fn(&str) -> Answer + Send + Sync + 'static) -> SocketAddr {
+    scripted_heads(move |head| route(head.split_whitespace().nth(1).unwrap_or("/")))
+}
+
+/// As [`scripted`], answering by the whole request head (lower-case header names kept as sent).
+fn scripted_heads(route: impl Fn(&str) -> Answer + Send + Sync + 'static) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let route = Arc::new(route);
@@ -90,7 +97,6 @@ fn serve(mut s: TcpStream, route: &dyn Fn(&str) -> Answer) {
             }
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
         let len: usize = head
             .lines()
             .filter_map(|l| l.split_once(':'))
@@ -105,7 +111,7 @@ fn serve(mut s: TcpStream, route: &dyn Fn(&str) -> Answer) {
         }
         buf.drain(..end + len);
         let head_only = head.starts_with("HEAD ");
-        let mut bytes = route(&path).bytes();
+        let mut bytes = route(&head).bytes();
         if head_only {
             let cut = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
             bytes.truncate(cut);
@@ -294,13 +300,14 @@ fn xml_becomes_json_with_correct_framing() {
 #[test]
 fn large_gzip_and_malformed_bodies() {
     let script = scripted(content);
-    let body = format!(
+    let body =
+        format!(
         "upstreams:\n  script: {{ endpoints: [{script}] }}\nroutes:\n{}{}",
         route(
             "m",
-            "{ max_body: 1MiB, response: { xml_to_json: true, remove: [user.age], wrap: d } }"
+            "{ max_body: 1MiB, on_error: passthrough, response: { xml_to_json: true, remove: [user.age], wrap: d } }"
         ),
-        route("small", "{ response: { wrap: d, max_body: 100 } }"),
+        route("small", "{ response: { wrap: d, max_body: 100, on_error: passthrough } }"),
     );
     let gw = Gw::start(&body);
     let big = big_json();
@@ -404,7 +411,7 @@ fn transforms_over_h2c() {
     let body = format!(
         "upstreams:\n  script: {{ endpoints: [{script}] }}\n  rec: {{ endpoints: [{}] }}\nroutes:\n{}  - name: up\n    match: {{ path_prefix: /up }}\n    upstream: rec\n    plugins:\n      - transform: {{ request: {{ rename: {{ a: b }} }} }}\n",
         rec.addr,
-        route("x", "{ response: { xml_to_json: true, select: ['soap:Envelope.soap:Body.order.total'] } }"),
+        route("x", "{ on_error: passthrough, response: { xml_to_json: true, select: ['soap:Envelope.soap:Body.order.total'] } }"),
     );
     let gw = Gw::start_h2c(&body);
     let addr = gw.addr.clone();
@@ -506,9 +513,17 @@ routes:
     send(chunked(small_text.as_bytes(), 7), true);
     send(large_text.clone().into_bytes(), false);
     send(chunked(large_text.as_bytes(), 10_000), true);
-    send(b"{\"customer_id\": 5, ".to_vec(), false);
+    // Malformed: refused (on_error: fail, the default), the upstream never sees it.
+    let r = gw.send(
+        Request::new("POST", "/orders")
+            .header("x-api-key", "k-1")
+            .header("content-type", "application/json")
+            .body(b"{\"customer_id\": 5, ".to_vec()),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"], "bad_request");
     let seen = rec.requests();
-    assert_eq!(seen.len(), 5);
+    assert_eq!(seen.len(), 4);
     for (i, s) in seen.iter().enumerate().take(2) {
         assert!(!s.chunked, "#{i}");
         assert_eq!(
@@ -530,9 +545,6 @@ routes:
         assert_eq!(v["items"].as_array().unwrap().len(), 2000);
         assert_eq!(v["items"][1999], json!({"sku": "s1999", "quantity": 1999}));
     }
-    // Malformed: as sent.
-    assert_eq!(seen[4].body, b"{\"customer_id\": 5, ");
-    assert_eq!(seen[4].header("content-length"), Some("19"));
     assert!(rec.garbage().is_empty());
     let m = gw.metrics();
     assert_eq!(
@@ -542,7 +554,7 @@ routes:
     assert_eq!(
         metric(
             &m,
-            "portico_transform_passthrough_total",
+            "portico_transform_refused_total",
             &[("direction", "request"), ("reason", "invalid")]
         ),
         1.0
@@ -590,4 +602,395 @@ fn bad_transforms_are_located_config_errors() {
         assert_eq!(out.status.code(), Some(1), "{block}: {text}");
         assert!(text.contains(want), "want {want}\ngot {text}");
     }
+}
+
+/// The report's leak, answered the way real upstreams answer what a client asks for: a byte
+/// range (206, like nginx) when the request has `Range`, deflate or gzip when offered (like a
+/// compression middleware), as long a page as `?n=` asks; `/stubborn` sends br whatever was
+/// asked. Every head it saw is kept.
+fn obliging_upstream(seen: Arc<std::sync::Mutex<Vec<String>>>) -> SocketAddr {
+    scripted_heads(move |head| {
+        seen.lock().unwrap().push(head.to_string());
+        let lower = head.to_ascii_lowercase();
+        let target = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let n: usize = target.split("n=").nth(1).and_then(|v| v.parse().ok()).unwrap_or(2);
+        let doc = format!(
+            r#"{{"secret":"s3cr3t","internal":{{"db":"pg://admin:pw@10.0.0.5"}},"items":[{}]}}"#,
+            vec!["1"; n].join(",")
+        );
+        let asked = |h: &str| lower.lines().find_map(|l| l.strip_prefix(h)).unwrap_or("").to_string();
+        let mut a = match target.split('?').next().unwrap_or("") {
+            "/stubborn" => {
+                return answer("application/json", b"\x8b\x05\x80not-really-br".to_vec())
+                    .header("content-encoding", "br")
+            }
+            "/malformed" => return answer("application/json", r#"{"secret":"s3cr3t","#).chunked(),
+            "/numbers" => {
+                return answer(
+                    "application/json",
+                    r#"{"z":1,"id":18446744073709551616,"secret":0,"big":12345678901234567890123,"neg":-9223372036854775809,"f":1.50,"a":1E400}"#,
+                )
+            }
+            _ => answer("application/json", doc.clone()),
+        };
+        if target.starts_with("/chunked") {
+            a = a.chunked();
+        }
+        if !asked("range:").is_empty() {
+            a.status = 206;
+            a = a.header("content-range", &format!("bytes 0-{}/{}", doc.len() - 1, doc.len()));
+        }
+        let ae = asked("accept-encoding:");
+        if ae.contains("deflate") {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(doc.as_bytes()).unwrap();
+            a.body = e.finish().unwrap();
+            a = a.header("content-encoding", "deflate");
+        } else if ae.contains("gzip") {
+            a.body = gzip(doc.as_bytes());
+            a = a.header("content-encoding", "gzip");
+        }
+        a
+    })
+}
+
+/// Attack-d #1: the client cannot make `remove` skip a field, whatever it sends: Range, an
+/// Accept-Encoding the transform cannot decode, a page over `max_body`, an upgrade.
+#[test]
+fn a_client_cannot_get_the_removed_fields() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let up = obliging_upstream(seen.clone());
+    let body = format!(
+        "upstreams:\n  up: {{ endpoints: [{up}] }}\nroutes:\n{}{}",
+        route("leak", "{ max_body: 4KiB, response: { remove: [secret, internal] } }"),
+        route(
+            "lax",
+            "{ max_body: 4KiB, on_error: passthrough, response: { remove: [secret, internal] } }"
+        ),
+    )
+    .replace("upstream: script", "upstream: up");
+    let gw = Gw::start_h2c(&body);
+    let last_seen = || {
+        seen.lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    };
+    let clean = json!({"items": [1, 1]});
+    let mut conn = connect(&gw.addr, None).unwrap();
+    let mut get = |path: &str, headers: &[(&str, &str)]| {
+        let mut head = format!("GET {path} HTTP/1.1\r\nhost: gw.test\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        conn.write_all(format!("{head}\r\n").as_bytes()).unwrap();
+        read_response(&mut conn, false).unwrap()
+    };
+    let r = get("/leak/page", &[]);
+    assert_eq!((r.status, r.json()), (200, clean.clone()));
+    // Range: not forwarded; the whole document, transformed.
+    let r = get("/leak/page", &[("range", "bytes=0-"), ("if-range", "\"v1\"")]);
+    assert_eq!((r.status, r.json()), (200, clean.clone()), "{}", r.text());
+    assert!(!last_seen().contains("range"), "{}", last_seen());
+    // Encodings: the upstream is asked only for what a transform decodes.
+    let r = get("/leak/page", &[("accept-encoding", "deflate")]);
+    assert_eq!((r.status, r.json()), (200, clean.clone()), "{}", r.text());
+    assert!(last_seen().contains("accept-encoding: identity"), "{}", last_seen());
+    for ae in ["br", "zstd", "deflate, br, zstd;q=0.5"] {
+        let r = get("/leak/page", &[("accept-encoding", ae)]);
+        assert_eq!((r.status, r.json()), (200, clean.clone()), "{ae}");
+    }
+    let r = get("/leak/chunked", &[("accept-encoding", "deflate, gzip")]);
+    assert_eq!((r.status, r.json()), (200, clean.clone()), "{}", r.text());
+    assert_eq!(r.header("content-encoding"), None);
+    assert!(last_seen().contains("accept-encoding: gzip"), "{}", last_seen());
+    // A page over max_body with a declared length: the 502, on a connection that stays usable.
+    let r = get("/leak/page?n=3000", &[("x-request-id", "big-page")]);
+    assert_eq!(r.status, 502, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        (v["error"].as_str(), v["trace_id"].as_str()),
+        (Some("transform_failed"), Some("big-page"))
+    );
+    assert!(!r.text().contains("s3cr3t"));
+    // An upstream that sends br whatever it is asked: the 502 too.
+    let r = get("/leak/stubborn", &[]);
+    assert_eq!((r.status, r.json()["error"].as_str()), (502, Some("transform_failed")));
+    // An upgrade is not offered upstream: no tunnel past the transform.
+    let r = get(
+        "/leak/page",
+        &[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+    );
+    assert_eq!((r.status, r.json()), (200, clean.clone()));
+    assert!(!last_seen().contains("upgrade"), "{}", last_seen());
+    // Numbers and key order pass as written (attack-d #6).
+    let r = get("/leak/numbers", &[]);
+    assert_eq!(
+        r.text(),
+        r#"{"z":1,"id":18446744073709551616,"big":12345678901234567890123,"neg":-9223372036854775809,"f":1.50,"a":1e+400}"#
+    );
+    // Found out at the body (a chunked page over max_body, malformed JSON): when the head had
+    // not gone out yet, the 502; else cut (below). Never a byte of the body.
+    for path in ["/leak/chunked?n=3000", "/leak/malformed"] {
+        let bytes = raw(
+            &gw.addr,
+            format!("GET {path} HTTP/1.1\r\nhost: gw.test\r\n\r\n").as_bytes(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        refused_or_cut(path, &bytes);
+    }
+    // With on_error: passthrough the page goes through whole, as documented.
+    let r = gw.get("/lax/page?n=3000");
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("s3cr3t"));
+    let m = gw.metrics();
+    let refused = |reason: &str| {
+        metric(
+            &m,
+            "portico_transform_refused_total",
+            &[("route", "leak"), ("direction", "response"), ("reason", reason)],
+        )
+    };
+    assert_eq!(refused("too_large"), 2.0);
+    assert_eq!(refused("encoded"), 1.0);
+    assert_eq!(refused("invalid"), 1.0);
+    assert_eq!(metric(&m, "portico_panics_total", &[]), 0.0);
+}
+
+/// What a client got for an answer the transform refused: the 502 `transform_failed`, or (the
+/// head already sent) a 200 whose chunked body never ends. Never a byte of the upstream's body.
+fn refused_or_cut(what: &str, bytes: &[u8]) {
+    let text = String::from_utf8_lossy(bytes).to_string();
+    assert!(!text.contains("s3cr3t") && !text.contains("pg://"), "{what}: {text}");
+    if text.starts_with("HTTP/1.1 502") {
+        let r = read_response(&mut std::io::Cursor::new(bytes.to_vec()), false).unwrap();
+        assert_eq!(r.json()["error"], "transform_failed", "{what}");
+        return;
+    }
+    assert!(text.starts_with("HTTP/1.1 200"), "{what}: {text}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "{what}: a cut body must not look complete: {text}"
+    );
+    assert!(
+        read_response(&mut std::io::Cursor::new(bytes.to_vec()), false).is_err(),
+        "{what}"
+    );
+}
+
+/// An upstream that sends its (chunked) head and the start of a document, then waits for the
+/// test to say go before it sends the rest: `/big` (past any max_body) or `/bad` (malformed).
+fn gated_upstream() -> (SocketAddr, std::sync::mpsc::Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&buf).to_string();
+            let first = r#"{"secret":"s3cr3t","items":["#;
+            let _ = s.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n",
+                    first.len()
+                )
+                .as_bytes(),
+            );
+            let _ = s.flush();
+            if rx.recv().is_err() {
+                return;
+            }
+            let rest = if head.contains("/big") {
+                format!("{}1]}}", "1,".repeat(5000))
+            } else {
+                "1,}".to_string()
+            };
+            let _ = s.write_all(format!("{:x}\r\n{rest}\r\n0\r\n\r\n", rest.len()).as_bytes());
+        }
+    });
+    (addr, tx)
+}
+
+/// Attack-d #1, after the head: a body found untransformable once its head went out is cut —
+/// nothing of it is sent and the response never looks complete (HTTP/1.1 and HTTP/2).
+#[test]
+fn an_answer_found_untransformable_after_its_head_is_cut() {
+    let (up, go) = gated_upstream();
+    let body = format!(
+        "upstreams:\n  up: {{ endpoints: [{up}] }}\nroutes:\n{}",
+        route("leak", "{ max_body: 4KiB, response: { remove: [secret] } }"),
+    )
+    .replace("upstream: script", "upstream: up");
+    let gw = Gw::start_h2c(&body);
+    for path in ["/leak/big", "/leak/bad"] {
+        let mut conn = connect(&gw.addr, None).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        write!(conn, "GET {path} HTTP/1.1\r\nhost: gw.test\r\n\r\n").unwrap();
+        // The head arrives while the upstream still holds the rest back.
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed before the head");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        go.send(()).unwrap();
+        loop {
+            match conn.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+        assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+        refused_or_cut(path, &got);
+    }
+    // HTTP/2: the stream ends in an error, never as a complete-looking empty answer.
+    let addr = gw.addr.clone();
+    runtime().block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::get("http://gw.test/leak/big").body(()).unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        go.send(()).unwrap();
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        let mut failed = false;
+        while let Some(d) = body.data().await {
+            match d {
+                Ok(d) => got.extend_from_slice(&d),
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        assert!(
+            failed,
+            "the stream must end in an error, got {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        assert!(!String::from_utf8_lossy(&got).contains("s3cr3t"));
+    });
+    let m = gw.metrics();
+    assert_eq!(metric(&m, "portico_transform_cut_total", &[("route", "leak")]), 3.0);
+    assert_eq!(metric(&m, "portico_panics_total", &[]), 0.0);
+}
+
+/// Attack-d #2: a request rewrite is not a suggestion the client may decline. Every spelling
+/// of JSON is rewritten; what cannot be is refused, and the upstream never sees it.
+#[test]
+fn request_rewrites_cannot_be_declined() {
+    let rec = RecordingUpstream::start();
+    let body = format!(
+        r#"consumers:
+  - {{ name: app, api_keys: ["k-1"] }}
+upstreams:
+  rec: {{ endpoints: [{}] }}
+routes:
+  - name: app
+    match: {{ path_prefix: /app }}
+    upstream: rec
+    plugins:
+      - api_key: {{}}
+      - transform: {{ max_body: 100KiB, request: {{ remove: [role], set: {{ meta.by: "${{consumer}}" }} }} }}
+"#,
+        rec.addr
+    );
+    let gw = Gw::start(&body);
+    let post = |ct: &str, extra: &[(&str, &str)], body: Vec<u8>| {
+        let mut r = Request::new("POST", "/app/x")
+            .header("x-api-key", "k-1")
+            .header("content-type", ct.to_string())
+            .header("x-request-id", "rq-1");
+        for (k, v) in extra {
+            r = r.header(k, v.to_string());
+        }
+        gw.send(r.body(body))
+    };
+    let forged = br#"{"role":"admin","meta":{"by":"someone-else"}}"#.to_vec();
+    for ct in [
+        "application/json",
+        "application/json; charset=latin1",
+        "application/json;charset=UTF-8",
+        "application/json; charset=\"utf-8\"",
+        "APPLICATION/JSON ; charset=utf-8",
+        "application/merge-patch+json",
+    ] {
+        let r = post(ct, &[], forged.clone());
+        assert_eq!(r.status, 200, "{ct}: {}", r.text());
+    }
+    let bom = [b"\xEF\xBB\xBF".as_slice(), &forged].concat();
+    assert_eq!(post("application/json", &[], bom).status, 200);
+    let r = post(
+        "application/json",
+        &[],
+        br#"{"id":12345678901234567890123,"role":"x","x":1e400}"#.to_vec(),
+    );
+    assert_eq!(r.status, 200);
+    let refused = [
+        br#"{"role":"admin","meta":{"by":"someone-else"},"x":NaN}"#.to_vec(),
+        br#"{"role":"admin","meta":{"by":"someone-else"},"x":"\ud800"}"#.to_vec(),
+        b"{\"role\":\"adm\xE9n\",\"meta\":{\"by\":\"someone-else\"}}".to_vec(),
+        // Over the 64 KiB read whole: refused at its end, streamed.
+        format!(r#"{{"role":"admin","pad":"{}","#, "x".repeat(90_000)).into_bytes(),
+    ];
+    for b in refused {
+        let r = post("application/json", &[], b);
+        assert_eq!(r.status, 400, "{}", r.text());
+        let v = r.json();
+        assert_eq!(
+            (v["error"].as_str(), v["trace_id"].as_str()),
+            (Some("bad_request"), Some("rq-1"))
+        );
+    }
+    let r = post("application/json", &[("content-encoding", "gzip")], gzip(&forged));
+    assert_eq!(r.status, 400);
+    let big = format!(r#"{{"role":"admin","pad":"{}"}}"#, "x".repeat(150_000)).into_bytes();
+    let r = post("application/json", &[], big.clone());
+    assert_eq!((r.status, r.json()["error"].as_str()), (413, Some("payload_too_large")));
+    let r = post(
+        "application/json",
+        &[("transfer-encoding", "chunked")],
+        chunked(&big, 20_000),
+    );
+    assert_eq!((r.status, r.json()["error"].as_str()), (413, Some("payload_too_large")));
+    // Not JSON: not a body a JSON transform rewrites; it goes on as sent (documented).
+    assert_eq!(post("text/plain", &[], b"role=admin".to_vec()).status, 200);
+    let seen = rec.requests();
+    let bodies: Vec<String> = seen
+        .iter()
+        .map(|s| String::from_utf8_lossy(&s.body).to_string())
+        .collect();
+    assert_eq!(bodies.len(), 9, "{bodies:?}");
+    for b in &bodies[..7] {
+        assert_eq!(b, r#"{"meta":{"by":"app"}}"#);
+    }
+    assert_eq!(
+        bodies[7],
+        r#"{"id":12345678901234567890123,"x":1e+400,"meta":{"by":"app"}}"#
+    );
+    assert_eq!(bodies[8], "role=admin");
+    assert!(rec.garbage().is_empty());
+    assert_eq!(metric(&gw.metrics(), "portico_panics_total", &[]), 0.0);
 }

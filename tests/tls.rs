@@ -1,8 +1,9 @@
 //! Acceptance [10/12] #13, downstream TLS: the certificate per SNI name, h2 by ALPN, h2c on a
 //! plain port beside HTTP/1.1, a certificate swapped by SIGHUP served to new connections, mTLS
 //! identities (pass, 403, refused; a new CA by reload), nothing below TLS 1.2 and no weak
-//! cipher (`sslscan`, `openssl s_client`), and handshakes that never finish closed at
-//! `header_timeout` while normal HTTPS clients are served. Certificates are made here (rcgen).
+//! cipher (`sslscan`, `openssl s_client`), handshakes that never finish closed at
+//! `header_timeout` while normal HTTPS clients are served, and the TLS library's warnings about
+//! what a client sent kept out of the error log (counted instead). Certificates are made here (rcgen).
 
 mod common;
 use common::grpc::*;
@@ -223,12 +224,15 @@ fn mtls_identities_pass_are_refused_and_follow_a_new_ca() {
     let rogue = rogue_ca.client(None, &["spiffe://mesh/orders"]);
     let config = tls::client(&m.ca, Some((&rogue, &rogue_ca)), &["http/1.1"]);
     assert!(tls::send(&https, "gw.mesh", config, &Request::get("/open")).is_err());
-    let refused = metric(
-        &gw.metrics(),
-        "portico_rejected_connections_total",
-        &[("reason", "tls_handshake")],
-    );
-    assert!(refused >= 2.0, "refused handshakes are counted: {refused}");
+    // The client may see the alert before the gateway has counted the handshake: poll.
+    wait_for("both refused handshakes counted", Duration::from_secs(10), || {
+        let refused = metric(
+            &gw.metrics(),
+            "portico_rejected_connections_total",
+            &[("reason", "tls_handshake")],
+        );
+        (refused >= 2.0).then_some(())
+    });
 
     // One client config (so its TLS session may resume) before and after a reload that
     // replaces the CA: the old certificate no longer gets in, resumed session or not.
@@ -411,6 +415,67 @@ fn handshakes_that_never_finish_are_closed_at_header_timeout() {
     assert!(timed_out >= 300.0, "{timed_out}");
     // And the listener still serves.
     let r = tls::send(&https, "gw.test", client, &Request::get("/after")).unwrap();
+    assert_eq!(r.status, 200);
+}
+
+/// A ClientHello (TLS 1.2 form, one cipher suite) whose SNI `host_name` is `name`.
+fn client_hello_with_sni(name: &[u8]) -> Vec<u8> {
+    let u16be = |n: usize| (n as u16).to_be_bytes();
+    let mut entry = vec![0u8]; // name_type host_name
+    entry.extend(u16be(name.len()));
+    entry.extend(name);
+    let mut list = u16be(entry.len()).to_vec();
+    list.extend(entry);
+    let mut ext = vec![0, 0]; // server_name
+    ext.extend(u16be(list.len()));
+    ext.extend(list);
+    let mut body = vec![3, 3];
+    body.extend([7u8; 32]); // random
+    body.push(0); // no session id
+    body.extend([0, 2, 0x13, 0x01, 1, 0]); // TLS_AES_128_GCM_SHA256; null compression
+    body.extend(u16be(ext.len()));
+    body.extend(ext);
+    let mut hs = vec![1u8]; // client_hello
+    hs.extend(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend(body);
+    let mut record = vec![0x16, 3, 1];
+    record.extend(u16be(hs.len()));
+    record.extend(hs);
+    record
+}
+
+#[test]
+fn what_a_client_sends_in_a_handshake_does_not_fill_the_error_log() {
+    let ca = TestCa::new("Test CA");
+    let dir = TempDir::new("tls-noise");
+    let echo = EchoServer::start("e").unwrap();
+    let gw = Gw::start_listeners(
+        &sni_listeners(&dir, &ca, &["gw.test"]),
+        &[TLS_SPEC, PLAIN_SPEC],
+        &routes(&echo),
+    );
+    let https = gw.addrs[0].clone();
+    // An IP address as SNI makes rustls warn (RFC 6066 forbids it) on every such handshake.
+    let hello = client_hello_with_sni(b"127.0.0.1");
+    for _ in 0..50 {
+        raw(&https, &hello, Duration::from_secs(5)).expect("a handshake");
+    }
+    // Counted, once per handshake ...
+    wait_for("50 peer warnings counted", Duration::from_secs(10), || {
+        (metric(&gw.metrics(), "portico_tls_peer_warnings_total", &[]) == 50.0).then_some(())
+    });
+    // ... and not one line in the log at the default level (info).
+    let logs = gw.p.stderr_text();
+    assert!(!logs.contains("Illegal SNI"), "{logs}");
+    assert!(!logs.contains("WARN rustls"), "{logs}");
+    // The listener still serves.
+    let r = tls::send(
+        &https,
+        "gw.test",
+        tls::client(&ca, None, &["http/1.1"]),
+        &Request::get("/after"),
+    )
+    .unwrap();
     assert_eq!(r.status, 200);
 }
 

@@ -42,6 +42,9 @@ pub struct Snapshot {
     pub state_keys: HashSet<String>,
     /// Periodic tasks of this config's plugins (run while it is live).
     pub tasks: Vec<Arc<crate::resources::Periodic>>,
+    /// Query parameters that carry credentials somewhere in this config (any route's plugins):
+    /// their values are redacted from every access-log line.
+    pub credential_query_params: Vec<String>,
     pub meta: Meta,
 }
 

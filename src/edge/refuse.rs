@@ -62,7 +62,7 @@ pub(super) async fn refuse(conn: &mut EdgeStream, reply: Reply, snap: &Snapshot,
     let seen = HeadSoFar::parse(&conn.prefix);
     let mut st = RequestState::new(snap.client_ip.resolve(peer, &seen.headers));
     st.trace = snap.trace.ids_for(&seen.headers);
-    let (mut head, body) = crate::respond::render(&reply, &st, false);
+    let (mut head, body) = crate::respond::render(&reply, &st, None);
     let _ = head.insert_header(snap.trace.header.clone(), st.trace.request_id.as_str());
     let _ = head.insert_header(http::header::CONNECTION, "close");
     let req = pingora::http::RequestHeader::build("GET", b"/", None).expect("a request head");
@@ -86,7 +86,7 @@ pub(super) async fn refuse(conn: &mut EdgeStream, reply: Reply, snap: &Snapshot,
             client_ip: Some(st.client_ip),
             method: &seen.method,
             host: header("host").unwrap_or(""),
-            target: &seen.target,
+            target: &crate::access_log::redact_query(&seen.target, &snap.credential_query_params),
             protocol: &seen.protocol,
             status: reply.status,
             route: "none",

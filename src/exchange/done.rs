@@ -58,7 +58,10 @@ pub fn done(session: &Session, e: Option<&Error>, ctx: &mut Ctx, shared: &Shared
             client_ip: Some(ctx.st.client_ip),
             method: req.method.as_str(),
             host: &ctx.st.host,
-            target: req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            target: &crate::access_log::redact_query(
+                req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+                &ctx.snap.credential_query_params,
+            ),
             protocol,
             status,
             route,

@@ -54,7 +54,8 @@ pub struct Ctx {
     upstream_path: Option<String>,
     body_limit: u64,
     body_seen: u64,
-    pub grpc: bool,
+    /// For a gRPC (or gRPC-web) request, the content type its gRPC-shaped errors carry.
+    pub grpc: Option<String>,
     /// A gRPC call's deadline (its `grpc-timeout`): the upstream call ends by then.
     pub deadline: Option<std::time::Instant>,
     /// The gateway error code of the response, if Portico wrote one.
@@ -111,7 +112,7 @@ impl Ctx {
             upstream_path: None,
             body_limit: u64::MAX,
             body_seen: 0,
-            grpc: false,
+            grpc: None,
             deadline: None,
             error_code: None,
             peer_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -194,8 +195,8 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
     let snap = ctx.snap.clone();
     let req = session.req_header();
     ctx.st.trace = snap.trace.ids_for(&req.headers);
-    ctx.grpc = respond::is_grpc(req);
-    if ctx.grpc {
+    ctx.grpc = respond::grpc_content_type(req);
+    if ctx.grpc.is_some() {
         ctx.deadline = crate::grpc::timeout(&req.headers).map(|t| std::time::Instant::now() + t);
     }
     let peer = session

@@ -33,7 +33,7 @@ pub fn finish_response_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx:
 /// last). The whole body is known before the head goes, so the head declares its exact length
 /// whatever a body plugin did to it.
 pub async fn send_reply(session: &mut Session, ctx: &mut Ctx, reply: Reply) -> Result<()> {
-    let (mut head, body) = respond::render(&reply, &ctx.st, ctx.grpc);
+    let (mut head, body) = respond::render(&reply, &ctx.st, ctx.grpc.as_deref());
     ctx.error_code = reply.error_code();
     finish_response_head(session.req_header(), &mut head, ctx);
     let body = reply_body(body, ctx);
@@ -184,7 +184,9 @@ pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
     }
     if final_response_written(session) {
         ctx.error_code.get_or_insert(code);
-        if ctx.grpc && ctx.grpc_status.is_none() && session.req_header().version == http::Version::HTTP_2 {
+        // HTTP/2 trailers end a gRPC call; a gRPC-web client reads trailers from the body only.
+        let grpc = ctx.grpc.as_deref() == Some("application/grpc");
+        if grpc && ctx.grpc_status.is_none() && session.req_header().version == http::Version::HTTP_2 {
             let grpc = respond::grpc_code(code, status);
             let trailers = respond::grpc_trailers(grpc, message);
             let end = HttpTask::Trailer(Some(Box::new(trailers)));

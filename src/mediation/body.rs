@@ -75,6 +75,8 @@ pub enum Reason {
     /// A status whose body is not a document to reshape: not 2xx (errors keep their shape),
     /// 206 (a byte range), or no body by definition (1xx, 204, 304, an answer to HEAD).
     Status,
+    /// More than one `Content-Type` (a reader may take either).
+    Ambiguous,
 }
 
 impl Reason {
@@ -88,6 +90,7 @@ impl Reason {
             Reason::BadEncoding => "bad_encoding",
             Reason::Invalid => "invalid",
             Reason::Status => "status",
+            Reason::Ambiguous => "ambiguous",
         }
     }
 }
@@ -101,9 +104,10 @@ pub struct BodyPolicy {
 }
 
 impl BodyPolicy {
-    /// Decide from the response head. The content type is checked first, then the encoding,
-    /// the charset, and the declared length (an undeclared length is bounded by the
-    /// [`Buffer`]).
+    /// Decide from a head. The content type is checked first, then the encoding, the charset
+    /// (XML only: JSON is UTF-8 by definition, RFC 8259, so a `charset` parameter on a JSON
+    /// type changes nothing and a body that is not UTF-8 is invalid), and the declared length
+    /// (an undeclared length is bounded by the [`Buffer`]).
     pub fn decide(
         &self,
         content_type: Option<&str>,
@@ -126,7 +130,7 @@ impl BodyPolicy {
             Some(c) => c,
             None => return Decision::PassThrough(Reason::Encoded),
         };
-        for p in params {
+        for p in params.filter(|_| format == Format::Xml) {
             if let Some((k, v)) = p.split_once('=') {
                 if k.trim().eq_ignore_ascii_case("charset") {
                     let v = v.trim().trim_matches('"').to_ascii_lowercase();
@@ -180,7 +184,10 @@ impl BodyPolicy {
             return Err(Reason::Empty);
         }
         match how.format {
-            Format::Json => serde_json::from_slice(&plain).map_err(|_| Reason::Invalid),
+            // A UTF-8 byte order mark is ignored (RFC 8259 §8.1 allows it); NaN, a lone
+            // surrogate or any other non-JSON is `Invalid`.
+            Format::Json => serde_json::from_slice(plain.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&plain))
+                .map_err(|_| Reason::Invalid),
             Format::Xml => xml::to_json(&plain).map_err(|_| Reason::Invalid),
         }
     }
@@ -191,6 +198,28 @@ impl BodyPolicy {
         let doc = ops.apply_with(self.to_json(body, how)?, vars);
         serde_json::to_vec(&doc).map_err(|_| Reason::Invalid)
     }
+}
+
+/// Whether an `Accept-Encoding` accepts gzip (`gzip`/`x-gzip`, or `*`, with a q-value above 0).
+/// No header at all counts as no: a transform asks its upstream for gzip only when the client
+/// could take a gzip answer that passes through untransformed (an error, say).
+pub fn accepts_gzip(accept_encoding: Option<&str>) -> bool {
+    let mut star = None;
+    for item in accept_encoding.unwrap_or("").split(',') {
+        let mut parts = item.split(';');
+        let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.trim().split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map(|(_, v)| v.trim().parse::<f32>().unwrap_or(0.0))
+            .unwrap_or(1.0);
+        match coding.as_str() {
+            "gzip" | "x-gzip" => return q > 0.0,
+            "*" => star = Some(q > 0.0),
+            _ => {}
+        }
+    }
+    star.unwrap_or(false)
 }
 
 /// True for a JSON content type, parameters and case aside (`application/json; charset=utf-8`).
@@ -474,7 +503,11 @@ mod tests {
             (Some("application/json"), Some("deflate"), None, Pass(Encoded)),
             (Some("application/json"), Some("gzip, gzip"), None, Pass(Encoded)),
             (Some("application/json"), Some("gzip, br"), None, Pass(Encoded)),
-            (Some("application/json; charset=iso-8859-1"), None, None, Pass(Charset)),
+            // JSON is UTF-8 whatever the label says: the body decides (not UTF-8 → Invalid).
+            (Some("application/json; charset=iso-8859-1"), None, None, json),
+            (Some("Application/Merge-Patch+JSON; Charset=latin1"), None, None, json),
+            (Some("application/xml; charset=iso-8859-1"), None, None, Pass(Charset)),
+            (Some("text/xml; charset=\"UTF-8\""), None, None, xml),
             (Some("application/json"), None, Some(1000), json),
             (Some("application/json"), None, Some(1001), Pass(TooLarge)),
             (Some("application/json"), Some("gzip"), Some(5000), Pass(TooLarge)),
@@ -539,6 +572,15 @@ mod tests {
             (b"".to_vec(), JSON, Err(Reason::Empty)),
             (gz(b""), gzip(Format::Json), Err(Reason::Empty)),
             (b"{\"a\":".to_vec(), JSON, Err(Reason::Invalid)),
+            (b"\xEF\xBB\xBF{\"a\":1}".to_vec(), JSON, Ok(json!({"a": 1}))),
+            (b"{\"a\":NaN}".to_vec(), JSON, Err(Reason::Invalid)),
+            (b"{\"a\":\"\\ud800\"}".to_vec(), JSON, Err(Reason::Invalid)),
+            (b"{\"a\":\"\xE9\"}".to_vec(), JSON, Err(Reason::Invalid)),
+            (
+                b"{\"a\":1e400}".to_vec(),
+                JSON,
+                Ok(serde_json::from_str("{\"a\":1e400}").unwrap()),
+            ),
             (b"<a>".to_vec(), xml, Err(Reason::Invalid)),
             (b"{\"a\":1}".to_vec(), gzip(Format::Json), Err(Reason::BadEncoding)),
             (
@@ -557,6 +599,26 @@ mod tests {
                 "{how:?} {}",
                 String::from_utf8_lossy(&body)
             );
+        }
+    }
+
+    #[test]
+    fn accept_encoding_for_the_upstream() {
+        for (ae, gzip) in [
+            (None, false),
+            (Some(""), false),
+            (Some("gzip"), true),
+            (Some("br, GZIP;q=0.5"), true),
+            (Some("x-gzip"), true),
+            (Some("deflate, br, zstd"), false),
+            (Some("gzip;q=0"), false),
+            (Some("gzip; q=0.000"), false),
+            (Some("*"), true),
+            (Some("*;q=0"), false),
+            (Some("gzip;q=0, *"), false),
+            (Some("identity"), false),
+        ] {
+            assert_eq!(accepts_gzip(ae), gzip, "{ae:?}");
         }
     }
 

@@ -40,6 +40,11 @@
 //! Each operation sees the document as the previous ones left it, so `set` and `rename` paths
 //! name fields as they are after `select` and `remove`.
 //!
+//! **What is not touched stays as written**: object keys keep the document's order (a renamed
+//! key takes the old one's place, a new `set` key goes last), and numbers are written exactly as
+//! they came (`12345678901234567890123`, `1.50`, `1e400`; only an exponent gains its sign, `1e2`
+//! → `1e+2`): serde_json runs with `preserve_order` and `arbitrary_precision`.
+//!
 //! (Over 500 lines because of its table of unit tests, kept beside the code they pin down.)
 
 use crate::config::ConfigError;
@@ -262,11 +267,12 @@ impl Selection {
             return Some(v);
         }
         match v {
-            Value::Object(mut m) => {
+            Value::Object(m) => {
+                // In the document's order (not the selection's).
                 let mut out = Map::new();
-                for (k, sel) in &self.children {
-                    if let Some(kept) = m.remove(k).and_then(|x| sel.apply(x)) {
-                        out.insert(k.clone(), kept);
+                for (k, x) in m {
+                    if let Some(kept) = self.children.get(&k).and_then(|sel| sel.apply(x)) {
+                        out.insert(k, kept);
                     }
                 }
                 Some(Value::Object(out))
@@ -405,7 +411,8 @@ fn for_each_object(v: &mut Value, segs: &[String], f: &mut dyn FnMut(&mut Map<St
 fn remove(doc: &mut Value, segs: &[String]) {
     if let Some((last, parent)) = segs.split_last() {
         for_each_object(doc, parent, &mut |m| {
-            m.remove(last);
+            // `shift_remove`: the other keys keep their order (`remove` would swap).
+            m.shift_remove(last);
         });
     }
 }
@@ -416,8 +423,17 @@ fn rename(doc: &mut Value, segs: &[String], new: &str) {
             return;
         }
         for_each_object(doc, parent, &mut |m| {
-            if let Some(v) = m.remove(last) {
-                m.insert(new.to_string(), v);
+            if !m.contains_key(last) {
+                return;
+            }
+            // The renamed field takes the old one's place; a field already called `new` goes.
+            let old = std::mem::take(m);
+            for (k, v) in old {
+                if k == *last {
+                    m.insert(new.to_string(), v);
+                } else if k != new {
+                    m.insert(k, v);
+                }
             }
         });
     }
@@ -601,6 +617,33 @@ mod tests {
         assert_eq!(got["fixed"], json!({"a": [1, "r"]}));
         // Without variables.
         assert_eq!(o.apply(json!({}))["audit"]["t"], json!("id--"));
+    }
+
+    #[test]
+    fn untouched_numbers_and_key_order_pass_as_written() {
+        let text = r#"{"z":1,"id":18446744073709551616,"a":-9223372036854775809,"big":12345678901234567890123,"h":1e2,"f":1.50,"n":{"y":2,"x":1e400},"drop":0}"#;
+        let parse = || serde_json::from_str::<Value>(text).unwrap();
+        let out = ops("remove: [drop]\nrename: {a: b}\nset: {new: 1}").apply(parse());
+        assert_eq!(
+            serde_json::to_string(&out).unwrap(),
+            r#"{"z":1,"id":18446744073709551616,"b":-9223372036854775809,"big":12345678901234567890123,"h":1e+2,"f":1.50,"n":{"y":2,"x":1e+400},"new":1}"#
+        );
+        let out = ops("select: [n.x, z, h]").apply(parse());
+        assert_eq!(
+            serde_json::to_string(&out).unwrap(),
+            r#"{"z":1,"h":1e+2,"n":{"x":1e+400}}"#
+        );
+        // A rename onto an existing key: the renamed field takes its own place.
+        let out = ops("rename: {h: z}").apply(parse());
+        assert_eq!(
+            out.as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["id", "a", "big", "z", "f", "n", "drop"]
+        );
+        assert_eq!(
+            out["z"].to_string(),
+            "1e+2",
+            "serde_json spells an exponent with its sign"
+        );
     }
 
     #[test]

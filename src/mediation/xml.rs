@@ -28,7 +28,8 @@
 //!
 //! An element that appears once is a single value and one that repeats is an array, so a list
 //! with one item looks like a field: reshape with `json_ops` when a client needs an array.
-//! Object keys come out in alphabetical order (serde_json's map); order carries no meaning.
+//! Object keys come out in document order (attributes first, a repeated element where it first
+//! appears, `#text` last).
 //!
 //! Example:
 //!
@@ -50,10 +51,10 @@
 //! ```json
 //! {"soap:Envelope": {"soap:Body": {"order": {
 //!   "@id": "42", "@status": "open",
-//!   "customer": "Ann & Bob",
 //!   "item": [{"@sku": "A1", "#text": "Pen"}, {"@sku": "B2", "#text": "Ink & paper"}],
+//!   "total": "12.50",
 //!   "note": null,
-//!   "total": "12.50"}}}}
+//!   "customer": "Ann & Bob"}}}}
 //! ```
 //!
 //! # Limits

@@ -150,6 +150,14 @@ pub trait Plugin: Send + Sync + 'static {
     /// Once per request, when it is done, with how it ended.
     fn log(&self, _st: &RequestState, _outcome: &Outcome) {}
 
+    /// Query parameters this plugin reads credentials from (`api_key`'s `query`, `jwt`'s
+    /// `query:NAME`). The access log never shows their values, also for a request refused before
+    /// this plugin ran (the plugin itself should remove them before deciding, as the built-in
+    /// ones do, so they go neither upstream nor into the log).
+    fn credential_query_params(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// State this plugin shows on the admin listener, if any (see [`AdminState`]).
     fn admin_state(&self) -> Option<&dyn AdminState> {
         None

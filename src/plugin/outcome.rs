@@ -43,6 +43,8 @@ impl Outcome {
 }
 
 /// A response body transform that cannot go on: the response ends here (closed, so the client
-/// can tell it is incomplete) rather than carrying a half-rewritten body.
+/// can tell it is incomplete) rather than carrying a half-rewritten body. When its head has not
+/// gone out yet (Pingora writes a head together with the body pieces that arrived with it), the
+/// client gets a 502 `transform_failed` error with this message instead.
 #[derive(Debug, Clone)]
 pub struct Abort(pub String);

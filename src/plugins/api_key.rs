@@ -72,6 +72,10 @@ impl Plugin for ApiKey {
         Phases::REQUEST
     }
 
+    fn credential_query_params(&self) -> Vec<String> {
+        self.query.iter().cloned().collect()
+    }
+
     async fn request(&self, req: &mut RequestHeader, st: &mut RequestState) -> Verdict {
         let mut from_header = req.headers.get_all(&self.header).iter();
         let key: Option<Vec<u8>> = match (from_header.next(), from_header.next()) {

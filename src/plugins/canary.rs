@@ -6,7 +6,8 @@
 //!   cookie, the client address) hashed into [0, 100) and compared with the percent, so one key
 //!   always lands on one side and raising the percent only moves keys from stable to canary.
 //! - `force_header`: `1`/`true` → canary, `0`/`false` → stable, whatever the percent (also 0, and
-//!   also after a rollback: it is how an operator looks at a rolled-back canary).
+//!   also after a rollback: it is how an operator looks at a rolled-back canary). Any client can
+//!   send it, so forced requests never feed the guard (they are counted in the metrics).
 //! - `guard`: the canary's requests and failures (5xx, connection failures, timeouts, failing
 //!   gRPC statuses: [`Outcome::is_failure`]) are counted in a sliding `window`; once there are
 //!   `min_requests` and the failure rate exceeds `max_error_rate`, the canary gets 0% until its
@@ -113,7 +114,7 @@ pub fn bucket(key: &[u8]) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64 * 100.0
 }
 
-/// Which side a request went to (kept in the request's vars for the log hook).
+/// Which side a request went to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     Stable,
@@ -130,6 +131,14 @@ impl Side {
             Side::Canary => "canary",
         }
     }
+}
+
+/// The side a request went to, and whether `force_header` chose it (kept in the request's vars
+/// for the log hook).
+#[derive(Debug, Clone, Copy)]
+struct Picked {
+    side: Side,
+    forced: bool,
 }
 
 const SLOTS: usize = 10;
@@ -314,16 +323,20 @@ impl Canary {
         self.state.rolled_back.load(Ordering::Relaxed)
     }
 
+    /// The side `force_header` asks for, if the request has it with a value it knows.
+    fn forced(&self, headers: &HeaderMap) -> Option<Side> {
+        let v = headers.get(self.force_header.as_ref()?)?.to_str().ok()?;
+        match v.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" => Some(Side::Canary),
+            "0" | "false" => Some(Side::Stable),
+            _ => None,
+        }
+    }
+
     /// The side for a request with these headers from this client.
     pub fn choose(&self, headers: &HeaderMap, client_ip: IpAddr) -> Side {
-        if let Some(h) = &self.force_header {
-            if let Some(v) = headers.get(h).and_then(|v| v.to_str().ok()) {
-                match v.trim().to_ascii_lowercase().as_str() {
-                    "1" | "true" => return Side::Canary,
-                    "0" | "false" => return Side::Stable,
-                    _ => {}
-                }
-            }
+        if let Some(side) = self.forced(headers) {
+            return side;
         }
         let percent = self.effective_percent();
         if percent <= 0.0 {
@@ -357,6 +370,18 @@ impl Canary {
 
     /// Count one finished request of `side`; the guard may roll the canary back.
     pub fn record(&self, side: Side, failed: bool) {
+        self.count(side, failed);
+        self.guard_sees(side, failed);
+    }
+
+    /// Count one finished request that `force_header` sent to `side`. Any client may send the
+    /// header, so the guard never sees these: forced failures cannot roll a canary back for
+    /// everyone, nor forced successes dilute a failing canary's error rate.
+    pub fn record_forced(&self, side: Side, failed: bool) {
+        self.count(side, failed);
+    }
+
+    fn count(&self, side: Side, failed: bool) {
         let (requests, failures) = &self.counters()[side.index()];
         requests.inc();
         self.state.requests[side.index()].fetch_add(1, Ordering::Relaxed);
@@ -364,6 +389,9 @@ impl Canary {
             failures.inc();
             self.state.failures[side.index()].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    fn guard_sees(&self, side: Side, failed: bool) {
         let Some(guard) = self.guard else { return };
         if side != Side::Canary {
             return;
@@ -453,17 +481,23 @@ impl Plugin for Canary {
     }
 
     async fn request(&self, req: &mut RequestHeader, st: &mut RequestState) -> Verdict {
-        let side = self.choose(&req.headers, st.client_ip);
+        let forced = self.forced(&req.headers);
+        let side = forced.unwrap_or_else(|| self.choose(&req.headers, st.client_ip));
         if side == Side::Canary {
             st.upstream_override = Some(self.upstream.clone());
         }
-        st.vars.insert(side);
+        st.vars.insert(Picked {
+            side,
+            forced: forced.is_some(),
+        });
         Verdict::Continue
     }
 
     fn log(&self, st: &RequestState, outcome: &Outcome) {
-        if let Some(side) = st.vars.get::<Side>() {
-            self.record(*side, outcome.is_failure());
+        match st.vars.get::<Picked>() {
+            Some(p) if p.forced => self.record_forced(p.side, outcome.is_failure()),
+            Some(p) => self.record(p.side, outcome.is_failure()),
+            None => {}
         }
     }
 
@@ -633,6 +667,34 @@ mod tests {
             assert_eq!(all.choose(&with("x-canary", v), ip()), Side::Stable);
         }
         assert_eq!(zero.choose(&with("x-canary", "maybe"), ip()), Side::Stable);
+    }
+
+    #[test]
+    fn forced_requests_never_feed_the_guard() {
+        let clock = Arc::new(ManualClock::new(Duration::from_secs(1_000_000)));
+        let c = ctx(clock.clone());
+        let canary = build(
+            "{upstream: v2, percent: 50, force_header: x-canary, guard: {max_error_rate: 0.5, min_requests: 5, window: 1m}}",
+            &c,
+        )
+        .unwrap();
+        // Anyone can force failures: no rollback.
+        for _ in 0..50 {
+            canary.record_forced(Side::Canary, true);
+        }
+        assert!(!canary.rolled_back());
+        assert_eq!(canary.describe()["guard"]["window_requests"], 0);
+        assert_eq!(canary.describe()["failures"]["canary"], 50, "counted, not guarded");
+        // Nor dilute real failures with forced successes.
+        for _ in 0..100 {
+            canary.record_forced(Side::Canary, false);
+        }
+        for _ in 0..5 {
+            canary.record(Side::Canary, true);
+        }
+        assert!(canary.rolled_back());
+        // The demo's sticky user lands on a 20% canary (the demo's guard walkthrough uses it).
+        assert!(bucket(b"carol") < 20.0);
     }
 
     #[test]

@@ -311,12 +311,20 @@ fn build(
     if !errs.is_empty() {
         return None;
     }
+    let global = Chains::build(global);
+    let mut credential_query_params: Vec<String> = std::iter::once(&global)
+        .chain(routes.iter().map(|r| &r.chains))
+        .flat_map(|c| c.all.iter())
+        .flat_map(|e| e.plugin.credential_query_params())
+        .collect();
+    credential_query_params.sort();
+    credential_query_params.dedup();
     let state_keys = std::mem::take(&mut *scope.state_keys.lock().unwrap_or_else(|p| p.into_inner()));
     let tasks = std::mem::take(&mut *scope.tasks.lock().unwrap_or_else(|p| p.into_inner()));
     Some(Snapshot {
         routes,
         upstreams,
-        global: Chains::build(global),
+        global,
         client_ip: ClientIpResolver { trusted },
         limits,
         trace,
@@ -332,6 +340,7 @@ fn build(
         redis_url,
         state_keys,
         tasks,
+        credential_query_params,
         meta: Meta {
             path: origin.to_path_buf(),
             hash: hex::encode(Sha256::digest(text.as_bytes())),

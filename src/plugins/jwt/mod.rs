@@ -220,7 +220,10 @@ impl Jwt {
             return Err(cfg_err("jwks_refresh", "only applies with jwks_url"));
         }
         let leeway = cfg.leeway.map(|d| d.0.as_secs()).unwrap_or(30);
-        let mut required: Vec<String> = vec!["exp".into()];
+        // `exp` is required and checked by Portico itself (check_claims): jsonwebtoken reads
+        // time claims as integers only (not fractions, and not at all with serde_json's
+        // arbitrary_precision).
+        let mut required: Vec<String> = Vec::new();
         let mut validations = HashMap::new();
         for a in &algorithms {
             let mut v = Validation::new(*a);
@@ -271,6 +274,27 @@ impl Jwt {
         })
     }
 
+    /// The token, taken out of the request first when it sits in the query or a cookie: a
+    /// credential goes neither upstream nor into the access log, whatever the verdict (as
+    /// api_key does with its key).
+    fn take_token(&self, req: &mut RequestHeader) -> Result<String, &'static str> {
+        let token = self.token(req);
+        match &self.from {
+            TokenSource::Query(q) => {
+                if let Some(uri) = crate::util::without_query_param(&req.uri, q) {
+                    req.set_uri(uri);
+                }
+            }
+            TokenSource::Cookie(c) => {
+                if crate::util::cookie(&req.headers, c).is_some() {
+                    crate::util::remove_cookie(req, c);
+                }
+            }
+            TokenSource::Header(_) => {}
+        }
+        token
+    }
+
     fn token(&self, req: &RequestHeader) -> Result<String, &'static str> {
         match &self.from {
             TokenSource::Header(h) => {
@@ -291,7 +315,12 @@ impl Jwt {
             TokenSource::Cookie(c) => crate::util::cookie(&req.headers, c)
                 .map(str::to_string)
                 .ok_or("no token in the request"),
-            TokenSource::Query(q) => crate::util::query_param(&req.uri, q).ok_or("no token in the request"),
+            TokenSource::Query(q) => {
+                if crate::util::query_params(&req.uri, q) > 1 {
+                    return Err("more than one token in the query");
+                }
+                crate::util::query_param(&req.uri, q).ok_or("no token in the request")
+            }
         }
     }
 }
@@ -321,12 +350,19 @@ impl Plugin for Jwt {
         Phases::REQUEST
     }
 
+    fn credential_query_params(&self) -> Vec<String> {
+        match &self.from {
+            TokenSource::Query(q) => vec![q.clone()],
+            _ => Vec::new(),
+        }
+    }
+
     async fn request(&self, req: &mut RequestHeader, st: &mut RequestState) -> Verdict {
         // Claim headers are the gateway's to set: a client's own copies never pass.
         for (_, h) in &self.forward {
             req.remove_header(h);
         }
-        let token = match self.token(req) {
+        let token = match self.take_token(req) {
             Ok(t) => t,
             Err(why) => return invalid(why),
         };
@@ -356,17 +392,6 @@ impl Plugin for Jwt {
             if let Some(v) = claims.get(claim).and_then(claim_header_value) {
                 let _ = req.insert_header(h.clone(), v);
             }
-        }
-        // A token taken from the query or a cookie is a credential: it goes neither upstream nor
-        // into the access log (as api_key does with its key).
-        match &self.from {
-            TokenSource::Query(q) => {
-                if let Some(uri) = crate::util::without_query_param(&req.uri, q) {
-                    req.set_uri(uri);
-                }
-            }
-            TokenSource::Cookie(c) => crate::util::remove_cookie(req, c),
-            TokenSource::Header(_) => {}
         }
         st.vars.insert(Claims(claims));
         Verdict::Continue
@@ -438,5 +463,48 @@ mod tests {
         let jwt = plugin(old);
         let t = token(serde_json::json!({"sub": "a", "exp": 1_000_060}));
         assert!(run(jwt.verify(&t)).is_ok());
+    }
+
+    #[test]
+    fn fractional_numeric_dates_are_rounded_against_the_whole_second_clock() {
+        let clock = Arc::new(ManualClock::new(Duration::from_secs(T0)));
+        let jwt = plugin(clock.clone());
+        // exp T0 + 60.5 with a 30 s leeway: valid through second T0 + 90, expired at T0 + 91.
+        let t = token(serde_json::json!({"sub": "a", "exp": T0 as f64 + 60.5, "iat": T0 as f64 + 0.25}));
+        assert!(
+            run(jwt.verify(&t)).is_ok(),
+            "fractional exp and iat: {:?}",
+            run(jwt.verify(&t))
+        );
+        clock.advance(Duration::from_secs(90));
+        assert!(run(jwt.verify(&t)).is_ok(), "second T0 + 90 is before T0 + 90.5");
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(run(jwt.verify(&t)).unwrap_err(), "the token has expired");
+
+        // nbf T0 + 100.5 with a 30 s leeway: not valid in second T0 + 70, valid from T0 + 71.
+        let clock = Arc::new(ManualClock::new(Duration::from_secs(T0 + 70)));
+        let jwt = plugin(clock.clone());
+        let t = token(serde_json::json!({"sub": "a", "exp": T0 + 3600, "nbf": T0 as f64 + 100.5}));
+        assert_eq!(run(jwt.verify(&t)).unwrap_err(), "the token is not valid yet");
+        clock.advance(Duration::from_secs(1));
+        assert!(run(jwt.verify(&t)).is_ok());
+        // In second T0 + 71 (leeway 30), iat T0 + 101.5 is in the future; T0 + 100.5 is not.
+        let t = token(serde_json::json!({"sub": "a", "exp": T0 + 3600, "iat": T0 as f64 + 101.5}));
+        assert_eq!(run(jwt.verify(&t)).unwrap_err(), "the token was issued in the future");
+        let t = token(serde_json::json!({"sub": "a", "exp": T0 + 3600, "iat": T0 as f64 + 100.5}));
+        assert!(run(jwt.verify(&t)).is_ok());
+
+        for bad in [
+            serde_json::json!(-0.5),
+            serde_json::json!(1e300),
+            serde_json::json!("1.5"),
+        ] {
+            let t = token(serde_json::json!({"sub": "a", "exp": bad}));
+            assert_eq!(
+                run(jwt.verify(&t)).unwrap_err(),
+                "the 'exp' claim is not a number",
+                "{bad}"
+            );
+        }
     }
 }

@@ -107,19 +107,18 @@ impl Jwt {
     /// Portico's clock is injected): `exp` and `nbf` with the leeway, `iat` not in the future,
     /// `require`d claims present.
     fn check_claims(&self, claims: &Map<String, Value>) -> Result<(u64, Option<u64>), String> {
-        let num = |name: &str| -> Result<Option<u64>, String> {
+        let num = |name: &str, round: Round| -> Result<Option<u64>, String> {
             match claims.get(name) {
                 None => Ok(None),
-                Some(v) => v
-                    .as_u64()
+                Some(v) => numeric_date(v, round)
                     .map(Some)
                     .ok_or_else(|| format!("the '{name}' claim is not a number")),
             }
         };
-        let exp = num("exp")?.ok_or("the token has no 'exp' claim")?;
-        let nbf = num("nbf")?;
+        let exp = num("exp", Round::Down)?.ok_or("the token has no 'exp' claim")?;
+        let nbf = num("nbf", Round::Up)?;
         let now = self.clock.unix_secs();
-        if num("iat")?.is_some_and(|iat| iat > now + self.leeway) {
+        if num("iat", Round::Up)?.is_some_and(|iat| iat > now + self.leeway) {
             return Err("the token was issued in the future".into());
         }
         for r in &self.require {
@@ -157,6 +156,31 @@ impl Jwt {
             .filter(|s| !granted.contains(s))
             .collect()
     }
+}
+
+/// Which way a fractional NumericDate goes to whole seconds.
+#[derive(Clone, Copy)]
+enum Round {
+    Down,
+    Up,
+}
+
+/// A NumericDate (RFC 7519 §2: seconds since the epoch, a fraction allowed) in whole seconds,
+/// or `None` when it is not a non-negative finite number below 2^64. The clock ticks in whole
+/// seconds, so rounding keeps every comparison exact: `exp` goes down (a token valid until
+/// 100.5 is still valid in second 100, not in 101), `nbf` and `iat` go up (a token not valid
+/// before 100.5 is not valid in second 100). Integers are read as integers, never through f64.
+fn numeric_date(v: &Value, round: Round) -> Option<u64> {
+    if let Some(n) = v.as_u64() {
+        return Some(n);
+    }
+    let f = v
+        .as_f64()
+        .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)?;
+    Some(match round {
+        Round::Down => f.floor(),
+        Round::Up => f.ceil(),
+    } as u64)
 }
 
 pub(super) fn describe(e: &jsonwebtoken::errors::Error) -> String {
