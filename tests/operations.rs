@@ -14,11 +14,15 @@ fn body_to(upstream_addr: &str, extra_route: &str) -> String {
 }
 
 /// Requests in a loop on fresh connections until stopped; (ok, failed, first failure).
+/// GETs `/a` until `stop`; every answer is also counted in `REQUESTS_SENT` (so a test can make
+/// sure enough requests crossed what it does, however busy the machine).
 fn hammer(addr: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(usize, usize, Option<String>)> {
     std::thread::spawn(move || {
         let (mut ok, mut failed, mut first) = (0, 0, None);
         while !stop.load(Ordering::Relaxed) {
-            match get(&addr, "/a") {
+            let answer = get(&addr, "/a");
+            REQUESTS_SENT.fetch_add(1, Ordering::Relaxed);
+            match answer {
                 Ok(r) if r.status == 200 => ok += 1,
                 Ok(r) => {
                     failed += 1;
@@ -33,6 +37,8 @@ fn hammer(addr: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(usize
         (ok, failed, first)
     })
 }
+
+static REQUESTS_SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 #[test]
 fn sighup_reload_good_bad_and_under_load() {
@@ -63,12 +69,20 @@ fn sighup_reload_good_bad_and_under_load() {
     // Requests running across several reloads see no failure.
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..3).map(|_| hammer(gw.addr.clone(), stop.clone())).collect();
-    for i in 0..6 {
+    // At least six reloads, and as many more as it takes for 60 requests to cross them (a
+    // busy machine may run the reloads faster than the clients).
+    let sent_before = REQUESTS_SENT.load(Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let mut i = 0;
+    while i < 6
+        || (REQUESTS_SENT.load(Ordering::Relaxed) < sent_before + 60 && started.elapsed() < Duration::from_secs(60))
+    {
         let target = if i % 2 == 0 { &a_addr } else { &b_addr };
         gw.reload(&body_to(
             target,
             &format!("  - {{ name: extra{i}, upstream: u, match: {{ path_prefix: /x{i} }} }}\n"),
         ));
+        i += 1;
     }
     stop.store(true, Ordering::Relaxed);
     let (mut ok, mut failed) = (0, 0);

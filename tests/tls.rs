@@ -608,7 +608,11 @@ fn plain_http_on_the_tls_port_gets_a_400_json_error() {
     let ca = TestCa::new("Test CA");
     let dir = TempDir::new("tls-plain");
     let echo = EchoServer::start("e").unwrap();
-    let gw = Gw::start_listeners(&sni_listeners(&dir, &ca, &["gw.test"]), &[TLS_SPEC, PLAIN_SPEC], &routes(&echo));
+    let gw = Gw::start_listeners(
+        &sni_listeners(&dir, &ca, &["gw.test"]),
+        &[TLS_SPEC, PLAIN_SPEC],
+        &routes(&echo),
+    );
     let https = &gw.addrs[0];
     let raw = raw(
         https,
@@ -625,14 +629,26 @@ fn plain_http_on_the_tls_port_gets_a_400_json_error() {
     assert!(head.contains("connection: close"), "{head}");
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(v["error"], "bad_request");
-    assert_eq!(v["message"], "a plain HTTP request was sent to a TLS port: use https://");
+    assert_eq!(
+        v["message"],
+        "a plain HTTP request was sent to a TLS port: use https://"
+    );
     assert_eq!(v["trace_id"], "plain-to-tls-1");
     let line = wait_for("the access log line", Duration::from_secs(5), || {
         let log = gw.p.stdout_text();
         log.lines().find(|l| l.contains("plain-to-tls-1")).map(str::to_string)
     });
-    assert!(line.contains("\"status\":400") && line.contains("\"error\":\"bad_request\""), "{line}");
+    assert!(
+        line.contains("\"status\":400") && line.contains("\"error\":\"bad_request\""),
+        "{line}"
+    );
     // TLS still works on the port.
-    let r = tls::send(https, "gw.test", tls::client(&ca, None, &["http/1.1"]), &Request::get("/after")).unwrap();
+    let r = tls::send(
+        https,
+        "gw.test",
+        tls::client(&ca, None, &["http/1.1"]),
+        &Request::get("/after"),
+    )
+    .unwrap();
     assert_eq!(r.status, 200);
 }

@@ -42,12 +42,21 @@ pub(super) async fn handshake(
     let mut first = [0u8; 1];
     match tokio::time::timeout_at(deadline, tcp.read_exact(&mut first)).await {
         Err(_) => return Err(()),
-        Ok(Err(e)) => return Ok(Err(Error::because(ErrorType::ConnectionClosed, "before the TLS handshake", e))),
+        Ok(Err(e)) => {
+            return Ok(Err(Error::because(
+                ErrorType::ConnectionClosed,
+                "before the TLS handshake",
+                e,
+            )))
+        }
         Ok(Ok(_)) => tcp.rewind(&first),
     }
     if first[0] != TLS_HANDSHAKE_RECORD && first[0].is_ascii_alphabetic() {
         refuse_plain_http(tcp, shared, since, deadline).await;
-        return Ok(Error::e_explain(ErrorType::TLSHandshakeFailure, "a plain HTTP request on a TLS port"));
+        return Ok(Error::e_explain(
+            ErrorType::TLSHandshakeFailure,
+            "a plain HTTP request on a TLS port",
+        ));
     }
     tokio::time::timeout_at(deadline, acceptor.tls_handshake(tcp))
         .await
