@@ -316,7 +316,15 @@ pub fn choose_upstream(session: &Session, ctx: &mut Ctx) -> Result<(), Reply> {
         Some(rw) => rw.apply(&ctx.st.path),
         None => ctx.st.path.clone(),
     };
-    ctx.upstream_path = Some(match session.req_header().uri.query() {
+    // None when the request's own origin-form target is already what the upstream gets (no
+    // rewrite, nothing normalised): no second parse of the same URI. (An absolute-form target
+    // is always rewritten to origin-form.)
+    let req = session.req_header();
+    let unchanged = req
+        .raw_path()
+        .strip_prefix(path.as_bytes())
+        .is_some_and(|rest| rest.is_empty() || rest[0] == b'?');
+    ctx.upstream_path = (!unchanged).then(|| match req.uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path,
     });

@@ -160,6 +160,11 @@ pub fn upgraded(session: &mut Session, ctx: &Ctx) {
     }
 }
 
+/// An IP address as a header value.
+fn ip_header_value(ip: std::net::IpAddr) -> HeaderValue {
+    HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header value")
+}
+
 /// Headers Portico sets on the way upstream; copies a client sent are replaced, never passed.
 const GATEWAY_SET: [&str; 8] = [
     "x-forwarded-for",
@@ -202,27 +207,37 @@ pub fn prepare_upstream_request(session: &Session, req: &mut RequestHeader, ctx:
             v.join(", ")
         })
         .filter(|s| !s.is_empty());
-    // Removing a header from Pingora's head also walks its case-preserving map: look first.
-    for h in GATEWAY_SET {
-        if req.headers.contains_key(h) {
-            req.remove_header(h);
-        }
+    // Client copies of the headers Portico sets. One pass over the request's (few) names
+    // rather than a lookup per name; removing also walks Pingora's case-preserving map.
+    let trace_header = &ctx.snap.trace.header;
+    let copies: Vec<http::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|k| GATEWAY_SET.contains(&k.as_str()) || *k == trace_header)
+        .cloned()
+        .collect();
+    for name in &copies {
+        req.remove_header(name);
     }
-    if req.headers.contains_key(&ctx.snap.trace.header) {
-        req.remove_header(&ctx.snap.trace.header);
-    }
+    let peer_ip = ip_header_value(ctx.peer_ip);
     let xff = match prior_xff {
-        Some(p) => format!("{p}, {}", ctx.peer_ip),
-        None => ctx.peer_ip.to_string(),
+        Some(p) => HeaderValue::try_from(format!("{p}, {}", ctx.peer_ip)).unwrap_or_else(|_| peer_ip.clone()),
+        None => peer_ip.clone(),
     };
     let _ = req.insert_header("x-forwarded-for", xff);
-    let _ = req.insert_header("x-forwarded-proto", if ctx.st.tls { "https" } else { "http" });
+    let proto = HeaderValue::from_static(if ctx.st.tls { "https" } else { "http" });
+    let _ = req.insert_header("x-forwarded-proto", proto);
     if let Some(h) = &original_host {
         let _ = req.insert_header("x-forwarded-host", h.clone());
     }
-    let _ = req.insert_header("x-real-ip", ctx.st.client_ip.to_string());
+    let real_ip = if ctx.st.client_ip == ctx.peer_ip {
+        peer_ip
+    } else {
+        ip_header_value(ctx.st.client_ip)
+    };
+    let _ = req.insert_header("x-real-ip", real_ip);
     let _ = req.insert_header("traceparent", ctx.st.trace.traceparent());
-    let _ = req.insert_header(ctx.snap.trace.header.clone(), ctx.st.trace.request_id.as_str());
+    let _ = req.insert_header(trace_header.clone(), ctx.st.trace.request_id.as_str());
     if let Some(c) = &ctx.st.consumer {
         if let Ok(v) = HeaderValue::from_str(c) {
             let _ = req.insert_header("x-consumer", v);
@@ -232,11 +247,10 @@ pub fn prepare_upstream_request(session: &Session, req: &mut RequestHeader, ctx:
     let host = if up.preserve_host {
         original_host
     } else {
-        let h = up
-            .host
-            .as_deref()
-            .unwrap_or_else(|| &up.endpoints[ctx.endpoint.unwrap_or(0)].address);
-        HeaderValue::from_str(h).ok()
+        match &up.host {
+            Some(h) => HeaderValue::from_str(h).ok(),
+            None => up.endpoints[ctx.endpoint.unwrap_or(0)].host_header.clone(),
+        }
     };
     if let Some(h) = host {
         let _ = req.insert_header(HOST, h);

@@ -32,6 +32,8 @@ pub struct Endpoint {
     pub(crate) resolved_at: std::sync::Mutex<std::time::Instant>,
     pub weight: u32,
     pub health: Arc<EndpointHealth>,
+    /// `address` as a Host header value, made once (`None` if it cannot be one).
+    pub host_header: Option<http::HeaderValue>,
 }
 
 impl Endpoint {
@@ -43,6 +45,7 @@ impl Endpoint {
                 .and_then(|(h, p)| Some((h.to_string(), p.parse().ok()?))),
         };
         Endpoint {
+            host_header: http::HeaderValue::from_str(&address).ok(),
             address,
             addr: arc_swap::ArcSwap::from_pointee(addr),
             name,
