@@ -121,6 +121,7 @@ impl ProxyHttp for Gateway {
     async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
         exchange::finish_response_head(session.req_header(), resp, ctx);
         exchange::compress_or_not(session, resp, ctx);
+        exchange::client_framing(session, resp, ctx);
         Ok(())
     }
 

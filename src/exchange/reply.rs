@@ -27,6 +27,24 @@ pub fn finish_response_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx:
     }
 }
 
+/// The connection's side of an answer head, last before it goes: an HTTP/1.0 client gets
+/// framing it can read (RFC 9112 §6.1: never chunked to it): a body of unknown length goes
+/// close-delimited — Pingora frames an HTTP/1.0 upstream's body, or any body without a length,
+/// as chunked for HTTP/1.1 clients — and the head says `Connection: close`. Compression is
+/// never chosen for HTTP/1.0, so nothing adds chunked after this.
+pub fn client_framing(session: &mut Session, resp: &mut ResponseHeader, _ctx: &Ctx) {
+    if session.req_header().version >= http::Version::HTTP_11 || resp.status.as_u16() < 200 {
+        return;
+    }
+    if resp.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        resp.remove_header(&http::header::TRANSFER_ENCODING);
+    }
+    let no_body = session.req_header().method == Method::HEAD || matches!(resp.status.as_u16(), 204 | 304);
+    if !no_body && !resp.headers.contains_key(http::header::CONTENT_LENGTH) {
+        session.set_keepalive(None);
+    }
+}
+
 /// Write a reply of Portico's own, with the same response-phase treatment as upstream replies:
 /// the response plugins on its head, then the body plugins on its whole body (one piece, the
 /// last). The whole body is known before the head goes, so the head declares its exact length
@@ -41,6 +59,7 @@ pub async fn send_reply(session: &mut Session, ctx: &mut Ctx, reply: Reply) -> R
     }
     let _ = head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
     super::compress_or_not(session, &mut head, ctx);
+    client_framing(session, &mut head, ctx);
     // A request body we did not read would be parsed as the next request: close instead.
     let unread_body = !session.is_body_empty() && ctx.body_seen == 0;
     if unread_body || reply.status == 413 || reply.status == 400 {

@@ -1,0 +1,229 @@
+//! What a user moving from nginx found different, in front of real apps (gunicorn/Flask,
+//! python's http.server): HTTP/1.0 clients, compression of partial and streamed answers, HEAD
+//! under compression, redirects naming the app's own address.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A text body big enough to be compressed (over the default `min_length`).
+fn text(n: usize) -> String {
+    "all work and no play makes jack a dull boy\n".repeat(n / 43 + 1)[..n].to_string()
+}
+
+/// Read one request head from `s` (byte by byte: the tests' upstreams serve one request per
+/// connection, so nothing is read past it).
+fn read_head(s: &mut std::net::TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).ok()? == 0 {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    Some(String::from_utf8_lossy(&head).to_string())
+}
+
+/// An upstream that answers each request with what `answer` makes of its head (the whole
+/// response, bytes), then closes the connection.
+fn scripted(answer: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = Arc::new(answer);
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let answer = answer.clone();
+            std::thread::spawn(move || {
+                if let Some(head) = read_head(&mut s) {
+                    let _ = s.write_all(&answer(&head));
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The request line's path.
+fn path_of(head: &str) -> &str {
+    head.split_whitespace().nth(1).unwrap_or("/")
+}
+
+/// Split a raw response into its head (lower-case) and the bytes after it.
+fn split(raw: &[u8]) -> (String, Vec<u8>) {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(raw)))
+        + 4;
+    (
+        String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase(),
+        raw[end..].to_vec(),
+    )
+}
+
+const COMPRESS_TEXT: &str = "compression: { algorithms: [gzip], content_types: [\"text/*\", application/json] }\n";
+
+/// D1: an HTTP/1.0 client does not know chunked (RFC 9112 §6.1): whatever the upstream's
+/// framing, and with compression configured, it gets a close-delimited body (or a
+/// Content-Length) and an uncompressed one (nginx: `gzip_http_version 1.1`).
+#[test]
+fn http10_clients_never_get_chunked_or_compressed_bodies() {
+    let big = text(20_000);
+    let body = big.clone();
+    let up = scripted(move |head| match path_of(head) {
+        // A generator behind gunicorn: chunked.
+        "/chunked" => {
+            let (a, b) = body.split_at(7000);
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                a.len(),
+                b.len()
+            )
+            .into_bytes()
+        }
+        // python's http.server: HTTP/1.0, close-delimited.
+        "/close" => format!("HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\n{body}").into_bytes(),
+        // A plain answer with its length, which compression would make chunked.
+        _ => format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    });
+    let gw = Gw::start(&format!(
+        "{COMPRESS_TEXT}upstreams:\n  up: {{ endpoints: [\"{up}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n"
+    ));
+    for path in ["/chunked", "/close", "/big"] {
+        for keep_alive in [false, true] {
+            let req = format!(
+                "GET {path} HTTP/1.0\r\nhost: x\r\naccept-encoding: gzip\r\n{}\r\n",
+                if keep_alive { "connection: keep-alive\r\n" } else { "" }
+            );
+            let raw = raw(&gw.addr, req.as_bytes(), Duration::from_secs(10)).unwrap();
+            let (head, got) = split(&raw);
+            assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+            assert!(!head.contains("transfer-encoding"), "{path}: no chunked for HTTP/1.0: {head}");
+            assert!(!head.contains("content-encoding"), "{path}: not compressed for HTTP/1.0: {head}");
+            if !head.contains("content-length") {
+                assert!(
+                    head.contains("connection: close"),
+                    "{path}: a close-delimited body says so: {head}"
+                );
+            }
+            assert!(got == big.as_bytes(), "{path}: the body as sent, unframed ({} bytes)", got.len());
+        }
+    }
+    // HTTP/1.1 clients still get both.
+    let r = gw.send(Request::get("/chunked").header("accept-encoding", "gzip"));
+    assert_eq!(r.header("content-encoding"), Some("gzip"));
+}
+
+/// D4: a 206 (or any answer with a Content-Range) is never compressed: its range describes
+/// the identity bytes (nginx does the same).
+#[test]
+fn partial_content_is_never_compressed() {
+    let body = text(3001);
+    let up = scripted(move |head| {
+        let status = if path_of(head) == "/range" { "206 Partial Content" } else { "200 OK" };
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-range: bytes 0-3000/5001\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    });
+    let gw = Gw::start(&format!(
+        "{COMPRESS_TEXT}upstreams:\n  up: {{ endpoints: [\"{up}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n"
+    ));
+    for path in ["/range", "/odd"] {
+        let r = gw.send(
+            Request::get(path)
+                .header("range", "bytes=0-3000")
+                .header("accept-encoding", "gzip"),
+        );
+        assert_eq!(r.header("content-encoding"), None, "{path}");
+        assert_eq!(r.header("content-range"), Some("bytes 0-3000/5001"));
+        assert_eq!(r.body.len(), 3001, "{path}: the identity bytes of the range");
+    }
+}
+
+/// D6: server-sent events are never compressed — compression buffers, and an event stream
+/// must reach the client as each event is sent. The upstream holds its second event until
+/// the client has the first.
+#[test]
+fn event_streams_are_not_compressed_and_arrive_as_sent() {
+    let got_first = Arc::new(AtomicBool::new(false));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = listener.local_addr().unwrap();
+    let flag = got_first.clone();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let flag = flag.clone();
+            std::thread::spawn(move || {
+                if read_head(&mut s).is_none() {
+                    return;
+                }
+                let event = |n: u32| {
+                    let data = format!("data: event {n} {}\n\n", text(2000).replace('\n', " "));
+                    format!("{:x}\r\n{data}\r\n", data.len())
+                };
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n";
+                if s.write_all(format!("{head}{}", event(1)).as_bytes()).is_err() {
+                    return;
+                }
+                // Until the client read the first event (or the test gave up).
+                let end = std::time::Instant::now() + Duration::from_secs(10);
+                while !flag.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let _ = s.write_all(format!("{}0\r\n\r\n", event(2)).as_bytes());
+            });
+        }
+    });
+    let gw = Gw::start(&format!(
+        "{COMPRESS_TEXT}upstreams:\n  up: {{ endpoints: [\"{up}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n"
+    ));
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /events HTTP/1.1\r\nhost: x\r\naccept-encoding: gzip\r\n\r\n")
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 8192];
+    while !String::from_utf8_lossy(&seen).contains("data: event 1") {
+        let n = s
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("the first event never came alone ({e}): {:?}", String::from_utf8_lossy(&seen)));
+        assert!(n > 0, "closed before the first event");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    got_first.store(true, Ordering::SeqCst);
+    let (head, _) = split(&seen);
+    assert!(!head.contains("content-encoding"), "{head}");
+}
+
+/// D8: HEAD announces what GET would send: the same Content-Encoding, no stale length.
+#[test]
+fn head_announces_the_compression_get_would_use() {
+    let body = text(20_000);
+    let up = scripted(move |head| {
+        let is_head = head.starts_with("HEAD");
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\netag: \"v1\"\r\ncontent-length: {}\r\n\r\n{}",
+            body.len(),
+            if is_head { "" } else { body.as_str() }
+        )
+        .into_bytes()
+    });
+    let gw = Gw::start(&format!(
+        "{COMPRESS_TEXT}upstreams:\n  up: {{ endpoints: [\"{up}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n"
+    ));
+    let get = gw.send(Request::get("/big").header("accept-encoding", "gzip"));
+    let head = gw.send(Request::new("HEAD", "/big").header("accept-encoding", "gzip"));
+    assert_eq!(get.header("content-encoding"), Some("gzip"));
+    for name in ["content-encoding", "content-length", "etag", "vary"] {
+        assert_eq!(head.header(name), get.header(name), "{name}: {:?} vs {:?}", head.headers, get.headers);
+    }
+}
