@@ -2,6 +2,7 @@ use super::*;
 use crate::config::snapshot::Rewrite;
 use crate::config::ClientIpResolver;
 use std::net::IpAddr;
+use std::time::Duration;
 
 fn check(yaml: &str) -> Result<Snapshot, ConfigErrors> {
     compile(
@@ -144,4 +145,21 @@ fn retry_policies() {
         "{e}"
     );
     assert!(e.contains("upstreams.a.retries.budget"), "{e}");
+}
+
+/// Passive ejection: on for failed connects with no block (nginx's max_fails=1
+/// fail_timeout=10s), a block as written, or `off`.
+#[test]
+fn passive_ejection_defaults_and_off() {
+    let s = check(&format!(
+        "{BASE}  b: {{endpoints: [127.0.0.1:9002], passive: off}}\n  c: {{endpoints: [127.0.0.1:9003], passive: {{consecutive_failures: 3}}}}\nroutes:\n  - {{name: r, upstream: a}}\n"
+    ))
+    .unwrap();
+    let a = s.upstreams["a"].passive.clone().unwrap();
+    assert_eq!((a.consecutive_failures, a.eject_for, a.connect_only), (1, Duration::from_secs(10), true));
+    assert!(s.upstreams["b"].passive.is_none());
+    let c = s.upstreams["c"].passive.clone().unwrap();
+    assert_eq!((c.consecutive_failures, c.connect_only), (3, false));
+    let e = errors(&format!("{BASE}  b: {{endpoints: [127.0.0.1:9002], passive: maybe}}\nroutes:\n  - {{name: r, upstream: a}}\n"));
+    assert!(e.contains("upstreams.b"), "{e}");
 }
