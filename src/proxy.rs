@@ -21,7 +21,9 @@ impl ProxyHttp for Gateway {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        Ctx::new(self.shared.snapshot())
+        let mut ctx = Ctx::new(self.shared.snapshot());
+        ctx.drain = Some(self.shared.drain_watch());
+        ctx
     }
 
     /// Trace ids, client address, host and path checks, routing, compression negotiation:

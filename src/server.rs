@@ -115,6 +115,42 @@ pub fn prepare(opts: RunOptions) -> Result<Prepared, String> {
     Ok(Prepared { server, shared })
 }
 
+/// Starts draining as soon as Pingora starts a hand-over or a shutdown. Pingora's own
+/// shutdown watch turns true only when a binary upgrade's 5 s hand-over window is over;
+/// connections told to close during that window reconnect to the new process. A background
+/// service, not a thread of its own: with `-d` Pingora forks after `prepare`, and only its
+/// services run in the daemon.
+struct DrainOnPhase {
+    shared: Arc<Shared>,
+    phases: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<pingora::server::ExecutionPhase>>>,
+}
+
+#[async_trait]
+impl BackgroundService for DrainOnPhase {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use pingora::server::ExecutionPhase as P;
+        use tokio::sync::broadcast::error::RecvError;
+        let Some(mut phases) = self.phases.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                phase = phases.recv() => match phase {
+                    Ok(P::GracefulUpgradeTransferringFds | P::GracefulUpgradeCloseTimeout | P::GracefulTerminate) => {
+                        self.shared.start_draining();
+                    }
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
+                },
+                _ = shutdown.changed() => {
+                    self.shared.start_draining();
+                    return;
+                }
+            }
+        }
+    }
+}
+
 fn add_services(server: &mut Server, shared: &Arc<Shared>) -> Result<(), String> {
     let snap = shared.snapshot();
     // One proxy service per protocol setting (h2c is a per-service option in Pingora), and one
@@ -212,6 +248,14 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) -> Result<(), String>
     server.add_service(background_service(
         "plugin tasks",
         crate::scheduler::Scheduler { shared: shared.clone() },
+    ));
+    let phases = server.watch_execution_phase();
+    server.add_service(background_service(
+        "drain",
+        DrainOnPhase {
+            shared: shared.clone(),
+            phases: std::sync::Mutex::new(Some(phases)),
+        },
     ));
     server.add_service(background_service(
         "sighup reload",

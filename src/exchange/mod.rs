@@ -78,6 +78,8 @@ pub struct Ctx {
     pub(crate) early: Option<Result<(), Reply>>,
     /// The route's compression policy and the algorithm chosen for this request.
     pub(crate) compression: Option<(Arc<crate::compression::Policy>, Option<crate::compression::Chosen>)>,
+    /// Turns true when the process starts draining (see [`crate::shared::Shared::start_draining`]).
+    pub drain: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// A cheap handle on the chains that apply to this request (the route's, or the global ones).
@@ -123,6 +125,7 @@ impl Ctx {
             grpc_status: None,
             early: None,
             compression: None,
+            drain: None,
         }
     }
 

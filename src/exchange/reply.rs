@@ -27,12 +27,19 @@ pub fn finish_response_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx:
     }
 }
 
-/// The connection's side of an answer head, last before it goes: an HTTP/1.0 client gets
-/// framing it can read (RFC 9112 §6.1: never chunked to it): a body of unknown length goes
-/// close-delimited — Pingora frames an HTTP/1.0 upstream's body, or any body without a length,
-/// as chunked for HTTP/1.1 clients — and the head says `Connection: close`. Compression is
-/// never chosen for HTTP/1.0, so nothing adds chunked after this.
-pub fn client_framing(session: &mut Session, resp: &mut ResponseHeader, _ctx: &Ctx) {
+/// The connection's side of an answer head, last before it goes:
+///
+/// - while the process drains (binary upgrade, shutdown), the answer closes its HTTP/1
+///   connection, so the client's next request opens a new one (to the new process);
+/// - an HTTP/1.0 client gets framing it can read (RFC 9112 §6.1: never chunked to it): a body
+///   of unknown length goes close-delimited — Pingora frames an HTTP/1.0 upstream's body, or
+///   any body without a length, as chunked for HTTP/1.1 clients — and the head says
+///   `Connection: close`. Compression is never chosen for HTTP/1.0, so nothing adds chunked
+///   after this.
+pub fn client_framing(session: &mut Session, resp: &mut ResponseHeader, ctx: &Ctx) {
+    if ctx.drain.as_ref().is_some_and(|d| *d.borrow()) {
+        session.set_keepalive(None);
+    }
     if session.req_header().version >= http::Version::HTTP_11 || resp.status.as_u16() < 200 {
         return;
     }
