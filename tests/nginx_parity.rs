@@ -227,3 +227,35 @@ fn head_announces_the_compression_get_would_use() {
         assert_eq!(head.header(name), get.header(name), "{name}: {:?} vs {:?}", head.headers, get.headers);
     }
 }
+
+/// D7: an absolute Location naming the app's own address is the gateway's on every proxied
+/// route (nginx's implicit `proxy_redirect default`), the protocol-relative form too;
+/// `rewrite_location: false` keeps it as the app wrote it.
+#[test]
+fn redirects_naming_the_app_are_rewritten_on_plain_routes() {
+    let up = scripted(|head| {
+        let me = head
+            .lines()
+            .find_map(|l| l.strip_prefix("host: ").or_else(|| l.strip_prefix("Host: ")))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let p = path_of(head);
+        let loc = if p.ends_with("/pr") {
+            format!("//{me}/api/echo")
+        } else {
+            format!("http://{me}/api/echo")
+        };
+        format!("HTTP/1.1 302 Found\r\nlocation: {loc}\r\ncontent-length: 0\r\n\r\n").into_bytes()
+    });
+    let gw = Gw::start(&format!(
+        "upstreams:\n  app: {{ endpoints: [\"{up}\"] }}\nroutes:\n  - {{ name: raw, upstream: app, match: {{ path_prefix: /raw }}, rewrite_location: false }}\n  - {{ name: plain, upstream: app }}\n"
+    ));
+    let host = "gw.example:8080";
+    let r = gw.send(Request::get("/go").header("host", host));
+    assert_eq!(r.header("location"), Some(format!("http://{host}/api/echo").as_str()));
+    let r = gw.send(Request::get("/go/pr").header("host", host));
+    assert_eq!(r.header("location"), Some(format!("//{host}/api/echo").as_str()));
+    let r = gw.send(Request::get("/raw").header("host", host));
+    assert_eq!(r.header("location"), Some(format!("http://{up}/api/echo").as_str()));
+}

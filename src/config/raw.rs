@@ -495,7 +495,7 @@ pub struct Route {
     #[serde(default)]
     pub compression: Option<RouteCompression>,
     /// Map `Location`/`Content-Location` from the upstream back through the rewrite and to the
-    /// client's host (default: on when the route rewrites or the upstream sets `host`).
+    /// client's host (default: on, as nginx's implicit `proxy_redirect default`).
     #[serde(default)]
     pub rewrite_location: Option<bool>,
     #[serde(default)]

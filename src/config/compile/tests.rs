@@ -163,3 +163,14 @@ fn passive_ejection_defaults_and_off() {
     let e = errors(&format!("{BASE}  b: {{endpoints: [127.0.0.1:9002], passive: maybe}}\nroutes:\n  - {{name: r, upstream: a}}\n"));
     assert!(e.contains("upstreams.b"), "{e}");
 }
+
+/// `Location` mapping is on for every proxied route unless switched off.
+#[test]
+fn location_mapping_is_on_by_default() {
+    let s = check(&format!(
+        "{BASE}routes:\n  - {{name: plain, upstream: a, match: {{path_prefix: /p}}}}\n  - {{name: off, upstream: a, rewrite_location: false}}\n"
+    ))
+    .unwrap();
+    assert!(s.routes[0].rewrite_location);
+    assert!(!s.routes[1].rewrite_location);
+}
