@@ -147,6 +147,29 @@ fn retry_policies() {
     assert!(e.contains("upstreams.a.retries.budget"), "{e}");
 }
 
+/// A listener that does not parse is reported once: no "at least one listener" on top of it.
+#[test]
+fn a_broken_listener_is_reported_once() {
+    let e = errors("listeners: [{address: 127.0.0.1:18080, htp2: true}]\nupstreams:\n  a: {endpoints: [127.0.0.1:9001]}\nroutes:\n  - {name: r, upstream: a}\n");
+    assert!(e.contains("listeners[0]: unknown field 'htp2'"), "{e}");
+    assert!(!e.contains("at least one listener"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    let e = errors("upstreams:\n  a: {endpoints: [127.0.0.1:9001]}\nroutes:\n  - {name: r, upstream: a}\n");
+    assert!(e.contains("at least one listener"), "{e}");
+}
+
+/// Every mistake of a plugin block at once, not the first alone.
+#[test]
+fn every_error_of_a_plugin_block_is_reported() {
+    let e = errors(&format!(
+        "{BASE}routes:\n  - {{name: r, upstream: a, plugins: [rate_limit: {{requests: 0, per: 0s, key: bogus}}]}}\n"
+    ));
+    for field in ["requests: must be at least 1", "per: must be more than 0", "key: unknown key"] {
+        assert!(e.contains(field), "{field} missing in: {e}");
+    }
+    assert!(e.starts_with("routes[0].plugins[0]"), "{e}");
+}
+
 /// Passive ejection: on for failed connects with no block (nginx's max_fails=1
 /// fail_timeout=10s), a block as written, or `off`.
 #[test]
