@@ -259,3 +259,33 @@ fn redirects_naming_the_app_are_rewritten_on_plain_routes() {
     let r = gw.send(Request::get("/raw").header("host", host));
     assert_eq!(r.header("location"), Some(format!("http://{up}/api/echo").as_str()));
 }
+
+/// D8: the answers the edge layer writes itself (431, 400, 505) carry a Date, as every other
+/// answer does; an HTTP/2 preface on a listener without `http2: true` gets nginx's 505.
+#[test]
+fn edge_answers_carry_a_date_and_h2c_without_http2_is_named() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&format!(
+        "limits: {{ max_request_header_bytes: 4KiB }}\nupstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
+        up.addr
+    ));
+    let big = format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n", "a".repeat(8000));
+    let bare_lf = "GET / HTTP/1.1\nhost: x\n\n".to_string();
+    for (req, status) in [(big, "431"), (bare_lf, "400")] {
+        let (head, _) = split(&raw(&gw.addr, req.as_bytes(), Duration::from_secs(10)).unwrap());
+        assert!(head.starts_with(&format!("http/1.1 {status}")), "{head}");
+        assert!(head.contains("\r\ndate: "), "{head}");
+    }
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    preface.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // an empty SETTINGS frame
+    let raw = raw(&gw.addr, &preface, Duration::from_secs(10)).unwrap();
+    let (head, body) = split(&raw);
+    assert!(head.starts_with("http/1.1 505"), "{head}");
+    assert!(head.contains("\r\ndate: "), "{head}");
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"], "http_version_not_supported");
+    assert!(json["message"].as_str().unwrap().contains("http2: true"), "{json}");
+    wait_for("the logged reason", Duration::from_secs(10), || {
+        gw.p.logs().contains("HTTP/2 connection preface").then_some(())
+    });
+}

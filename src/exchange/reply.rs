@@ -140,6 +140,11 @@ pub fn by_status(code: u16) -> (u16, &'static str, &'static str) {
             "the upstream could not be reached or failed",
         ),
         504 => (504, "upstream_timeout", "the upstream did not answer in time"),
+        505 => (
+            505,
+            "http_version_not_supported",
+            "the HTTP version is not supported here",
+        ),
         c if c >= 500 => (c, "internal_error", "the gateway failed to handle the request"),
         c => (c, "bad_request", "the request could not be handled"),
     }
