@@ -289,3 +289,29 @@ fn edge_answers_carry_a_date_and_h2c_without_http2_is_named() {
         gw.p.logs().contains("HTTP/2 connection preface").then_some(())
     });
 }
+
+/// D8: a client that goes away before its answer is logged and counted as 499
+/// (`client_closed`), as nginx logs it — not as status 0.
+#[test]
+fn a_client_that_goes_away_is_a_499() {
+    let slow = FaultServer::start(Fault::SlowHead(Duration::from_secs(3)));
+    let gw = Gw::start(&format!(
+        "access_log: {{ format: json }}\nupstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
+        slow.addr
+    ));
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    wait_for("the request upstream", Duration::from_secs(10), || {
+        (slow.request_count() == 1).then_some(())
+    });
+    drop(s);
+    let line = wait_for("the access-log line", Duration::from_secs(10), || {
+        gw.p.stdout_text().lines().find(|l| l.contains("/slow")).map(str::to_string)
+    });
+    let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(record["status"], 499, "{line}");
+    assert_eq!(record["error"], "client_closed", "{line}");
+    let m = gw.metrics();
+    assert_eq!(metric(&m, "portico_requests_total", &[("status", "499")]), 1.0, "{m}");
+    assert_eq!(metric(&m, "portico_requests_total", &[("status", "0")]), 0.0, "{m}");
+}

@@ -97,6 +97,15 @@ fn reply_body(body: Bytes, ctx: &mut Ctx) -> Bytes {
     piece.unwrap_or_default()
 }
 
+/// The client went away before its answer was sent: nginx's 499, in the log and the metrics
+/// (nothing is written: there is no one to read it).
+const CLIENT_CLOSED: (u16, &str, &str) = (499, "client_closed", "the client closed the connection");
+
+/// Whether `e` says the client went away (its connection closed or broke).
+pub(super) fn client_went_away(e: &Error) -> bool {
+    classify(e).0 == CLIENT_CLOSED.0
+}
+
 /// A status and gateway error code for a Pingora error.
 fn classify(e: &Error) -> (u16, &'static str, &'static str) {
     if let HTTPStatus(code) = e.etype() {
@@ -114,7 +123,7 @@ fn classify(e: &Error) -> (u16, &'static str, &'static str) {
             ),
         },
         ErrorSource::Downstream => match e.etype() {
-            ReadError | WriteError | ConnectionClosed => (0, "", ""),
+            ReadError | WriteError | ConnectionClosed => CLIENT_CLOSED,
             ReadTimedout => (408, "request_timeout", "the request did not arrive in time"),
             _ => (400, "bad_request", "the request could not be read"),
         },
@@ -190,8 +199,9 @@ pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
         });
     }
     let (status, code, message) = classify(e);
-    if status == 0 {
-        return 0;
+    if status == CLIENT_CLOSED.0 {
+        ctx.error_code = Some(code);
+        return status;
     }
     if final_response_written(session) {
         return status;
