@@ -315,3 +315,52 @@ fn a_client_that_goes_away_is_a_499() {
     assert_eq!(metric(&m, "portico_requests_total", &[("status", "499")]), 1.0, "{m}");
     assert_eq!(metric(&m, "portico_requests_total", &[("status", "0")]), 0.0, "{m}");
 }
+
+/// D8: the pid file goes at exit (as nginx's does).
+#[test]
+fn the_pid_file_is_removed_at_exit() {
+    let up = EchoServer::start("up").unwrap();
+    let mut gw = Gw::start(&format!(
+        "upstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
+        up.addr
+    ));
+    let pid_file = gw.p.dir.file("portico.pid");
+    assert!(pid_file.exists());
+    gw.expect_exit = true;
+    gw.p.signal("TERM");
+    assert_eq!(gw.p.wait_exit(Duration::from_secs(30)), Some(0), "{}", gw.p.logs());
+    assert!(!pid_file.exists(), "the pid file is left behind");
+}
+
+/// D8: `-u` with no running Portico says so at once (not "EAGAIN" after 5 s), and
+/// `portico health` names the URL once.
+#[test]
+fn upgrade_without_an_old_process_and_health_errors_are_clear() {
+    let dir = TempDir::new("nold");
+    let config = dir.write(
+        "portico.yaml",
+        &format!(
+            "{}upstreams:\n  up: {{ endpoints: [\"127.0.0.1:9\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
+            head(dir.path(), "127.0.0.1:0", "127.0.0.2:0")
+        ),
+    );
+    let start = std::time::Instant::now();
+    let out = std::process::Command::new(BIN)
+        .args(["-u", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(start.elapsed() < Duration::from_secs(3), "answered at once");
+    assert!(err.contains("-u takes over a running Portico"), "{err}");
+    assert!(!err.contains("EAGAIN"), "{err}");
+    let dead = format!("http://{}/healthz", free_addr());
+    let out = std::process::Command::new(BIN)
+        .args(["health", "--url", &dead])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.matches(&dead).count(), 1, "{err}");
+}
