@@ -133,7 +133,12 @@ impl ServerApp for EdgeApp {
         // Pingora's watch turns true only after a binary upgrade's hand-over window; ours as
         // soon as a hand-over or shutdown starts, so HTTP/2 connections get GOAWAY and HTTP/1
         // answers `Connection: close` while the new process is already accepting.
-        let drain = self.shared.drain_watch();
+        let mut drain = self.shared.drain_watch();
+        if *drain.borrow() {
+            // Accepted while draining: HTTP/2 waits for a *change* to send GOAWAY; make the
+            // current value count as one, so this connection gets it at once too.
+            drain.mark_changed();
+        }
         let shutdown = if *pingora_shutdown.borrow() { pingora_shutdown } else { &drain };
         let snap = self.shared.snapshot();
         let peer = stream.get_socket_digest().and_then(|d| {
