@@ -47,7 +47,8 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
 
 /// The live process named by the pid file (the one `-u` takes over), or why there is none.
 fn old_process(pid_file: &str) -> Result<i32, String> {
-    let text = std::fs::read_to_string(pid_file).map_err(|e| format!("its pid file {pid_file} cannot be read ({e})"))?;
+    let text =
+        std::fs::read_to_string(pid_file).map_err(|e| format!("its pid file {pid_file} cannot be read ({e})"))?;
     let pid: i32 = text
         .trim()
         .parse()
@@ -126,9 +127,8 @@ pub fn prepare(opts: RunOptions) -> Result<Prepared, String> {
     if opts.upgrade {
         // Pingora waits ~5 s for sockets that will never come and exits with "EAGAIN": say
         // what is wrong instead, at once.
-        old_process(&pid_file).map_err(|why| {
-            format!("-u takes over a running Portico, but {why}; start without -u to bind the ports")
-        })?;
+        old_process(&pid_file)
+            .map_err(|why| format!("-u takes over a running Portico, but {why}; start without -u to bind the ports"))?;
         log::info!("waiting for the running Portico to hand over its sockets: send it SIGQUIT now");
     }
     let mut server = Server::new_with_opt_and_conf(Some(Opt::parse_from_args(args)), conf);

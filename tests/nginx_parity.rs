@@ -106,15 +106,25 @@ fn http10_clients_never_get_chunked_or_compressed_bodies() {
             let raw = raw(&gw.addr, req.as_bytes(), Duration::from_secs(10)).unwrap();
             let (head, got) = split(&raw);
             assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
-            assert!(!head.contains("transfer-encoding"), "{path}: no chunked for HTTP/1.0: {head}");
-            assert!(!head.contains("content-encoding"), "{path}: not compressed for HTTP/1.0: {head}");
+            assert!(
+                !head.contains("transfer-encoding"),
+                "{path}: no chunked for HTTP/1.0: {head}"
+            );
+            assert!(
+                !head.contains("content-encoding"),
+                "{path}: not compressed for HTTP/1.0: {head}"
+            );
             if !head.contains("content-length") {
                 assert!(
                     head.contains("connection: close"),
                     "{path}: a close-delimited body says so: {head}"
                 );
             }
-            assert!(got == big.as_bytes(), "{path}: the body as sent, unframed ({} bytes)", got.len());
+            assert!(
+                got == big.as_bytes(),
+                "{path}: the body as sent, unframed ({} bytes)",
+                got.len()
+            );
         }
     }
     // HTTP/1.1 clients still get both.
@@ -128,7 +138,11 @@ fn http10_clients_never_get_chunked_or_compressed_bodies() {
 fn partial_content_is_never_compressed() {
     let body = text(3001);
     let up = scripted(move |head| {
-        let status = if path_of(head) == "/range" { "206 Partial Content" } else { "200 OK" };
+        let status = if path_of(head) == "/range" {
+            "206 Partial Content"
+        } else {
+            "200 OK"
+        };
         format!(
             "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-range: bytes 0-3000/5001\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
@@ -193,9 +207,12 @@ fn event_streams_are_not_compressed_and_arrive_as_sent() {
     let mut seen = Vec::new();
     let mut buf = [0u8; 8192];
     while !String::from_utf8_lossy(&seen).contains("data: event 1") {
-        let n = s
-            .read(&mut buf)
-            .unwrap_or_else(|e| panic!("the first event never came alone ({e}): {:?}", String::from_utf8_lossy(&seen)));
+        let n = s.read(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "the first event never came alone ({e}): {:?}",
+                String::from_utf8_lossy(&seen)
+            )
+        });
         assert!(n > 0, "closed before the first event");
         seen.extend_from_slice(&buf[..n]);
     }
@@ -224,7 +241,13 @@ fn head_announces_the_compression_get_would_use() {
     let head = gw.send(Request::new("HEAD", "/big").header("accept-encoding", "gzip"));
     assert_eq!(get.header("content-encoding"), Some("gzip"));
     for name in ["content-encoding", "content-length", "etag", "vary"] {
-        assert_eq!(head.header(name), get.header(name), "{name}: {:?} vs {:?}", head.headers, get.headers);
+        assert_eq!(
+            head.header(name),
+            get.header(name),
+            "{name}: {:?} vs {:?}",
+            head.headers,
+            get.headers
+        );
     }
 }
 
@@ -306,7 +329,10 @@ fn a_client_that_goes_away_is_a_499() {
     });
     drop(s);
     let line = wait_for("the access-log line", Duration::from_secs(10), || {
-        gw.p.stdout_text().lines().find(|l| l.contains("/slow")).map(str::to_string)
+        gw.p.stdout_text()
+            .lines()
+            .find(|l| l.contains("/slow"))
+            .map(str::to_string)
     });
     let record: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(record["status"], 499, "{line}");

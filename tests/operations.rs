@@ -207,7 +207,9 @@ fn keep_alive_clients_move_to_the_new_process_at_an_upgrade() {
     let up = EchoServer::start("up").unwrap();
     let mut gw = Gw::start_with_grace(&body_to(&up.addr.to_string(), ""), 2);
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..3).map(|_| keep_alive_client(gw.addr.clone(), stop.clone())).collect();
+    let clients: Vec<_> = (0..3)
+        .map(|_| keep_alive_client(gw.addr.clone(), stop.clone()))
+        .collect();
     wait_for("the clients to run", Duration::from_secs(10), || {
         (up.requests() > 30).then_some(())
     });

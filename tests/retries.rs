@@ -165,5 +165,8 @@ fn a_dead_endpoint_is_skipped_after_one_failed_connect() {
             slow += 1;
         }
     }
-    assert!((3..=7).contains(&slow), "{slow} of 10 requests met the dead endpoint first");
+    assert!(
+        (3..=7).contains(&slow),
+        "{slow} of 10 requests met the dead endpoint first"
+    );
 }

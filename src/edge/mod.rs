@@ -139,7 +139,11 @@ impl ServerApp for EdgeApp {
             // current value count as one, so this connection gets it at once too.
             drain.mark_changed();
         }
-        let shutdown = if *pingora_shutdown.borrow() { pingora_shutdown } else { &drain };
+        let shutdown = if *pingora_shutdown.borrow() {
+            pingora_shutdown
+        } else {
+            &drain
+        };
         let snap = self.shared.snapshot();
         let peer = stream.get_socket_digest().and_then(|d| {
             d.peer_addr()

@@ -15,7 +15,7 @@ mod upstream;
 
 pub use body::{end_body_once, read_small_body, request_body};
 pub use done::done;
-pub use reply::{by_status, fail, finish_response_head, client_framing, send_reply, trailers_arrived};
+pub use reply::{by_status, client_framing, fail, finish_response_head, send_reply, trailers_arrived};
 pub use upstream::{
     connect_failed, past_deadline, pick_peer, prepare_upstream_request, proxy_failed, upgraded, upstream_answered,
 };

@@ -200,7 +200,11 @@ mod tests {
         // Several mistakes: all of them, each with its field.
         let e = err("{requests: 0, per: 0s, key: bogus}");
         assert_eq!(e.location, "", "{e:?}");
-        for field in ["requests: must be at least 1", "per: must be more than 0", "key: unknown key 'bogus'"] {
+        for field in [
+            "requests: must be at least 1",
+            "per: must be more than 0",
+            "key: unknown key 'bogus'",
+        ] {
             assert!(e.message.contains(field), "{field} in {e:?}");
         }
     }

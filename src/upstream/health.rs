@@ -77,7 +77,11 @@ impl EndpointHealth {
                 .is_ok()
         {
             self.publish();
-            log::info!("upstream {}: endpoint {} takes traffic again", self.labels.0, self.labels.1);
+            log::info!(
+                "upstream {}: endpoint {} takes traffic again",
+                self.labels.0,
+                self.labels.1
+            );
         }
     }
 

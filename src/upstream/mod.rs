@@ -409,7 +409,10 @@ mod tests {
         let t0 = 1_000_000;
         u.record_failure_at(2, FailureKind::Exchange, t0);
         u.record_failure_at(2, FailureKind::Exchange, t0);
-        assert!(!u.endpoints[2].health.is_ejected_at(t0), "a reset or a 502 is not a failed connect");
+        assert!(
+            !u.endpoints[2].health.is_ejected_at(t0),
+            "a reset or a 502 is not a failed connect"
+        );
         u.record_failure_at(1, FailureKind::Connect, t0);
         let h = &u.endpoints[1].health;
         assert!(h.is_ejected_at(t0 + 9_999));

@@ -164,7 +164,11 @@ fn every_error_of_a_plugin_block_is_reported() {
     let e = errors(&format!(
         "{BASE}routes:\n  - {{name: r, upstream: a, plugins: [rate_limit: {{requests: 0, per: 0s, key: bogus}}]}}\n"
     ));
-    for field in ["requests: must be at least 1", "per: must be more than 0", "key: unknown key"] {
+    for field in [
+        "requests: must be at least 1",
+        "per: must be more than 0",
+        "key: unknown key",
+    ] {
         assert!(e.contains(field), "{field} missing in: {e}");
     }
     assert!(e.starts_with("routes[0].plugins[0]"), "{e}");
@@ -179,11 +183,16 @@ fn passive_ejection_defaults_and_off() {
     ))
     .unwrap();
     let a = s.upstreams["a"].passive.clone().unwrap();
-    assert_eq!((a.consecutive_failures, a.eject_for, a.connect_only), (1, Duration::from_secs(10), true));
+    assert_eq!(
+        (a.consecutive_failures, a.eject_for, a.connect_only),
+        (1, Duration::from_secs(10), true)
+    );
     assert!(s.upstreams["b"].passive.is_none());
     let c = s.upstreams["c"].passive.clone().unwrap();
     assert_eq!((c.consecutive_failures, c.connect_only), (3, false));
-    let e = errors(&format!("{BASE}  b: {{endpoints: [127.0.0.1:9002], passive: maybe}}\nroutes:\n  - {{name: r, upstream: a}}\n"));
+    let e = errors(&format!(
+        "{BASE}  b: {{endpoints: [127.0.0.1:9002], passive: maybe}}\nroutes:\n  - {{name: r, upstream: a}}\n"
+    ));
     assert!(e.contains("upstreams.b"), "{e}");
 }
 
