@@ -245,6 +245,52 @@ fn keep_alive_clients_move_to_the_new_process_at_an_upgrade() {
     }
 }
 
+/// HTTP/2 connections get GOAWAY as soon as the old process hands over — not when its
+/// listeners stop 5 s later — so h2 clients move to the new process during the hand-over.
+#[test]
+fn http2_connections_get_goaway_when_the_hand_over_starts() {
+    let up = EchoServer::start("up").unwrap();
+    let mut gw = Gw::start_h2c(&body_to(&up.addr.to_string(), ""));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (send, conn) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+        h2::client::handshake(tcp).await.unwrap()
+    });
+    let closed = rt.spawn(conn);
+    // The client's connection lives as long as a handle does: keep one.
+    let keep = send.clone();
+    let status = rt.block_on(async {
+        let req = http::Request::get("http://gw.test/a").body(()).unwrap();
+        let (resp, _) = send.ready().await.unwrap().send_request(req, true).unwrap();
+        resp.await.unwrap().status().as_u16()
+    });
+    assert_eq!(status, 200);
+    let dir = TempDir::new("upgrade-h2");
+    let mut next = Portico::start_in(BIN, dir, gw.p.config.clone(), &["-u"]);
+    let sock = gw.p.dir.file("upgrade.sock");
+    wait_for(
+        "the new process to wait on the upgrade socket",
+        Duration::from_secs(10),
+        || sock.exists().then_some(()),
+    );
+    gw.expect_exit = true;
+    gw.p.signal("QUIT");
+    // The old process keeps its listeners for 5 s after handing over: GOAWAY must come first.
+    let ended = rt.block_on(async { tokio::time::timeout(Duration::from_secs(4), closed).await });
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the connection should end by GOAWAY within the hand-over: {ended:?}\n{}",
+        gw.p.logs()
+    );
+    drop(keep);
+    assert!(gw.p.wait_exit(Duration::from_secs(30)).is_some());
+    next.wait_ready(&gw.admin);
+}
+
 /// SIGTERM: a request sent on an idle keep-alive connection just after the shutdown started
 /// is answered (with `Connection: close`), not met by a closed connection; so is a request
 /// whose head had begun to arrive.
