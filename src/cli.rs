@@ -175,7 +175,17 @@ fn health(url: &str) -> Result<(), String> {
         Ok(r) if r.status() == 200 => Ok(()),
         Ok(r) => Err(format!("status {}", r.status())),
         Err(ureq::Error::Status(code, _)) => Err(format!("status {code}")),
-        Err(e) => Err(e.to_string()),
+        // ureq's own text starts with the URL, which the caller prints already.
+        Err(ureq::Error::Transport(t)) => {
+            let mut text = t.kind().to_string();
+            if let Some(m) = t.message() {
+                text.push_str(&format!(": {m}"));
+            }
+            if let Some(source) = std::error::Error::source(&t) {
+                text.push_str(&format!(": {source}"));
+            }
+            Err(text)
+        }
     }
 }
 

@@ -8,7 +8,7 @@
 //! instead of opening one per call.
 
 use crate::plugin::RequestState;
-use crate::upstream::{RetryCause, Upstream};
+use crate::upstream::{FailureKind, RetryCause, Upstream};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method};
 use pingora::connectors::http::Connector;
@@ -168,7 +168,12 @@ impl UpstreamClient {
                     return Ok(r);
                 }
                 Err(Ok(f)) => {
-                    up.record_failure(i);
+                    let kind = if f.before_sending {
+                        FailureKind::Connect
+                    } else {
+                        FailureKind::Exchange
+                    };
+                    up.record_failure(i, kind);
                     let cause = match (f.before_sending, f.timeout) {
                         (true, true) => RetryCause::ConnectTimeout,
                         (true, false) => RetryCause::ConnectFailure,
@@ -256,7 +261,7 @@ impl UpstreamClient {
             }
             let status = resp.status.as_u16();
             if (502..=504).contains(&status) {
-                up.record_failure(i);
+                up.record_failure(i, FailureKind::Exchange);
             } else {
                 up.record_success(i);
             }

@@ -8,6 +8,13 @@
 //! upstream may only answer in it or in identity). Per response: only the policy's media types,
 //! only bodies of at least `min_length` (when declared), never a body that already has a
 //! `Content-Encoding`, never a `Cache-Control: no-transform` one; `Vary: Accept-Encoding` added.
+//!
+//! As nginx (`gzip_http_version 1.1`), never for an HTTP/1.0 client: a compressed body of
+//! unknown length would need chunked framing, which HTTP/1.0 does not have. Never a partial
+//! answer (206, or any `Content-Range`: the range counts identity bytes). Never
+//! `text/event-stream`: the encoder buffers (it emits when its window fills, not per upstream
+//! chunk), so events would reach the client late and in bursts; other streamed text is
+//! buffered the same way, which is why such routes want `compression: off`.
 
 use crate::config::raw::{self, RouteCompression};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -143,7 +150,12 @@ impl Policy {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .any(|v| v.to_ascii_lowercase().contains("no-transform"));
-        if no_transform || matches!(resp.status.as_u16(), 204 | 304) || resp.status.as_u16() < 200 {
+        if no_transform || matches!(resp.status.as_u16(), 204 | 206 | 304) || resp.status.as_u16() < 200 {
+            return false;
+        }
+        // A range of the identity body (RFC 9110 §14): compressing it would describe bytes of a
+        // representation that does not exist.
+        if h.contains_key(http::header::CONTENT_RANGE) {
             return false;
         }
         let length = h
@@ -157,6 +169,11 @@ impl Policy {
             return false;
         };
         let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        // An event stream must reach the client event by event; the encoder would hold events
+        // back until its buffer fills (even under `text/*`).
+        if mime == "text/event-stream" {
+            return false;
+        }
         self.content_types.iter().any(|t| match t.strip_suffix("/*") {
             Some(top) => mime.split('/').next() == Some(top),
             None => *t == mime,
@@ -178,6 +195,12 @@ pub struct Chosen(Algorithm);
 
 /// Once routed: pick the algorithm, narrow the request's `Accept-Encoding`, arm the module.
 pub fn negotiate(session: &mut Session, policy: &Policy) -> Option<Chosen> {
+    // HTTP/1.0 has no chunked framing for a body whose compressed length is not known yet:
+    // never compressed (nginx's `gzip_http_version 1.1`). The client's Accept-Encoding goes to
+    // the upstream as sent, as nginx does.
+    if session.req_header().version < http::Version::HTTP_11 {
+        return None;
+    }
     let ae = session
         .req_header()
         .headers
@@ -212,12 +235,41 @@ pub fn decide(session: &mut Session, resp: &mut ResponseHeader, policy: &Policy,
     if policy.wants_vary(resp) {
         crate::util::add_vary(resp, "accept-encoding");
     }
+    if let (true, Some(Chosen(alg))) = (compress, chosen) {
+        if session.req_header().method == http::Method::HEAD {
+            // The module leaves a head without a body alone; a HEAD must still announce what
+            // a GET would get (RFC 9110 §9.3.2): the encoding, no identity length, a weak ETag.
+            announce_encoding(resp, alg);
+        }
+    }
     if !compress {
         if let Some(module) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
             if module.is_header_phase() {
                 module.adjust_level(0);
             }
         }
+    }
+}
+
+/// The head a compressed answer carries, as the module writes it for a GET: no identity
+/// length, no ranges, the encoding, the ETag weakened (or dropped when it is not a valid one).
+fn announce_encoding(resp: &mut ResponseHeader, alg: Algorithm) {
+    for name in [http::header::CONTENT_LENGTH, http::header::ACCEPT_RANGES] {
+        if resp.headers.contains_key(&name) {
+            resp.remove_header(&name);
+        }
+    }
+    let _ = resp.insert_header(http::header::CONTENT_ENCODING, alg.as_str());
+    let etag = resp.headers.get(http::header::ETAG).map(|v| v.as_bytes().to_vec());
+    match etag {
+        Some(e) if e.starts_with(b"W/") => {}
+        Some(e) if e.starts_with(b"\"") => {
+            let _ = resp.insert_header(http::header::ETAG, [b"W/".as_slice(), &e].concat());
+        }
+        Some(_) => {
+            resp.remove_header(&http::header::ETAG);
+        }
+        None => {}
     }
 }
 

@@ -164,6 +164,12 @@ routes:
     upstream: v1
     plugins:
       - mirror: {{ upstream: v2, max_in_flight: 16 }}
+  - name: packed
+    match: {{ path_prefix: /packed }}
+    upstream: v1
+    # Compressed at the gateway when the client accepts it (never for HTTP/1.0, a 206 or
+    # an event stream); a global `compression:` block would do it for every route.
+    compression: {{ algorithms: [zstd, gzip], min_length: 256, content_types: [application/json, "text/*"] }}
   - name: mesh
     match: {{ path_prefix: /mesh }}
     upstream: v1
@@ -249,6 +255,9 @@ canary; after 5 failures it is rolled back to 0% (forced requests never count: a
 Mirror: v1 answers /shadow, and v2 gets a copy of each request (its answer is discarded;
 portico_mirror_copies_total in the metrics below counts the copies)
   $ curl -s {g}/shadow/ping
+Compression: zstd or gzip, as your Accept-Encoding allows (curl --compressed decodes it)
+  $ curl -s -i --compressed {g}/packed/report
+  $ curl -s -o /dev/null -w '%{{size_download}} bytes gzip\n' -H 'accept-encoding: gzip' {g}/packed/report
 HTTPS (TLS 1.2/1.3; the DEMO-ONLY CA is {certs}/demo-ca.crt), HTTP/2 chosen by ALPN:
   $ curl -s {ca} {s}/users/7
   $ curl -s -o /dev/null -w '%{{http_version}}\n' {ca} {s}/users/7

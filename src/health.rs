@@ -44,6 +44,10 @@ impl HealthChecker {
     fn round(&self, tls: &Arc<TransportConnector>) {
         let snap = self.shared.snapshot();
         for up in snap.upstreams.values() {
+            // Passive ejections that ran out end here, so the health gauge shows them over.
+            for ep in &up.endpoints {
+                ep.health.end_ejection();
+            }
             if let Some(every) = up.resolve_every {
                 for ep in up.endpoints.iter().filter(|e| e.name.is_some()) {
                     {

@@ -34,6 +34,15 @@ pub static UPSTREAM_HEALTHY: Lazy<IntGaugeVec> = Lazy::new(|| {
     .expect("register portico_upstream_healthy")
 });
 
+pub static UPSTREAM_EJECTIONS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "portico_upstream_ejections_total",
+        "Passive ejections of an endpoint (failed proxied exchanges; by default one failed connect)",
+        &["upstream", "endpoint"]
+    )
+    .expect("register portico_upstream_ejections_total")
+});
+
 pub static RELOADS: Lazy<IntCounterVec> = Lazy::new(|| {
     let c = register_int_counter_vec!(
         "portico_config_reloads_total",
@@ -129,6 +138,7 @@ pub fn init() {
     Lazy::force(&REQUESTS);
     Lazy::force(&DURATION);
     Lazy::force(&UPSTREAM_HEALTHY);
+    Lazy::force(&UPSTREAM_EJECTIONS);
     Lazy::force(&RELOADS);
     Lazy::force(&CANARY_PERCENT);
     Lazy::force(&CANARY_ROLLBACKS);
@@ -147,8 +157,13 @@ pub fn upstream_healthy(upstream: &str, endpoint: &str, up: bool) {
     UPSTREAM_HEALTHY.with_label_values(&[upstream, endpoint]).set(up as i64);
 }
 
+pub fn upstream_ejected(upstream: &str, endpoint: &str) {
+    UPSTREAM_EJECTIONS.with_label_values(&[upstream, endpoint]).inc();
+}
+
 pub fn forget_endpoint(upstream: &str, endpoint: &str) {
     let _ = UPSTREAM_HEALTHY.remove_label_values(&[upstream, endpoint]);
+    let _ = UPSTREAM_EJECTIONS.remove_label_values(&[upstream, endpoint]);
 }
 
 /// Count panics: Pingora contains a panic to one request task, so without this a bug would

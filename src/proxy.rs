@@ -24,7 +24,9 @@ impl ProxyHttp for Gateway {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        Ctx::new(self.shared.snapshot())
+        let mut ctx = Ctx::new(self.shared.snapshot());
+        ctx.drain = Some(self.shared.drain_watch());
+        ctx
     }
 
     /// Trace ids, client address, host and path checks, routing, compression negotiation:
@@ -124,6 +126,7 @@ impl ProxyHttp for Gateway {
     async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
         exchange::finish_response_head(session.req_header(), resp, ctx);
         exchange::compress_or_not(session, resp, ctx);
+        exchange::client_framing(session, resp, ctx);
         Ok(())
     }
 

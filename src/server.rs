@@ -38,7 +38,38 @@ pub fn guard_sighup() {
 /// Run the gateway until a signal stops the process. Returns only if the config is bad or a
 /// port cannot be bound.
 pub fn run(opts: RunOptions) -> Result<(), String> {
-    prepare(opts)?.server.run_forever();
+    let prepared = prepare(opts)?;
+    let pid_file = prepared.pid_file.clone();
+    prepared.server.run(RunArgs::default());
+    remove_pid_file(&pid_file);
+    std::process::exit(0)
+}
+
+/// The live process named by the pid file (the one `-u` takes over), or why there is none.
+fn old_process(pid_file: &str) -> Result<i32, String> {
+    let text =
+        std::fs::read_to_string(pid_file).map_err(|e| format!("its pid file {pid_file} cannot be read ({e})"))?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("its pid file {pid_file} holds no pid"))?;
+    // Binary upgrades are Linux-only (Pingora's socket hand-over): /proc says who runs.
+    let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+    if pid <= 0 || !alive {
+        return Err(format!("process {pid} of the pid file {pid_file} is not running"));
+    }
+    Ok(pid)
+}
+
+/// At exit, the pid file goes (as nginx's does) — unless it names another process: after a
+/// binary upgrade it is the new process's.
+fn remove_pid_file(path: &str) {
+    let ours = std::fs::read_to_string(path).is_ok_and(|t| t.trim() == std::process::id().to_string());
+    if ours {
+        if let Err(e) = std::fs::remove_file(path) {
+            log::warn!("cannot remove the pid file {path}: {e}");
+        }
+    }
 }
 
 /// Run the gateway in this process until `shutdown` says so (for embedding and tests; no
@@ -52,6 +83,7 @@ pub fn run_until(opts: RunOptions, shutdown: Box<dyn ShutdownSignalWatch>) -> Re
 pub struct Prepared {
     server: Server,
     pub shared: Arc<Shared>,
+    pid_file: String,
 }
 
 impl Prepared {
@@ -92,6 +124,13 @@ pub fn prepare(opts: RunOptions) -> Result<Prepared, String> {
         shared.bound.bind_all(proxies.chain(admin))?;
     }
     let pid_file = conf.pid_file.clone();
+    if opts.upgrade {
+        // Pingora waits ~5 s for sockets that will never come and exits with "EAGAIN": say
+        // what is wrong instead, at once.
+        old_process(&pid_file)
+            .map_err(|why| format!("-u takes over a running Portico, but {why}; start without -u to bind the ports"))?;
+        log::info!("waiting for the running Portico to hand over its sockets: send it SIGQUIT now");
+    }
     let mut server = Server::new_with_opt_and_conf(Some(Opt::parse_from_args(args)), conf);
     server.bootstrap();
     if !opts.daemon {
@@ -112,7 +151,47 @@ pub fn prepare(opts: RunOptions) -> Result<Prepared, String> {
             .join(", "),
         snap.routes.len()
     );
-    Ok(Prepared { server, shared })
+    Ok(Prepared {
+        server,
+        shared,
+        pid_file,
+    })
+}
+
+/// Starts draining as soon as Pingora starts a hand-over or a shutdown. Pingora's own
+/// shutdown watch turns true only when a binary upgrade's 5 s hand-over window is over;
+/// connections told to close during that window reconnect to the new process. A background
+/// service, not a thread of its own: with `-d` Pingora forks after `prepare`, and only its
+/// services run in the daemon.
+struct DrainOnPhase {
+    shared: Arc<Shared>,
+    phases: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<pingora::server::ExecutionPhase>>>,
+}
+
+#[async_trait]
+impl BackgroundService for DrainOnPhase {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use pingora::server::ExecutionPhase as P;
+        use tokio::sync::broadcast::error::RecvError;
+        let Some(mut phases) = self.phases.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                phase = phases.recv() => match phase {
+                    Ok(P::GracefulUpgradeTransferringFds | P::GracefulUpgradeCloseTimeout | P::GracefulTerminate) => {
+                        self.shared.start_draining();
+                    }
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
+                },
+                _ = shutdown.changed() => {
+                    self.shared.start_draining();
+                    return;
+                }
+            }
+        }
+    }
 }
 
 fn add_services(server: &mut Server, shared: &Arc<Shared>) -> Result<(), String> {
@@ -214,6 +293,14 @@ fn add_services(server: &mut Server, shared: &Arc<Shared>) -> Result<(), String>
     server.add_service(background_service(
         "plugin tasks",
         crate::scheduler::Scheduler { shared: shared.clone() },
+    ));
+    let phases = server.watch_execution_phase();
+    server.add_service(background_service(
+        "drain",
+        DrainOnPhase {
+            shared: shared.clone(),
+            phases: std::sync::Mutex::new(Some(phases)),
+        },
     ));
     server.add_service(background_service(
         "sighup reload",

@@ -27,6 +27,9 @@ pub struct Shared {
     /// listener address: made at start, updated in place by reloads.
     pub tls: HashMap<String, ServerTls>,
     reload_lock: Mutex<()>,
+    /// True from the moment the process starts handing over (binary upgrade) or shutting down:
+    /// see [`Shared::start_draining`].
+    drain: tokio::sync::watch::Sender<bool>,
 }
 
 /// What a successful reload reports.
@@ -71,7 +74,29 @@ impl Shared {
             listeners,
             bound: Default::default(),
             reload_lock: Mutex::new(()),
+            drain: tokio::sync::watch::Sender::new(false),
         }))
+    }
+
+    /// The process is handing its clients over (SIGQUIT: a new process serves on the same
+    /// sockets) or shutting down (SIGTERM). From now on every answer on a kept-alive HTTP/1
+    /// connection says `Connection: close` and HTTP/2 connections get GOAWAY, so clients move
+    /// to the new process (or learn of the shutdown) between requests, instead of finding
+    /// their idle connection closed under a request they just sent.
+    pub fn start_draining(&self) {
+        if self.drain.send_if_modified(|d| !std::mem::replace(d, true)) {
+            log::info!("draining: answers close their connections, HTTP/2 connections get GOAWAY");
+        }
+    }
+
+    pub fn draining(&self) -> bool {
+        *self.drain.borrow()
+    }
+
+    /// A watch that turns true when draining starts (a Pingora shutdown watch, for HTTP/2's
+    /// GOAWAY and HTTP/1's keep-alive decisions).
+    pub fn drain_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.drain.subscribe()
     }
 
     /// Where the config comes from (for `/config` and log lines).

@@ -42,11 +42,16 @@ upstreams:
   flaky_no_retry:
     endpoints: ["{dead}", "{e1}"]
     retries: 0
+    passive: off
+  ejecting:
+    endpoints: ["{dead}", "{e1}"]
+    retries: 0
 routes:
   - {{ name: weighted, upstream: weighted, match: {{ path_prefix: /w }} }}
   - {{ name: checked, upstream: checked, match: {{ path_prefix: /h }} }}
   - {{ name: flaky, upstream: flaky, match: {{ path_prefix: /f }} }}
   - {{ name: flaky0, upstream: flaky_no_retry, match: {{ path_prefix: /n }} }}
+  - {{ name: ejecting, upstream: ejecting, match: {{ path_prefix: /j }} }}
 "#,
         e1 = e1.addr,
         e2 = e2.addr
@@ -76,7 +81,8 @@ routes:
     // A dead endpoint with retries: every request still succeeds on the other one.
     let m = spread(&gw, "/f", 20);
     assert_eq!(m.get("e1"), Some(&20));
-    // Without retries, the dead endpoint's turns fail with the contract's 502.
+    // Without retries, and with passive ejection off, the dead endpoint's turns fail with the
+    // contract's 502.
     let statuses: Vec<u16> = (0..20).map(|_| gw.get("/n").status).collect();
     let failed = statuses.iter().filter(|s| **s == 502).count();
     assert!(
@@ -86,6 +92,10 @@ routes:
     let r = gw.get("/n");
     let r = if r.status == 502 { r } else { gw.get("/n") };
     assert_eq!(r.json()["error"], "upstream_unavailable");
+    // By default (nginx's max_fails=1 fail_timeout=10s) its first failed connect ejects it:
+    // one request fails, the others go to the live endpoint.
+    let statuses: Vec<u16> = (0..20).map(|_| gw.get("/j").status).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 502).count(), 1, "{statuses:?}");
 
     // An upstream added by a reload is health-checked too.
     let (n1, n2) = (EchoServer::start("n1").unwrap(), EchoServer::start("n2").unwrap());

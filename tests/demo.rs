@@ -92,6 +92,12 @@ fn demo_answers_the_commands_it_prints() {
     let keyed: serde_json::Value = serde_json::from_str(&run("x-api-key")).unwrap();
     assert_eq!(keyed["headers"]["x-consumer"], "demo-app");
     assert!(run("-X OPTIONS").contains("access-control-allow-origin: https://app.example.com"));
+    let packed = run("--compressed").to_ascii_lowercase();
+    assert!(
+        packed.contains("content-encoding: zstd") || packed.contains("content-encoding: gzip"),
+        "{packed}"
+    );
+    assert!(packed.contains("\"path\":\"/packed/report\""), "decoded: {packed}");
     assert!(run("/office").contains("\"error\":\"forbidden\""));
     assert!(run("x-big").contains("\"error\":\"request_header_too_large\""));
     assert!(run("/upload").contains("\"error\":\"payload_too_large\""));

@@ -163,6 +163,184 @@ fn binary_upgrade_drops_nothing() {
     assert!(up.requests() as usize > served_before.load(Ordering::Relaxed));
 }
 
+/// One keep-alive connection, requests back to back, strictly: a request that fails on the
+/// connection it was sent on is a failure (no silent retry, as python's `requests` does not
+/// retry). `Connection: close` in an answer moves the client to a new connection.
+fn keep_alive_client(
+    addr: String,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(usize, usize, Option<String>, usize)> {
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let (mut ok, mut failed, mut first, mut connections) = (0, 0, None, 0);
+        let mut conn: Option<std::net::TcpStream> = None;
+        while !stop.load(Ordering::Relaxed) {
+            let s = match conn.as_mut() {
+                Some(s) => s,
+                None => match connect(&addr, None) {
+                    Ok(s) => {
+                        connections += 1;
+                        conn.insert(s)
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        first.get_or_insert(format!("connect: {e}"));
+                        continue;
+                    }
+                },
+            };
+            let sent = s.write_all(format!("GET /a HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes());
+            match sent.and_then(|_| read_response(s, false)) {
+                Ok(r) if r.status == 200 => {
+                    ok += 1;
+                    if r.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+                        conn = None;
+                    }
+                }
+                Ok(r) => {
+                    failed += 1;
+                    first.get_or_insert(format!("{} {}", r.status, r.text()));
+                    conn = None;
+                }
+                Err(e) => {
+                    failed += 1;
+                    first.get_or_insert(format!("after {ok} ok: {e}"));
+                    conn = None;
+                }
+            }
+        }
+        (ok, failed, first, connections)
+    })
+}
+
+/// The trial's D5: kept-alive clients across a binary upgrade. During the hand-over window
+/// the old process answers `Connection: close`, so each client moves to a new connection (the
+/// new process's) between requests; none sees its connection closed under a request.
+#[test]
+fn keep_alive_clients_move_to_the_new_process_at_an_upgrade() {
+    let up = EchoServer::start("up").unwrap();
+    let mut gw = Gw::start_with_grace(&body_to(&up.addr.to_string(), ""), 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|_| keep_alive_client(gw.addr.clone(), stop.clone()))
+        .collect();
+    wait_for("the clients to run", Duration::from_secs(10), || {
+        (up.requests() > 30).then_some(())
+    });
+    let dir = TempDir::new("upgrade-ka");
+    let mut next = Portico::start_in(BIN, dir, gw.p.config.clone(), &["-u"]);
+    let sock = gw.p.dir.file("upgrade.sock");
+    wait_for(
+        "the new process to wait on the upgrade socket",
+        Duration::from_secs(10),
+        || sock.exists().then_some(()),
+    );
+    gw.expect_exit = true;
+    gw.p.signal("QUIT");
+    let code = gw.p.wait_exit(Duration::from_secs(30));
+    assert!(code.is_some(), "the old process should exit:\n{}", gw.p.logs());
+    next.wait_ready(&gw.admin);
+    let mark = up.requests();
+    wait_for("requests served by the new process", Duration::from_secs(10), || {
+        (up.requests() > mark + 30).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let (ok, failed, first, connections) = c.join().unwrap();
+        assert_eq!(
+            failed,
+            0,
+            "first failure: {first:?}\nold:\n{}\nnew:\n{}",
+            gw.p.logs(),
+            next.logs()
+        );
+        assert!(ok > 10, "{ok}");
+        assert!(connections >= 2, "the client moved to a new connection ({connections})");
+    }
+}
+
+/// HTTP/2 connections get GOAWAY as soon as the old process hands over — not when its
+/// listeners stop 5 s later — so h2 clients move to the new process during the hand-over.
+#[test]
+fn http2_connections_get_goaway_when_the_hand_over_starts() {
+    let up = EchoServer::start("up").unwrap();
+    let mut gw = Gw::start_h2c(&body_to(&up.addr.to_string(), ""));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (send, conn) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+        h2::client::handshake(tcp).await.unwrap()
+    });
+    let closed = rt.spawn(conn);
+    // The client's connection lives as long as a handle does: keep one.
+    let keep = send.clone();
+    let status = rt.block_on(async {
+        let req = http::Request::get("http://gw.test/a").body(()).unwrap();
+        let (resp, _) = send.ready().await.unwrap().send_request(req, true).unwrap();
+        resp.await.unwrap().status().as_u16()
+    });
+    assert_eq!(status, 200);
+    let dir = TempDir::new("upgrade-h2");
+    let mut next = Portico::start_in(BIN, dir, gw.p.config.clone(), &["-u"]);
+    let sock = gw.p.dir.file("upgrade.sock");
+    wait_for(
+        "the new process to wait on the upgrade socket",
+        Duration::from_secs(10),
+        || sock.exists().then_some(()),
+    );
+    gw.expect_exit = true;
+    gw.p.signal("QUIT");
+    // The old process keeps its listeners for 5 s after handing over: GOAWAY must come first.
+    let ended = rt.block_on(async { tokio::time::timeout(Duration::from_secs(4), closed).await });
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the connection should end by GOAWAY within the hand-over: {ended:?}\n{}",
+        gw.p.logs()
+    );
+    drop(keep);
+    assert!(gw.p.wait_exit(Duration::from_secs(30)).is_some());
+    next.wait_ready(&gw.admin);
+}
+
+/// SIGTERM: a request sent on an idle keep-alive connection just after the shutdown started
+/// is answered (with `Connection: close`), not met by a closed connection; so is a request
+/// whose head had begun to arrive.
+#[test]
+fn shutdown_answers_requests_on_idle_keep_alive_connections() {
+    use std::io::{Read, Write};
+    let up = EchoServer::start("up").unwrap();
+    let mut gw = Gw::start_with_grace(&body_to(&up.addr.to_string(), ""), 3);
+    let request = format!("GET /a HTTP/1.1\r\nhost: {}\r\n\r\n", gw.addr);
+    let mut idle = connect(&gw.addr, None).unwrap();
+    idle.write_all(request.as_bytes()).unwrap();
+    let r = read_response(&mut idle, false).unwrap();
+    assert_eq!(r.header("connection"), Some("keep-alive"));
+    let mut partial = connect(&gw.addr, None).unwrap();
+    partial.write_all(request.as_bytes()).unwrap();
+    read_response(&mut partial, false).unwrap();
+    partial.write_all(&request.as_bytes()[..10]).unwrap();
+
+    gw.expect_exit = true;
+    gw.p.signal("TERM");
+    wait_for("the drain to start", Duration::from_secs(10), || {
+        gw.p.logs().contains("draining").then_some(())
+    });
+    idle.write_all(request.as_bytes()).unwrap();
+    let r = read_response(&mut idle, false).unwrap_or_else(|e| panic!("{e}\n{}", gw.p.logs()));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    partial.write_all(&request.as_bytes()[10..]).unwrap();
+    let r = read_response(&mut partial, false).unwrap_or_else(|e| panic!("{e}\n{}", gw.p.logs()));
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    // Then the connection ends.
+    idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(idle.read(&mut [0u8; 16]).unwrap_or(0), 0);
+    assert!(gw.p.wait_exit(Duration::from_secs(30)).is_some());
+}
+
 #[test]
 fn metrics_and_healthz() {
     let up = EchoServer::start("up").unwrap();

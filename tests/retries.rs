@@ -125,3 +125,48 @@ routes:
     );
     assert!(attempts > n, "the budget allowed some retries: {attempts}");
 }
+
+/// The trial's "dead endpoint first" (nginx: `max_fails=1 fail_timeout=10s` by default): with
+/// no `passive` block, an endpoint that drops SYNs costs one request its connect timeout, then
+/// is skipped — the gauge says 0 and the ejection is counted. `passive: off` keeps the old
+/// behaviour: every other request pays the timeout, but retries still never start every
+/// request on the dead endpoint.
+#[test]
+fn a_dead_endpoint_is_skipped_after_one_failed_connect() {
+    let dead = Unaccepting::start();
+    let good = FaultServer::start(Fault::Ok);
+    let body = format!(
+        "upstreams:\n  up:\n    endpoints: [\"{good}\", \"{dead}\"]\n    timeouts: {{ connect: 300ms }}\n  off:\n    endpoints: [\"{good}\", \"{dead}\"]\n    timeouts: {{ connect: 300ms }}\n    passive: off\nroutes:\n  - {{ name: off, upstream: off, match: {{ path_prefix: /off }} }}\n  - {{ name: up, upstream: up }}\n",
+        good = good.addr,
+        dead = dead.addr,
+    );
+    let gw = Gw::start(&body);
+    let dead_label = dead.addr.to_string();
+    let mut slow = 0;
+    for _ in 0..10 {
+        let start = std::time::Instant::now();
+        let r = gw.get("/x");
+        assert_eq!(r.status, 200, "{}", r.text());
+        if start.elapsed() >= Duration::from_millis(300) {
+            slow += 1;
+        }
+    }
+    assert!(slow <= 1, "{slow} of 10 requests waited on the dead endpoint");
+    let m = gw.metrics();
+    let labels = [("upstream", "up"), ("endpoint", dead_label.as_str())];
+    assert_eq!(metric(&m, "portico_upstream_healthy", &labels), 0.0, "{m}");
+    assert!(metric(&m, "portico_upstream_ejections_total", &labels) >= 1.0);
+    // Switched off: the dead endpoint is tried by about half the requests (its turn), not all.
+    let mut slow = 0;
+    for _ in 0..10 {
+        let start = std::time::Instant::now();
+        assert_eq!(gw.get("/off/x").status, 200);
+        if start.elapsed() >= Duration::from_millis(300) {
+            slow += 1;
+        }
+    }
+    assert!(
+        (3..=7).contains(&slow),
+        "{slow} of 10 requests met the dead endpoint first"
+    );
+}

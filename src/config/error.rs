@@ -29,6 +29,20 @@ impl ConfigError {
         ConfigError { location, ..self }
     }
 
+    /// The errors of one block as one (a plugin's `build` returns one error): a single error
+    /// as it is; several on one line, each with its field, so none hides another. `None` when
+    /// there is none.
+    pub fn several(mut errors: Vec<ConfigError>) -> Option<ConfigError> {
+        match errors.len() {
+            0 => None,
+            1 => errors.pop(),
+            _ => Some(ConfigError::new(
+                "",
+                errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+            )),
+        }
+    }
+
     /// A serde_yaml error, whose text already carries the path (`routes[0].match: ...`) and
     /// usually `at line L column C`. `prefix` locates values parsed on their own (plugin blocks).
     pub fn from_yaml(prefix: &str, e: &serde_yaml::Error) -> Self {

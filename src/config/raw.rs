@@ -226,8 +226,9 @@ pub struct Upstream {
     pub tls: Option<UpstreamTls>,
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
+    /// Passive ejection: a block, or `off`. Absent: failed connects eject for 10 s.
     #[serde(default)]
-    pub passive: Option<Passive>,
+    pub passive: Option<PassiveSetting>,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
@@ -337,6 +338,27 @@ pub struct HealthCheck {
     /// Consecutive failures that make a healthy endpoint unhealthy (default 1).
     #[serde(default)]
     pub unhealthy_threshold: Option<u32>,
+}
+
+/// An upstream's `passive`: `off` (or `false`), or a block.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PassiveSetting {
+    Off,
+    On(Passive),
+}
+
+impl<'de> Deserialize<'de> for PassiveSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_yaml::Value::deserialize(d)?;
+        match &v {
+            serde_yaml::Value::String(s) if s == "off" => Ok(PassiveSetting::Off),
+            serde_yaml::Value::Bool(false) => Ok(PassiveSetting::Off),
+            serde_yaml::Value::Mapping(_) => serde_yaml::from_value(v)
+                .map(PassiveSetting::On)
+                .map_err(de::Error::custom),
+            _ => Err(de::Error::custom("write `passive: off` or a passive block")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -473,7 +495,7 @@ pub struct Route {
     #[serde(default)]
     pub compression: Option<RouteCompression>,
     /// Map `Location`/`Content-Location` from the upstream back through the rewrite and to the
-    /// client's host (default: on when the route rewrites or the upstream sets `host`).
+    /// client's host (default: on, as nginx's implicit `proxy_redirect default`).
     #[serde(default)]
     pub rewrite_location: Option<bool>,
     #[serde(default)]

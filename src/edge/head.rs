@@ -54,7 +54,12 @@ pub async fn read_head(conn: &mut EdgeStream, deadline: Instant, snap: &Snapshot
         Ok(true) => match end {
             Some(n) if n <= max => match check_framing(&conn.prefix[..n]) {
                 Ok(()) => Head::Ready,
-                Err(reply) => Head::Refuse(reply),
+                Err(reply) => {
+                    if reply.status == 505 {
+                        log::info!("refused an HTTP/2 connection preface: this listener has no `http2: true`");
+                    }
+                    Head::Refuse(reply)
+                }
             },
             _ => Head::Refuse(Reply::error(
                 431,
@@ -73,6 +78,16 @@ fn bad(message: &str) -> Reply {
 /// is refused (the stricter, Envoy-like choice), so the upstream never sees a request the client
 /// did not send.
 pub fn check_framing(head: &[u8]) -> Result<(), Reply> {
+    // An HTTP/2 client with prior knowledge (`curl --http2-prior-knowledge`) on a listener
+    // without `http2: true`: nginx answers 505 to a request line of version 2.0; so does
+    // Portico, with the reason (the client cannot parse it, but `-v` and the log show it).
+    if head.starts_with(b"PRI * HTTP/2.0\r\n") {
+        return Err(Reply::error(
+            505,
+            "http_version_not_supported",
+            "HTTP/2 without TLS (h2c) is not enabled on this listener (set `http2: true`)",
+        ));
+    }
     for (i, &b) in head.iter().enumerate() {
         match b {
             0 => return Err(bad("NUL in the request head")),
@@ -208,6 +223,7 @@ mod tests {
         ] {
             assert_eq!(verdict(bad), 400, "{bad:?}");
         }
+        assert_eq!(verdict("PRI * HTTP/2.0\r\n\r\n"), 505, "h2c prior knowledge");
         let many: String = (0..200).map(|i| format!("x-{i}: y\r\n")).collect();
         assert_eq!(verdict(&format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n")), 431);
     }

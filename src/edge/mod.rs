@@ -54,6 +54,9 @@ use tokio::time::Instant;
 const FIRST_BYTES_DRAIN: Duration = Duration::from_secs(2);
 /// How long an idle keep-alive connection may wait for its next request (Pingora's default).
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Once draining starts, how long an idle keep-alive connection stays open for a request that
+/// may already be on its way (closing at once races a client that just sent one).
+const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
 
 pub struct EdgeApp {
     proxy: Arc<HttpProxy<Gateway>>,
@@ -142,8 +145,22 @@ impl ServerApp for EdgeApp {
 
 impl EdgeApp {
     /// One connection, from accept to close: per-IP cap, TLS handshake, HTTP/1 or HTTP/2.
-    async fn serve_connection(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+    async fn serve_connection(self: &Arc<Self>, stream: Stream, pingora_shutdown: &ShutdownWatch) -> Option<Stream> {
         let accepted = Instant::now();
+        // Pingora's watch turns true only after a binary upgrade's hand-over window; ours as
+        // soon as a hand-over or shutdown starts, so HTTP/2 connections get GOAWAY and HTTP/1
+        // answers `Connection: close` while the new process is already accepting.
+        let mut drain = self.shared.drain_watch();
+        if *drain.borrow() {
+            // Accepted while draining: HTTP/2 waits for a *change* to send GOAWAY; make the
+            // current value count as one, so this connection gets it at once too.
+            drain.mark_changed();
+        }
+        let shutdown = if *pingora_shutdown.borrow() {
+            pingora_shutdown
+        } else {
+            &drain
+        };
         let snap = self.shared.snapshot();
         let peer = stream.get_socket_digest().and_then(|d| {
             d.peer_addr()
@@ -221,13 +238,22 @@ impl EdgeApp {
             let head = if served == 0 {
                 read_head(&mut conn, accepted + limits.header_timeout, &snap).await
             } else {
-                // Between requests: idle until the next one starts (or shutdown), then the
-                // head must be complete within header_timeout of its first byte.
+                // Between requests: idle until the next one starts, then the head must be
+                // complete within header_timeout of its first byte. Once draining, an idle
+                // connection is closed after a short grace — never with request bytes unread.
                 let idle = if conn.prefix.is_empty() {
                     let mut down = shutdown.clone();
-                    tokio::select! {
-                        r = conn.fill_until(Instant::now() + KEEPALIVE_IDLE, |b| !b.is_empty()) => r,
-                        _ = down.wait_for(|s| *s) => Ok(false),
+                    let drained = tokio::select! {
+                        biased;
+                        r = conn.fill_until(Instant::now() + KEEPALIVE_IDLE, |b| !b.is_empty()) => Some(r),
+                        _ = down.wait_for(|s| *s) => None,
+                    };
+                    match drained {
+                        Some(r) => r,
+                        None => Ok(conn
+                            .fill_until(Instant::now() + DRAIN_IDLE_GRACE, |b| !b.is_empty())
+                            .await
+                            .unwrap_or(false)),
                     }
                 } else {
                     Ok(true)
@@ -249,7 +275,9 @@ impl EdgeApp {
                 }
             }
             let mut session = ServerSession::new_http1(Box::new(conn));
-            session.set_keepalive(if *shutdown.borrow() {
+            // Draining: this answer says `Connection: close` (the proxy also closes answers to
+            // requests that were under way when draining started).
+            session.set_keepalive(if *shutdown.borrow() || self.shared.draining() {
                 None
             } else {
                 Some(KEEPALIVE_IDLE.as_secs())

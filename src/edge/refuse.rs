@@ -65,6 +65,9 @@ pub(super) async fn refuse(conn: &mut EdgeStream, reply: Reply, snap: &Snapshot,
     let (mut head, body) = crate::respond::render(&reply, &st, None);
     let _ = head.insert_header(snap.trace.header.clone(), st.trace.request_id.as_str());
     let _ = head.insert_header(http::header::CONNECTION, "close");
+    // Every answer carries a Date (RFC 9110 §6.6.1), these too: Pingora adds it to the
+    // answers it writes, not to bytes the edge writes itself.
+    let _ = head.insert_header(http::header::DATE, pingora::protocols::http::date::get_cached_date());
     let req = pingora::http::RequestHeader::build("GET", b"/", None).expect("a request head");
     for entry in &snap.global.response {
         entry.plugin.response(&req, &mut head, &mut st);

@@ -9,11 +9,18 @@ use std::sync::Arc;
 
 /// Once per request.
 pub fn done(session: &Session, e: Option<&Error>, ctx: &mut Ctx, shared: &Shared) {
-    // The final status: an interim 1xx alone (the answer never came) is logged as 0.
+    // The final status: an interim 1xx alone (the answer never came) is logged as 0 — or as
+    // 499 (nginx's code) when the client went away before its answer.
     let status = match session.response_written().map(|h| h.status.as_u16()) {
         Some(s) if (100..200).contains(&s) && s != 101 => 0,
         Some(s) => s,
         None => 0,
+    };
+    let status = if status == 0 && e.is_some_and(super::reply::client_went_away) {
+        ctx.error_code = Some("client_closed");
+        499
+    } else {
+        status
     };
     let route = if ctx.st.route.is_empty() { "none" } else { &ctx.st.route };
     let upstream = ctx.upstream.as_ref().map(|u| u.name.as_str()).unwrap_or("none");

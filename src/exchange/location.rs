@@ -1,4 +1,4 @@
-//! Redirects behind a rewrite (nginx's `proxy_redirect default`): a `Location` or
+//! Redirects (nginx's `proxy_redirect default`, on for every proxied route): a `Location` or
 //! `Content-Location` the upstream writes in its own terms — its own address, or a path under
 //! the prefix the gateway added — is mapped back to what the client can follow: the client's
 //! scheme and host, and the path through the route's rewrite in reverse. Locations elsewhere
@@ -32,22 +32,30 @@ fn map_location(location: &str, req: &RequestHeader, rewrite: Option<&Rewrite>, 
     let (origin, path) = if location.starts_with('/') && !location.starts_with("//") {
         (None, location)
     } else {
+        // `//host/…` (protocol-relative) names a host as much as `http://host/…` does; it
+        // stays protocol-relative.
+        let relative_scheme = location.starts_with("//");
         let rest = location
             .strip_prefix("http://")
-            .or_else(|| location.strip_prefix("https://"))?;
+            .or_else(|| location.strip_prefix("https://"))
+            .or_else(|| location.strip_prefix("//"))?;
         let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let (authority, path) = rest.split_at(end);
         if !upstreams_own(authority, ctx) {
             return None;
         }
-        let scheme = if ctx.st.tls { "https" } else { "http" };
+        let scheme = match (relative_scheme, ctx.st.tls) {
+            (true, _) => "",
+            (false, true) => "https:",
+            (false, false) => "http:",
+        };
         let host = req
             .headers
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri.authority().map(|a| a.as_str()))?;
         (
-            Some(format!("{scheme}://{host}")),
+            Some(format!("{scheme}//{host}")),
             if path.is_empty() { "/" } else { path },
         )
     };

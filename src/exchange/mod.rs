@@ -15,7 +15,7 @@ mod upstream;
 
 pub use body::{end_body_once, read_small_body, request_body};
 pub use done::done;
-pub use reply::{by_status, fail, finish_response_head, send_reply, trailers_arrived};
+pub use reply::{by_status, client_framing, fail, finish_response_head, send_reply, trailers_arrived};
 pub use upstream::{
     connect_failed, past_deadline, pick_peer, prepare_upstream_request, proxy_failed, upgraded, upstream_answered,
 };
@@ -79,6 +79,8 @@ pub struct Ctx {
     pub(crate) early: Option<Result<(), Reply>>,
     /// The route's compression policy and the algorithm chosen for this request.
     pub(crate) compression: Option<(Arc<crate::compression::Policy>, Option<crate::compression::Chosen>)>,
+    /// Turns true when the process starts draining (see [`crate::shared::Shared::start_draining`]).
+    pub drain: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// A cheap handle on the chains that apply to this request (the route's, or the global ones).
@@ -124,6 +126,7 @@ impl Ctx {
             grpc_status: None,
             early: None,
             compression: None,
+            drain: None,
         }
     }
 

@@ -28,6 +28,31 @@ pub fn finish_response_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx:
     }
 }
 
+/// The connection's side of an answer head, last before it goes:
+///
+/// - while the process drains (binary upgrade, shutdown), the answer closes its HTTP/1
+///   connection, so the client's next request opens a new one (to the new process);
+/// - an HTTP/1.0 client gets framing it can read (RFC 9112 §6.1: never chunked to it): a body
+///   of unknown length goes close-delimited — Pingora frames an HTTP/1.0 upstream's body, or
+///   any body without a length, as chunked for HTTP/1.1 clients — and the head says
+///   `Connection: close`. Compression is never chosen for HTTP/1.0, so nothing adds chunked
+///   after this.
+pub fn client_framing(session: &mut Session, resp: &mut ResponseHeader, ctx: &Ctx) {
+    if ctx.drain.as_ref().is_some_and(|d| *d.borrow()) {
+        session.set_keepalive(None);
+    }
+    if session.req_header().version >= http::Version::HTTP_11 || resp.status.as_u16() < 200 {
+        return;
+    }
+    if resp.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        resp.remove_header(&http::header::TRANSFER_ENCODING);
+    }
+    let no_body = session.req_header().method == Method::HEAD || matches!(resp.status.as_u16(), 204 | 304);
+    if !no_body && !resp.headers.contains_key(http::header::CONTENT_LENGTH) {
+        session.set_keepalive(None);
+    }
+}
+
 /// Write a reply of Portico's own, with the same response-phase treatment as upstream replies:
 /// the response plugins on its head, then the body plugins on its whole body (one piece, the
 /// last). The whole body is known before the head goes, so the head declares its exact length
@@ -42,6 +67,7 @@ pub async fn send_reply(session: &mut Session, ctx: &mut Ctx, reply: Reply) -> R
     }
     let _ = head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
     super::compress_or_not(session, &mut head, ctx);
+    client_framing(session, &mut head, ctx);
     // A request body we did not read would be parsed as the next request: close instead.
     let unread_body = !session.is_body_empty() && ctx.body_seen == 0;
     if unread_body || reply.status == 413 || reply.status == 400 {
@@ -80,11 +106,16 @@ fn reply_body(body: Bytes, ctx: &mut Ctx) -> Bytes {
     piece.unwrap_or_default()
 }
 
-/// The error code of a client that went away (or reset its HTTP/2 stream) before its answer
-/// was complete: nothing can be sent, the access log says so.
-pub const CLIENT_CLOSED: &str = "client_closed";
+/// The client went away before its answer was sent: nginx's 499, in the log and the metrics
+/// (nothing is written: there is no one to read it).
+const CLIENT_CLOSED: (u16, &str, &str) = (499, "client_closed", "the client closed the connection");
 
-/// A status and gateway error code for a Pingora error (status 0: the client is gone).
+/// Whether `e` says the client went away (its connection closed or broke).
+pub(super) fn client_went_away(e: &Error) -> bool {
+    classify(e).0 == CLIENT_CLOSED.0
+}
+
+/// A status and gateway error code for a Pingora error.
 fn classify(e: &Error) -> (u16, &'static str, &'static str) {
     if let HTTPStatus(code) = e.etype() {
         return by_status(*code);
@@ -101,7 +132,7 @@ fn classify(e: &Error) -> (u16, &'static str, &'static str) {
             ),
         },
         ErrorSource::Downstream => match e.etype() {
-            ReadError | WriteError | ConnectionClosed | H2Error => (0, CLIENT_CLOSED, ""),
+            ReadError | WriteError | ConnectionClosed | H2Error => CLIENT_CLOSED,
             ReadTimedout => (408, "request_timeout", "the request did not arrive in time"),
             _ => (400, "bad_request", "the request could not be read"),
         },
@@ -127,6 +158,11 @@ pub fn by_status(code: u16) -> (u16, &'static str, &'static str) {
             "the upstream could not be reached or failed",
         ),
         504 => (504, "upstream_timeout", "the upstream did not answer in time"),
+        505 => (
+            505,
+            "http_version_not_supported",
+            "the HTTP version is not supported here",
+        ),
         c if c >= 500 => (c, "internal_error", "the gateway failed to handle the request"),
         c => (c, "bad_request", "the request could not be handled"),
     }
@@ -178,9 +214,9 @@ pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
         });
     }
     let (status, code, message) = classify_in(e, session, ctx);
-    if status == 0 {
+    if status == CLIENT_CLOSED.0 {
         ctx.error_code.get_or_insert(code);
-        return 0;
+        return status;
     }
     if final_response_written(session) {
         ctx.error_code.get_or_insert(code);

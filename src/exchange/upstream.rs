@@ -2,7 +2,7 @@
 
 use super::Ctx;
 use crate::plugin::Failure;
-use crate::upstream::RetryCause;
+use crate::upstream::{FailureKind, RetryCause};
 use http::header::HOST;
 use http::HeaderValue;
 use pingora::http::RequestHeader;
@@ -67,7 +67,7 @@ pub fn connect_failed(ctx: &mut Ctx, e: &Error) -> bool {
     let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) else {
         return false;
     };
-    up.record_failure(i);
+    up.record_failure(i, FailureKind::Connect);
     let cause = if timeout {
         RetryCause::ConnectTimeout
     } else {
@@ -106,7 +106,7 @@ pub fn proxy_failed(session: &mut Session, ctx: &mut Ctx, e: &Error, upstream_re
     let stale = matches!(e.retry, pingora::RetryType::ReusedOnly) && upstream_reused;
     if !replayable(session) {
         if !stale {
-            up.record_failure(i);
+            up.record_failure(i, FailureKind::Exchange);
         }
         return false;
     }
@@ -114,7 +114,7 @@ pub fn proxy_failed(session: &mut Session, ctx: &mut Ctx, e: &Error, upstream_re
         ctx.retry_same = true;
         return true;
     }
-    up.record_failure(i);
+    up.record_failure(i, FailureKind::Exchange);
     let cause = if timeout {
         RetryCause::Timeout
     } else {
@@ -137,7 +137,7 @@ pub fn upstream_answered(session: &Session, status: u16, ctx: &mut Ctx) -> Resul
         return Ok(());
     };
     if (502..=504).contains(&status) {
-        up.record_failure(i);
+        up.record_failure(i, FailureKind::Exchange);
     } else {
         up.record_success(i);
     }

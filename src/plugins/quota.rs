@@ -50,14 +50,22 @@ const SWEEP_EVERY: Duration = Duration::from_secs(300);
 
 impl Quota {
     pub fn new(cfg: Config, ctx: &BuildContext) -> Result<Self, ConfigError> {
+        // Every mistake of the block at once (`-t` shows them all).
+        let mut wrong = Vec::new();
         if cfg.limit < 1 {
-            return Err(ConfigError::new("limit", "must be at least 1"));
+            wrong.push(ConfigError::new("limit", "must be at least 1"));
         }
-        let limit = cfg.limit as u64;
         let key = match &cfg.key {
             None => KeyForm::Consumer,
-            Some(k) => KeyForm::parse(k).map_err(|e| ConfigError::new("key", e))?,
+            Some(k) => KeyForm::parse(k).unwrap_or_else(|e| {
+                wrong.push(ConfigError::new("key", e));
+                KeyForm::Consumer
+            }),
         };
+        if let Some(e) = ConfigError::several(wrong) {
+            return Err(e);
+        }
+        let limit = cfg.limit as u64;
         let max_keys = limit::max_keys(cfg.max_keys, cfg.store)?;
         let clock = ctx.clock();
         let limiter = match limit::redis_backend(ctx, cfg.store)? {

@@ -57,22 +57,30 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 impl RateLimit {
     pub fn new(cfg: Config, ctx: &BuildContext) -> Result<Self, ConfigError> {
+        // Every mistake of the block at once (`-t` shows them all).
+        let mut wrong = Vec::new();
         if cfg.requests < 1 {
-            return Err(ConfigError::new("requests", "must be at least 1"));
+            wrong.push(ConfigError::new("requests", "must be at least 1"));
         }
         if cfg.per.0.is_zero() {
-            return Err(ConfigError::new("per", "must be more than 0 (e.g. 1s or 1m)"));
+            wrong.push(ConfigError::new("per", "must be more than 0 (e.g. 1s or 1m)"));
         }
         if cfg.burst < 0 {
-            return Err(ConfigError::new("burst", "must be 0 or more"));
+            wrong.push(ConfigError::new("burst", "must be 0 or more"));
+        }
+        let key = match &cfg.key {
+            None => KeyForm::Ip,
+            Some(k) => KeyForm::parse(k).unwrap_or_else(|e| {
+                wrong.push(ConfigError::new("key", e));
+                KeyForm::Ip
+            }),
+        };
+        if let Some(e) = ConfigError::several(wrong) {
+            return Err(e);
         }
         // Both are positive here.
         let (requests, burst) = (cfg.requests as u64, cfg.burst as u64);
         let params = GcraParams::new(requests, cfg.per.0, burst).map_err(|e| ConfigError::new("", e))?;
-        let key = match &cfg.key {
-            None => KeyForm::Ip,
-            Some(k) => KeyForm::parse(k).map_err(|e| ConfigError::new("key", e))?,
-        };
         let max_keys = limit::max_keys(cfg.max_keys, cfg.store)?;
         let limiter = match limit::redis_backend(ctx, cfg.store)? {
             Some(backend) => RateLimiter::Redis(RedisGcra::new(backend, &limit::namespace(ctx), params)),
@@ -189,6 +197,16 @@ mod tests {
         assert!(err("{per: 1s}").message.contains("requests"));
         let e = err("{requests: 2000000, per: 1s}");
         assert!(e.message.contains("microsecond"), "{e:?}");
+        // Several mistakes: all of them, each with its field.
+        let e = err("{requests: 0, per: 0s, key: bogus}");
+        assert_eq!(e.location, "", "{e:?}");
+        for field in [
+            "requests: must be at least 1",
+            "per: must be more than 0",
+            "key: unknown key 'bogus'",
+        ] {
+            assert!(e.message.contains(field), "{field} in {e:?}");
+        }
     }
 
     #[test]

@@ -10,25 +10,34 @@ impl Upstream {
     /// Choose an endpoint index, skipping `tried` ones and, while any remain, unusable ones.
     /// When every untried endpoint is down the pick ignores health (a request that might work
     /// beats a certain 502). `None` when every endpoint was tried.
+    ///
+    /// Round robin moves its cursor once per request, on its first pick: a retry walks on
+    /// from where the first pick left the cursor without taking another turn. (Were it to take
+    /// one, with `[dead, good]` every request would start on the dead endpoint again.)
     pub fn select(&self, hash_key: Option<&[u8]>, tried: &[usize]) -> Option<usize> {
         let n = self.endpoints.len();
         if tried.len() >= n {
             return None;
         }
+        let rr_start = match (self.balance, tried.is_empty()) {
+            (Balance::RoundRobin, true) => self.rr_next.fetch_add(1, Ordering::Relaxed),
+            (Balance::RoundRobin, false) => self.rr_next.load(Ordering::Relaxed),
+            _ => 0,
+        };
         let open = |i: usize| !tried.contains(&i);
         let good = |i: usize| open(i) && self.endpoints[i].health.usable();
-        if let Some(i) = self.pick(hash_key, &good) {
+        if let Some(i) = self.pick(hash_key, rr_start, &good) {
             return Some(i);
         }
-        self.pick(hash_key, &open)
+        self.pick(hash_key, rr_start, &open)
     }
 
-    fn pick(&self, hash_key: Option<&[u8]>, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn pick(&self, hash_key: Option<&[u8]>, rr_start: usize, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
         let n = self.endpoints.len();
         match self.balance {
             Balance::RoundRobin => {
                 let len = self.rr_order.len();
-                let start = self.rr_next.fetch_add(1, Ordering::Relaxed);
+                let start = rr_start;
                 (0..len)
                     .map(|k| self.rr_order[(start + k) % len] as usize)
                     .find(|&i| ok(i))

@@ -56,8 +56,41 @@ impl EndpointHealth {
     }
 
     pub fn is_ejected(&self) -> bool {
+        self.is_ejected_at(now_ms())
+    }
+
+    /// Ejected at `now` (ms after `EPOCH`; injected by unit tests).
+    pub(super) fn is_ejected_at(&self, now: u64) -> bool {
         let until = self.ejected_until_ms.load(Ordering::Relaxed);
-        until != 0 && now_ms() < until
+        until != 0 && now < until
+    }
+
+    /// An ejection that has run out ends: the endpoint takes traffic again and the gauge says
+    /// so (the health loop calls this; requests already ignore a run-out ejection).
+    pub fn end_ejection(&self) {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        if until != 0
+            && !self.is_ejected()
+            && self
+                .ejected_until_ms
+                .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.publish();
+            log::info!(
+                "upstream {}: endpoint {} takes traffic again",
+                self.labels.0,
+                self.labels.1
+            );
+        }
+    }
+
+    /// Eject until `until` (ms after `EPOCH`): counted, and the gauge says 0.
+    pub(super) fn eject(&self, until: u64) {
+        self.ejected_until_ms.store(until, Ordering::Relaxed);
+        self.passive_failures.store(0, Ordering::Relaxed);
+        metrics::upstream_ejected(&self.labels.0, &self.labels.1);
+        self.publish();
     }
 
     /// Usable for new requests: healthy and not ejected.

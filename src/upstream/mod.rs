@@ -87,6 +87,31 @@ pub struct HealthCheckSpec {
 pub struct PassiveSpec {
     pub consecutive_failures: u32,
     pub eject_for: Duration,
+    /// Only failed connects (refused, unreachable, timed out) count: the default with no
+    /// `passive` block. A block counts every failed exchange (resets, 502–504 too).
+    pub connect_only: bool,
+}
+
+impl PassiveSpec {
+    /// With no `passive` block: nginx's `max_fails=1 fail_timeout=10s` for connects — an
+    /// endpoint that cannot be reached is skipped for 10 s instead of costing every request
+    /// its connect timeout.
+    pub fn default_for_connects() -> PassiveSpec {
+        PassiveSpec {
+            consecutive_failures: 1,
+            eject_for: Duration::from_secs(10),
+            connect_only: true,
+        }
+    }
+}
+
+/// What failed, for passive ejection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The connection could not be made.
+    Connect,
+    /// A connected exchange failed: reset, timeout, or a 502–504 answer.
+    Exchange,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,22 +232,27 @@ impl Upstream {
     }
 
     /// A proxied exchange with endpoint `i` failed (connect error, reset, timeout, 5xx).
-    pub fn record_failure(&self, i: usize) {
+    pub fn record_failure(&self, i: usize, kind: FailureKind) {
+        self.record_failure_at(i, kind, now_ms());
+    }
+
+    /// As [`Self::record_failure`], at `now` (ms after the health epoch; injected by tests).
+    fn record_failure_at(&self, i: usize, kind: FailureKind, now: u64) {
         let Some(p) = &self.passive else { return };
+        if p.connect_only && kind != FailureKind::Connect {
+            return;
+        }
         let h = &self.endpoints[i].health;
         let n = h.passive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= p.consecutive_failures && !h.is_ejected() {
+        if n >= p.consecutive_failures && !h.is_ejected_at(now) {
             // Never eject the last usable endpoint.
             let others = self
                 .endpoints
                 .iter()
                 .enumerate()
-                .any(|(j, e)| j != i && e.health.usable());
+                .any(|(j, e)| j != i && e.health.is_healthy() && !e.health.is_ejected_at(now));
             if others {
-                h.ejected_until_ms
-                    .store(now_ms() + p.eject_for.as_millis() as u64, Ordering::Relaxed);
-                h.passive_failures.store(0, Ordering::Relaxed);
-                h.publish();
+                h.eject(now + p.eject_for.as_millis() as u64);
                 log::warn!(
                     "upstream {}: endpoint {} ejected for {:?} after {n} failures",
                     self.name,
@@ -303,6 +333,7 @@ mod tests {
             Some(PassiveSpec {
                 consecutive_failures: 2,
                 eject_for: Duration::from_secs(30),
+                connect_only: false,
             }),
             Timeouts::default(),
             RetryPolicy::default(),
@@ -364,11 +395,49 @@ mod tests {
     #[test]
     fn passive_ejection_spares_the_last_endpoint() {
         let u = upstream(Balance::RoundRobin, &[1, 1]);
-        u.record_failure(0);
-        u.record_failure(0);
+        u.record_failure(0, FailureKind::Exchange);
+        u.record_failure(0, FailureKind::Exchange);
         assert!(u.endpoints[0].health.is_ejected());
-        u.record_failure(1);
-        u.record_failure(1);
+        u.record_failure(1, FailureKind::Exchange);
+        u.record_failure(1, FailureKind::Exchange);
         assert!(!u.endpoints[1].health.is_ejected(), "the last usable endpoint stays");
+    }
+
+    /// Without a `passive` block: one failed connect ejects for 10 s (nginx's `max_fails=1
+    /// fail_timeout=10s`); failed exchanges after a connect do not count.
+    #[test]
+    fn by_default_one_failed_connect_ejects_for_ten_seconds() {
+        let mut u = upstream(Balance::RoundRobin, &[1, 1, 1]);
+        u.passive = Some(PassiveSpec::default_for_connects());
+        let t0 = 1_000_000;
+        u.record_failure_at(2, FailureKind::Exchange, t0);
+        u.record_failure_at(2, FailureKind::Exchange, t0);
+        assert!(
+            !u.endpoints[2].health.is_ejected_at(t0),
+            "a reset or a 502 is not a failed connect"
+        );
+        u.record_failure_at(1, FailureKind::Connect, t0);
+        let h = &u.endpoints[1].health;
+        assert!(h.is_ejected_at(t0 + 9_999));
+        assert!(!h.is_ejected_at(t0 + 10_000), "back after 10 s");
+    }
+
+    /// A retry does not take the round-robin turn: with `[good, dead, good]`, the request that
+    /// met the dead one is retried on the next, and the next request starts after that one —
+    /// the dead endpoint is first for 1 request in 3, not 1 in 2.
+    #[test]
+    fn a_retry_does_not_move_the_round_robin_cursor() {
+        let mut u = upstream(Balance::RoundRobin, &[1, 1, 1]);
+        u.passive = None;
+        let mut first_on_dead = 0;
+        for _ in 0..300 {
+            let first = u.select(None, &[]).unwrap();
+            if first == 1 {
+                first_on_dead += 1;
+                let retry = u.select(None, &[1]).unwrap();
+                assert_ne!(retry, 1);
+            }
+        }
+        assert_eq!(first_on_dead, 100, "the dead endpoint's fair share, no more");
     }
 }

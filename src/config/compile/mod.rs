@@ -68,6 +68,8 @@ struct Parsed {
     broken_upstreams: HashSet<String>,
     /// Route names by index, for error messages.
     route_names: Vec<Option<String>>,
+    /// A listener failed to parse (reported): "no listener" would only repeat it.
+    broken_listeners: bool,
 }
 
 const SECTIONS: &[&str] = &[
@@ -91,6 +93,7 @@ fn sections(doc: serde_yaml::Value, errs: &mut ConfigErrors) -> Parsed {
         raw: RawConfig::default(),
         broken_upstreams: HashSet::new(),
         route_names: Vec::new(),
+        broken_listeners: false,
     };
     let map = match doc {
         serde_yaml::Value::Mapping(m) => m,
@@ -111,7 +114,11 @@ fn sections(doc: serde_yaml::Value, errs: &mut ConfigErrors) -> Parsed {
         };
         match key.as_str() {
             "server" => raw.server = section(&v, "server", errs),
-            "listeners" => raw.listeners = items(&v, "listeners", errs),
+            "listeners" => {
+                let reported = errs.0.len();
+                raw.listeners = items(&v, "listeners", errs);
+                parsed.broken_listeners = errs.0.len() > reported;
+            }
             "client_ip" => raw.client_ip = section(&v, "client_ip", errs),
             "limits" => raw.limits = section(&v, "limits", errs),
             "access_log" => raw.access_log = section(&v, "access_log", errs),
@@ -193,12 +200,13 @@ fn build(
         raw,
         broken_upstreams,
         route_names,
+        broken_listeners,
     } = parsed;
     let offline = resources.offline;
     let base_dir = std::env::current_dir().unwrap_or_default();
 
     let server = server::check_server(&raw.server, errs);
-    let listener_tls = server::check_listeners(&raw, &base_dir, errs);
+    let listener_tls = server::check_listeners(&raw, broken_listeners, &base_dir, errs);
     let admin_token = server::admin_token(&raw, errs);
     let limits = server::check_limits(&raw.limits, errs);
 

@@ -142,9 +142,10 @@ fn compile_route(loc: &str, r: &raw::Route, inp: &RouteInputs<'_>, errs: &mut Co
             None
         },
     );
-    // `Location` mapping is on by default where the upstream sees other paths or another host.
-    let upstream_renames_host = upstream.as_ref().is_some_and(|u| u.host.is_some());
-    let rewrite_location = r.rewrite_location.unwrap_or(rewrite.is_some() || upstream_renames_host);
+    // `Location` mapping is on by default on every proxied route, as nginx's implicit
+    // `proxy_redirect default` is on every `proxy_pass`: an app that redirects to its own
+    // address (`request.host_url` behind a plain route) must not send clients there.
+    let rewrite_location = r.rewrite_location.unwrap_or(true);
 
     Some(Route {
         name: Arc::from(r.name.as_str()),

@@ -136,11 +136,13 @@ pub(super) fn check_limits(l: &raw::Limits, errs: &mut ConfigErrors) -> Limits {
 /// listener address.
 pub(super) fn check_listeners(
     raw: &RawConfig,
+    broken: bool,
     base_dir: &Path,
     errs: &mut ConfigErrors,
 ) -> HashMap<String, ServerTlsConfig> {
     let mut tls = HashMap::new();
-    if raw.listeners.is_empty() {
+    // A listener that did not parse is already reported: no "none at all" on top of it.
+    if raw.listeners.is_empty() && !broken {
         errs.push("listeners", "at least one listener is needed");
     }
     let mut seen = HashSet::new();

@@ -2,6 +2,7 @@ use super::*;
 use crate::config::snapshot::Rewrite;
 use crate::config::ClientIpResolver;
 use std::net::IpAddr;
+use std::time::Duration;
 
 fn check(yaml: &str) -> Result<Snapshot, ConfigErrors> {
     compile(
@@ -144,4 +145,64 @@ fn retry_policies() {
         "{e}"
     );
     assert!(e.contains("upstreams.a.retries.budget"), "{e}");
+}
+
+/// A listener that does not parse is reported once: no "at least one listener" on top of it.
+#[test]
+fn a_broken_listener_is_reported_once() {
+    let e = errors("listeners: [{address: 127.0.0.1:18080, htp2: true}]\nupstreams:\n  a: {endpoints: [127.0.0.1:9001]}\nroutes:\n  - {name: r, upstream: a}\n");
+    assert!(e.contains("listeners[0]: unknown field 'htp2'"), "{e}");
+    assert!(!e.contains("at least one listener"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    let e = errors("upstreams:\n  a: {endpoints: [127.0.0.1:9001]}\nroutes:\n  - {name: r, upstream: a}\n");
+    assert!(e.contains("at least one listener"), "{e}");
+}
+
+/// Every mistake of a plugin block at once, not the first alone.
+#[test]
+fn every_error_of_a_plugin_block_is_reported() {
+    let e = errors(&format!(
+        "{BASE}routes:\n  - {{name: r, upstream: a, plugins: [rate_limit: {{requests: 0, per: 0s, key: bogus}}]}}\n"
+    ));
+    for field in [
+        "requests: must be at least 1",
+        "per: must be more than 0",
+        "key: unknown key",
+    ] {
+        assert!(e.contains(field), "{field} missing in: {e}");
+    }
+    assert!(e.starts_with("routes[0].plugins[0]"), "{e}");
+}
+
+/// Passive ejection: on for failed connects with no block (nginx's max_fails=1
+/// fail_timeout=10s), a block as written, or `off`.
+#[test]
+fn passive_ejection_defaults_and_off() {
+    let s = check(&format!(
+        "{BASE}  b: {{endpoints: [127.0.0.1:9002], passive: off}}\n  c: {{endpoints: [127.0.0.1:9003], passive: {{consecutive_failures: 3}}}}\nroutes:\n  - {{name: r, upstream: a}}\n"
+    ))
+    .unwrap();
+    let a = s.upstreams["a"].passive.clone().unwrap();
+    assert_eq!(
+        (a.consecutive_failures, a.eject_for, a.connect_only),
+        (1, Duration::from_secs(10), true)
+    );
+    assert!(s.upstreams["b"].passive.is_none());
+    let c = s.upstreams["c"].passive.clone().unwrap();
+    assert_eq!((c.consecutive_failures, c.connect_only), (3, false));
+    let e = errors(&format!(
+        "{BASE}  b: {{endpoints: [127.0.0.1:9002], passive: maybe}}\nroutes:\n  - {{name: r, upstream: a}}\n"
+    ));
+    assert!(e.contains("upstreams.b"), "{e}");
+}
+
+/// `Location` mapping is on for every proxied route unless switched off.
+#[test]
+fn location_mapping_is_on_by_default() {
+    let s = check(&format!(
+        "{BASE}routes:\n  - {{name: plain, upstream: a, match: {{path_prefix: /p}}}}\n  - {{name: off, upstream: a, rewrite_location: false}}\n"
+    ))
+    .unwrap();
+    assert!(s.routes[0].rewrite_location);
+    assert!(!s.routes[1].rewrite_location);
 }

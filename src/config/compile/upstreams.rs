@@ -145,16 +145,22 @@ pub(super) fn compile_upstream(
             host: u.host.clone(),
         }
     });
-    let passive = u.passive.as_ref().map(|p| {
-        let n = p.consecutive_failures.unwrap_or(5);
-        if n == 0 {
-            errs.push(format!("{loc}.passive.consecutive_failures"), "must be at least 1");
+    let passive = match &u.passive {
+        Some(raw::PassiveSetting::Off) => None,
+        // No block: failed connects eject (nginx's max_fails=1 fail_timeout=10s).
+        None => Some(PassiveSpec::default_for_connects()),
+        Some(raw::PassiveSetting::On(p)) => {
+            let n = p.consecutive_failures.unwrap_or(5);
+            if n == 0 {
+                errs.push(format!("{loc}.passive.consecutive_failures"), "must be at least 1");
+            }
+            Some(PassiveSpec {
+                consecutive_failures: n.max(1),
+                eject_for: p.eject_for.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
+                connect_only: false,
+            })
         }
-        PassiveSpec {
-            consecutive_failures: n.max(1),
-            eject_for: p.eject_for.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
-        }
-    });
+    };
     let d = Timeouts::default();
     let t = &u.timeouts;
     let timeouts = Timeouts {
