@@ -16,11 +16,18 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+/// Until the edge layer sets the configured one.
+const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub struct EdgeStream {
     inner: Stream,
     /// Bytes read ahead, replayed before the socket's own.
     pub(super) prefix: Vec<u8>,
     h2: Option<Box<H2State>>,
+    /// `limits.send_timeout`: how long a write may wait for a client that reads nothing.
+    pub(super) send_timeout: Duration,
+    /// Runs while writes are refused (the client's window and our socket buffer are full).
+    write_stall: Option<Pin<Box<Sleep>>>,
 }
 
 struct H2State {
@@ -46,7 +53,34 @@ impl EdgeStream {
             inner,
             prefix: Vec::new(),
             h2: None,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+            write_stall: None,
         }
+    }
+
+    /// A write the socket could not take (`Pending`) starts the `send_timeout` clock; any write
+    /// that goes through stops it. A client that reads nothing for that long is cut (an error
+    /// for the writer, as nginx's `send_timeout`), so it cannot hold the connection — and the
+    /// upstream connection feeding it — for ever. This covers every write on the socket: HTTP/1
+    /// heads and bodies, tunnels after an upgrade, and HTTP/2 frames (a stream whose HTTP/2
+    /// window stays shut is cut by the same timeout in Pingora, set per request).
+    fn timed<T>(&mut self, cx: &mut Context<'_>, polled: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if !polled.is_pending() {
+            self.write_stall = None;
+            return polled;
+        }
+        let timeout = self.send_timeout;
+        let stall = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if stall.as_mut().poll(cx).is_ready() {
+            self.write_stall = None;
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {timeout:?} (send_timeout)"),
+            )));
+        }
+        Poll::Pending
     }
 
     /// Watch this connection's HTTP/2 frames from now on (before its preface is read).
@@ -160,13 +194,15 @@ impl AsyncWrite for EdgeStream {
         if let (Some(h2), Poll::Ready(Ok(n))) = (self.h2.as_mut(), &polled) {
             h2.watch.server_bytes(&buf[..*n]);
         }
-        polled
+        self.timed(cx, polled)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.timed(cx, polled)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.timed(cx, polled)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
@@ -185,7 +221,7 @@ impl AsyncWrite for EdgeStream {
                 }
             }
         }
-        polled
+        self.timed(cx, polled)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()

@@ -213,6 +213,9 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
         .map(|id| id.principal().to_string());
     // HTTP/1 body reads: no progress for this long → 408 (HTTP/2 bodies: the edge's frame watch).
     session.set_read_timeout(Some(snap.limits.body_timeout));
+    // Response writes that make no progress for this long (a client that reads nothing, or an
+    // HTTP/2 window it never opens) end the request, and free the upstream connection.
+    session.set_write_timeout(Some(snap.limits.send_timeout));
 
     one_content_length(session.req_header_mut())?;
     let req = session.req_header();

@@ -88,7 +88,8 @@ fn classify(e: &Error) -> (u16, &'static str, &'static str) {
             ),
         },
         ErrorSource::Downstream => match e.etype() {
-            ReadError | WriteError | ConnectionClosed => (0, "", ""),
+            // Nothing can be written to a client that is gone or reads nothing (send_timeout).
+            ReadError | WriteError | WriteTimedout | ConnectionClosed => (0, "", ""),
             ReadTimedout => (408, "request_timeout", "the request did not arrive in time"),
             _ => (400, "bad_request", "the request could not be read"),
         },
