@@ -25,8 +25,8 @@ use crate::plugin::{Chains, Failure, Reply, RequestState};
 use crate::respond;
 use crate::route::{normalize_host, normalize_path, RequestKey};
 use crate::upstream::{InFlight, Upstream};
-use http::header::{CONTENT_LENGTH, HOST};
-use http::Method;
+use http::header::{CONTENT_LENGTH, COOKIE, HOST};
+use http::{HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use std::net::{IpAddr, Ipv4Addr};
@@ -185,6 +185,27 @@ fn one_content_length(req: &mut RequestHeader) -> Result<(), Reply> {
     Ok(())
 }
 
+/// HTTP/2 clients send each cookie as a header field of its own (RFC 9113 §8.2.3); an HTTP/1
+/// server folds repeated headers with "," (gunicorn: `a=1,b=2` is one cookie). They become one
+/// `Cookie` header joined with "; ", as the RFC asks before passing them to HTTP/1 — and as
+/// plugins then see them.
+fn one_cookie_header(req: &mut RequestHeader) {
+    let mut values = req.headers.get_all(COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let mut joined: Vec<u8> = Vec::new();
+    for v in req.headers.get_all(COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        let _ = req.insert_header(COOKIE, v);
+    }
+}
+
 pub(crate) fn declared_length(req: &RequestHeader) -> Option<u64> {
     req.headers.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
@@ -218,6 +239,7 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
     session.set_write_timeout(Some(snap.limits.send_timeout));
 
     one_content_length(session.req_header_mut())?;
+    one_cookie_header(session.req_header_mut());
     let req = session.req_header();
     ctx.st.host = request_host(req)?;
     ctx.st.path = normalize_path(req.uri.path()).map_err(|e| bad_request(e.message()))?;
