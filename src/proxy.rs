@@ -120,6 +120,7 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
         exchange::finish_response_head(session.req_header(), resp, ctx);
+        exchange::close_after_refused_upgrade(session, resp.status.as_u16());
         exchange::compress_or_not(session, resp, ctx);
         Ok(())
     }

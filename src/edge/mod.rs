@@ -25,6 +25,7 @@
 //! cut after `limits.send_timeout` (the socket: `EdgeStream`; an HTTP/2 stream whose window
 //! stays shut: Pingora's write timeout, set per request by the proxy).
 
+mod framing;
 mod h2_watch;
 mod head;
 mod per_ip;
@@ -32,6 +33,7 @@ mod refuse;
 mod stream;
 mod tls;
 
+pub use framing::framing_error;
 pub use head::check_framing;
 pub use stream::EdgeStream;
 pub use tls::{TlsListener, TlsListeners};

@@ -3,6 +3,7 @@
 //! exactly what was checked; on HTTP/2 connections an [`H2Watch`] sees every frame go by and
 //! keeps the header and body deadlines.
 
+use super::framing::RequestBounds;
 use super::h2_watch::{H2Watch, Verdict};
 use async_trait::async_trait;
 use pingora::protocols::{
@@ -24,6 +25,8 @@ pub struct EdgeStream {
     /// Bytes read ahead, replayed before the socket's own.
     pub(super) prefix: Vec<u8>,
     h2: Option<Box<H2State>>,
+    /// HTTP/1: the request being served, handed over without a byte past it (`framing.rs`).
+    pub(super) bounds: Option<RequestBounds>,
     /// `limits.send_timeout`: how long a write may wait for a client that reads nothing.
     pub(super) send_timeout: Duration,
     /// Runs while writes are refused (the client's window and our socket buffer are full).
@@ -53,6 +56,7 @@ impl EdgeStream {
             inner,
             prefix: Vec::new(),
             h2: None,
+            bounds: None,
             send_timeout: DEFAULT_SEND_TIMEOUT,
             write_stall: None,
         }
@@ -154,6 +158,9 @@ impl H2State {
 impl AsyncRead for EdgeStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        if let Some(bounds) = this.bounds.as_mut() {
+            return bounds.poll_read(&mut this.inner, &mut this.prefix, cx, buf);
+        }
         if let Some(h2) = this.h2.as_mut() {
             if !h2.feed.is_empty() {
                 h2.drain_feed(buf);
@@ -190,6 +197,9 @@ impl AsyncRead for EdgeStream {
 
 impl AsyncWrite for EdgeStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        if let Some(bounds) = self.bounds.as_mut() {
+            bounds.wrote(buf);
+        }
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let (Some(h2), Poll::Ready(Ok(n))) = (self.h2.as_mut(), &polled) {
             h2.watch.server_bytes(&buf[..*n]);
@@ -209,6 +219,9 @@ impl AsyncWrite for EdgeStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if let (Some(bounds), Some(first)) = (self.bounds.as_mut(), bufs.iter().find(|b| !b.is_empty())) {
+            bounds.wrote(first);
+        }
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let (Some(h2), Poll::Ready(Ok(n))) = (self.h2.as_mut(), &polled) {
             let mut left = *n;

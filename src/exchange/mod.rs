@@ -25,7 +25,7 @@ use crate::plugin::{Chains, Failure, Reply, RequestState};
 use crate::respond;
 use crate::route::{normalize_host, normalize_path, RequestKey};
 use crate::upstream::{InFlight, Upstream};
-use http::header::{CONTENT_LENGTH, COOKIE, HOST};
+use http::header::{CONTENT_LENGTH, COOKIE, HOST, UPGRADE};
 use http::{HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -203,6 +203,16 @@ fn one_cookie_header(req: &mut RequestHeader) {
     }
     if let Ok(v) = HeaderValue::from_bytes(&joined) {
         let _ = req.insert_header(COOKIE, v);
+    }
+}
+
+/// An HTTP/1 upgrade request answered with anything but 101: the client may already have sent
+/// bytes of the new protocol (WebSocket frames) behind it, which must never be read as the next
+/// HTTP request; so the connection closes after this answer, and the answer says so.
+pub(crate) fn close_after_refused_upgrade(session: &mut Session, status: u16) {
+    let req = session.req_header();
+    if status != 101 && req.version != http::Version::HTTP_2 && req.headers.contains_key(UPGRADE) {
+        session.set_keepalive(None);
     }
 }
 

@@ -46,6 +46,7 @@ pub async fn send_reply(session: &mut Session, ctx: &mut Ctx, reply: Reply) -> R
     if unread_body || reply.status == 413 || reply.status == 400 {
         session.set_keepalive(None);
     }
+    super::close_after_refused_upgrade(session, reply.status);
     let head_only = body.is_empty() || session.req_header().method == Method::HEAD;
     session.write_response_header(Box::new(head), head_only).await?;
     if !head_only {
@@ -75,6 +76,11 @@ fn reply_body(body: Bytes, ctx: &mut Ctx) -> Bytes {
 fn classify(e: &Error) -> (u16, &'static str, &'static str) {
     if let HTTPStatus(code) = e.etype() {
         return by_status(*code);
+    }
+    // The edge layer's strict chunked scan refused the body (`edge/framing.rs`), whatever
+    // Pingora made of the failed read.
+    if crate::edge::framing_error(e).is_some() {
+        return (400, "bad_request", "the request body's chunked framing is malformed");
     }
     match e.esource() {
         ErrorSource::Upstream => match e.etype() {
