@@ -440,3 +440,26 @@ fn a_request_sent_while_the_previous_is_in_flight_waits_its_turn() {
         .collect();
     assert_eq!(seen, vec![(200, "/first".to_string()), (200, "/second".to_string())]);
 }
+
+/// `Upgrade` that `Connection` does not name is not an upgrade (RFC 9110 §7.8, attack-c D7):
+/// the request goes upstream as an ordinary one, without `Upgrade`, and what follows it is the
+/// next request — never tunnelled past routing.
+#[test]
+fn an_upgrade_connection_does_not_name_is_not_an_upgrade() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&body(&up, ""));
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n\
+          GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let got = split_responses(&read_to_close(&mut s));
+    assert_eq!(got.len(), 2, "{got:?}");
+    let first: serde_json::Value = serde_json::from_str(&got[0].2).unwrap();
+    assert_eq!(first["path"], "/ws");
+    let headers = first["headers"].to_string().to_ascii_lowercase();
+    assert!(!headers.contains("websocket") && !headers.contains("\"upgrade\""), "{headers}");
+    let second: serde_json::Value = serde_json::from_str(&got[1].2).unwrap();
+    assert_eq!(second["path"], "/after");
+}

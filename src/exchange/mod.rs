@@ -25,7 +25,7 @@ use crate::plugin::{Chains, Failure, Reply, RequestState};
 use crate::respond;
 use crate::route::{normalize_host, normalize_path, RequestKey};
 use crate::upstream::{InFlight, Upstream};
-use http::header::{CONTENT_LENGTH, COOKIE, HOST, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, COOKIE, HOST, UPGRADE};
 use http::{HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -206,6 +206,26 @@ fn one_cookie_header(req: &mut RequestHeader) {
     }
 }
 
+/// An `Upgrade` that `Connection` does not name is not an upgrade request (RFC 9110 §7.8): it
+/// is dropped, and the request goes upstream as an ordinary one. (Pingora would take any
+/// `Upgrade` for one, tunnel the connection after a 101, and let the bytes that follow skip
+/// routing and plugins — the shape of "WebSocket smuggling" behind a front proxy that did not
+/// see an upgrade.)
+fn drop_unannounced_upgrade(req: &mut RequestHeader) {
+    if !req.headers.contains_key(UPGRADE) {
+        return;
+    }
+    let announced = req
+        .headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+    if !announced {
+        req.remove_header(&UPGRADE);
+    }
+}
+
 /// An HTTP/1 upgrade request answered with anything but 101: the client may already have sent
 /// bytes of the new protocol (WebSocket frames) behind it, which must never be read as the next
 /// HTTP request; so the connection closes after this answer, and the answer says so.
@@ -250,6 +270,7 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
 
     one_content_length(session.req_header_mut())?;
     one_cookie_header(session.req_header_mut());
+    drop_unannounced_upgrade(session.req_header_mut());
     let req = session.req_header();
     ctx.st.host = request_host(req)?;
     ctx.st.path = normalize_path(req.uri.path()).map_err(|e| bad_request(e.message()))?;
