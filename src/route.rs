@@ -28,9 +28,7 @@ impl PathError {
             PathError::Forbidden(c) => format!("the character {:?} is not allowed in the path", c),
             PathError::AboveRoot => "the path climbs above '/' with '..'".into(),
             PathError::PathParameter => "a ';' (path parameter) is not allowed in the path".into(),
-            PathError::AmbiguousSegment => {
-                "a path segment may not end with '.' nor start or end with a space".into()
-            }
+            PathError::AmbiguousSegment => "a path segment may not end with '.' nor start or end with a space".into(),
         }
     }
 }

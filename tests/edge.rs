@@ -330,14 +330,20 @@ fn edge_refusals_are_in_the_access_log_in_its_format() {
     assert!(big.contains("route=none"), "{big}");
 }
 
-
 /// Responses in `bytes` (each with a Content-Length): status, lower-case headers, body.
-fn split_responses(mut bytes: &[u8]) -> Vec<(u16, Vec<(String, String)>, String)> {
+/// A response as `split_responses` reads it: status, lower-case headers, body.
+type Parsed = (u16, Vec<(String, String)>, String);
+
+fn split_responses(mut bytes: &[u8]) -> Vec<Parsed> {
     let mut out = Vec::new();
     while let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
         let head = String::from_utf8_lossy(&bytes[..end]).to_string();
         let mut lines = head.split("\r\n");
-        let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         let headers: Vec<(String, String)> = lines
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
@@ -348,7 +354,11 @@ fn split_responses(mut bytes: &[u8]) -> Vec<(u16, Vec<(String, String)>, String)
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or(0);
         let body_end = (end + 4 + len).min(bytes.len());
-        out.push((status, headers, String::from_utf8_lossy(&bytes[end + 4..body_end]).to_string()));
+        out.push((
+            status,
+            headers,
+            String::from_utf8_lossy(&bytes[end + 4..body_end]).to_string(),
+        ));
         bytes = &bytes[body_end..];
     }
     out
@@ -425,11 +435,13 @@ fn a_request_sent_while_the_previous_is_in_flight_waits_its_turn() {
     let up = EchoServer::start("up").unwrap();
     let gw = Gw::start(&body(&up, ""));
     let mut s = connect(&gw.addr, None).unwrap();
-    s.write_all(b"GET /first?delay_ms=400 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.write_all(b"GET /first?delay_ms=400 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     wait_for("the first request upstream", Duration::from_secs(10), || {
         (up.requests() == 1).then_some(())
     });
-    s.write_all(b"GET /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let got = split_responses(&read_to_close(&mut s));
     let seen: Vec<(u16, String)> = got
         .iter()
@@ -459,7 +471,10 @@ fn an_upgrade_connection_does_not_name_is_not_an_upgrade() {
     let first: serde_json::Value = serde_json::from_str(&got[0].2).unwrap();
     assert_eq!(first["path"], "/ws");
     let headers = first["headers"].to_string().to_ascii_lowercase();
-    assert!(!headers.contains("websocket") && !headers.contains("\"upgrade\""), "{headers}");
+    assert!(
+        !headers.contains("websocket") && !headers.contains("\"upgrade\""),
+        "{headers}"
+    );
     let second: serde_json::Value = serde_json::from_str(&got[1].2).unwrap();
     assert_eq!(second["path"], "/after");
 }

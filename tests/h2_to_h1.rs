@@ -351,12 +351,24 @@ fn split_cookies_reach_an_h1_upstream_as_one_header() {
     let gw = Gw::start_h2c(&config(&up));
     runtime().block_on(async {
         let mut c = h2_client(&gw.addr).await;
-        let h = [("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3"), ("x-id", "cookies")];
+        let h = [
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+            ("cookie", "c=3"),
+            ("x-id", "cookies"),
+        ];
         let a = send(&mut c, "GET", "/x", &h, &[], End::OnHeaders).await.unwrap();
         assert_eq!(a.status, 200);
-        let a = send(&mut c, "GET", "/x", &[("cookie", "only=1"), ("x-id", "one")], &[], End::OnHeaders)
-            .await
-            .unwrap();
+        let a = send(
+            &mut c,
+            "GET",
+            "/x",
+            &[("cookie", "only=1"), ("x-id", "one")],
+            &[],
+            End::OnHeaders,
+        )
+        .await
+        .unwrap();
         assert_eq!(a.status, 200);
     });
     let reqs = up.requests();

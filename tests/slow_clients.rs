@@ -225,12 +225,17 @@ fn an_http1_client_that_never_reads_is_cut_at_send_timeout() {
     wait_for("the upstream connection let go", Duration::from_secs(20), || {
         (up.open_connections() == 0).then_some(())
     });
-    assert!(start.elapsed() >= Duration::from_millis(900), "cut after {:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "cut after {:?}",
+        start.elapsed()
+    );
     // The client connection is closed too (after what was already in flight).
     assert!(time_to_close(&mut s, Instant::now(), Duration::from_secs(20)).is_some());
     // A client that reads gets the whole answer, however long it takes.
     let mut s = connect(&gw.addr, None).unwrap();
-    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut total = 0usize;
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -271,10 +276,17 @@ fn an_http2_stream_whose_window_stays_shut_is_cut_at_send_timeout() {
         assert_eq!(resp.status(), 200);
         let start = Instant::now();
         while up.open_connections() > 0 {
-            assert!(start.elapsed() < Duration::from_secs(20), "the upstream connection is still held");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the upstream connection is still held"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(start.elapsed() >= Duration::from_millis(900), "cut after {:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(900),
+            "cut after {:?}",
+            start.elapsed()
+        );
         // The body stream ends in an error (the stream was reset), not in a clean end.
         let mut body = resp.into_body();
         let ended = tokio::time::timeout(Duration::from_secs(10), async {

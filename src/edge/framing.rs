@@ -412,7 +412,10 @@ mod tests {
     #[test]
     fn lenient_forms_are_refused() {
         for (body, why) in [
-            (&b"3;x\nGET /smug HTTP/1.1\r\nabc\r\n0\r\n\r\n"[..], "bare LF in an extension"),
+            (
+                &b"3;x\nGET /smug HTTP/1.1\r\nabc\r\n0\r\n\r\n"[..],
+                "bare LF in an extension",
+            ),
             (b"3;x\x01\r\nabc\r\n0\r\n\r\n", "a control byte in an extension"),
             (b"3;\"a\rb\"\r\nabc\r\n0\r\n\r\n", "CR inside a quoted extension"),
             (b"3 \r\nabc\r\n0\r\n\r\n", "a space after the size"),
@@ -424,7 +427,10 @@ mod tests {
             (b"10000000000000000\r\n", "overflow"),
             (b"3\r\nabcd\r\n0\r\n\r\n", "data longer than its size"),
             (b"3\r\nabc\n0\r\n\r\n", "bare LF after data"),
-            (b"3\r\nabc\r\n0\r\nGET /smug HTTP/1.1\r\n\r\n", "a trailer line without a colon"),
+            (
+                b"3\r\nabc\r\n0\r\nGET /smug HTTP/1.1\r\n\r\n",
+                "a trailer line without a colon",
+            ),
             (b"3\r\nabc\r\n0\r\nx : 1\r\n\r\n", "a space before a trailer's colon"),
             (b"3\r\nabc\r\n0\r\n x: 1\r\n\r\n", "a folded trailer line"),
             (b"3\r\nabc\r\n0\r\nx: 1\n\r\n", "a bare LF after a trailer"),
@@ -460,18 +466,36 @@ mod tests {
         assert_eq!(b.take(b"HEAD3\r\n").unwrap(), 4);
         assert_eq!(b.take(b"3\r\nabc\r\n0\r\n\r\nNEXT").unwrap(), 13);
         assert!(matches!(b.phase, Phase::Done));
-        let mut b = RequestBounds::new(2, Framing { body: Body::Length(3), upgrade: false });
+        let mut b = RequestBounds::new(
+            2,
+            Framing {
+                body: Body::Length(3),
+                upgrade: false,
+            },
+        );
         assert_eq!(b.take(b"HDabcNEXT").unwrap(), 2);
         assert_eq!(b.take(b"abcNEXT").unwrap(), 3);
         assert_eq!(b.take(b"NEXT").unwrap(), 0);
         // Only a 101 to an upgrade request opens a tunnel.
-        let mut b = RequestBounds::new(2, Framing { body: Body::None, upgrade: true });
+        let mut b = RequestBounds::new(
+            2,
+            Framing {
+                body: Body::None,
+                upgrade: true,
+            },
+        );
         assert_eq!(b.take(b"HD").unwrap(), 2);
         b.wrote(b"HTTP/1.1 200 OK\r\n");
         assert!(matches!(b.phase, Phase::Done));
         b.wrote(b"HTTP/1.1 101 Switching Protocols\r\n");
         assert_eq!(b.take(b"frames").unwrap(), 6);
-        let mut b = RequestBounds::new(2, Framing { body: Body::None, upgrade: false });
+        let mut b = RequestBounds::new(
+            2,
+            Framing {
+                body: Body::None,
+                upgrade: false,
+            },
+        );
         assert_eq!(b.take(b"HD").unwrap(), 2);
         b.wrote(b"HTTP/1.1 101 Switching Protocols\r\n");
         assert_eq!(b.take(b"frames").unwrap(), 0);

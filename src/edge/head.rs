@@ -113,7 +113,9 @@ pub fn check_framing(head: &[u8]) -> Result<Framing, Reply> {
         || target.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://"));
     let origin_form = target.starts_with('/');
     if !(origin_form || absolute || method == "CONNECT" || (method == "OPTIONS" && target == "*")) {
-        return Err(bad("the request target must be a path starting with '/' (or an http(s) URL)"));
+        return Err(bad(
+            "the request target must be a path starting with '/' (or an http(s) URL)",
+        ));
     }
     let mut lengths = Vec::new();
     let mut encodings = Vec::new();
