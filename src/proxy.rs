@@ -44,6 +44,9 @@ impl ProxyHttp for Gateway {
             }
         }
         let step = step.and_then(|_| exchange::choose_upstream(session, ctx));
+        if step.is_ok() {
+            exchange::answer_expect_continue(session).await;
+        }
         let step = match step {
             Ok(()) if !ctx.chains().request_body.is_empty() => exchange::read_small_body(session, ctx).await,
             other => other,

@@ -13,7 +13,7 @@ mod location;
 mod reply;
 mod upstream;
 
-pub use body::{end_body_once, read_small_body, request_body};
+pub use body::{answer_expect_continue, end_body_once, read_small_body, request_body};
 pub use done::done;
 pub use reply::{by_status, fail, finish_response_head, send_reply, trailers_arrived};
 pub use upstream::{
