@@ -49,6 +49,9 @@ impl ProxyHttp for Gateway {
             }
         }
         let step = step.and_then(|_| exchange::choose_upstream(session, ctx));
+        if step.is_ok() {
+            exchange::answer_expect_continue(session).await;
+        }
         let step = match step {
             Ok(()) if !ctx.chains().request_body.is_empty() => exchange::read_small_body(session, ctx).await,
             other => other,
@@ -125,6 +128,7 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
         exchange::finish_response_head(session.req_header(), resp, ctx);
+        exchange::close_after_refused_upgrade(session, resp.status.as_u16());
         exchange::compress_or_not(session, resp, ctx);
         exchange::client_framing(session, resp, ctx);
         Ok(())

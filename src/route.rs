@@ -13,6 +13,10 @@ pub enum PathError {
     EncodedSlash,
     Forbidden(char),
     AboveRoot,
+    /// `;` (raw or `%3B`): a path parameter, which Servlet containers strip before mapping.
+    PathParameter,
+    /// A segment ending in `.`, or starting or ending with a space (`%20`).
+    AmbiguousSegment,
 }
 
 impl PathError {
@@ -23,6 +27,8 @@ impl PathError {
             PathError::EncodedSlash => "an encoded slash (%2F) or backslash (%5C) is not allowed in the path".into(),
             PathError::Forbidden(c) => format!("the character {:?} is not allowed in the path", c),
             PathError::AboveRoot => "the path climbs above '/' with '..'".into(),
+            PathError::PathParameter => "a ';' (path parameter) is not allowed in the path".into(),
+            PathError::AmbiguousSegment => "a path segment may not end with '.' nor start or end with a space".into(),
         }
     }
 }
@@ -44,7 +50,41 @@ fn hex(b: u8) -> Option<u8> {
 /// remaining escapes, merge `//`, resolve `.` and `..`. Encoded slashes and backslashes, NUL and
 /// other control characters, and `..` above the root are refused: the path a route decision saw
 /// is exactly the path the upstream receives.
+///
+/// Also refused: spellings that some upstreams read as another path, so a route (and its
+/// ACL) on `/admin` would not see them as `/admin` while the upstream does (see
+/// [`check_segments`]).
 pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+    let path = normalize_segments(raw)?;
+    check_segments(&path)?;
+    Ok(path)
+}
+
+/// Refuse what the normalised `path` may mean to an upstream beyond what it says:
+///
+/// - `;` (raw, or `%3B`): Servlet containers (Tomcat, Jetty, Spring) strip `;parameters` from
+///   each segment before mapping, so `/admin;x` is `/admin` and `/x/..;/admin` is `/admin` there
+///   ("Breaking Parser Logic"); Spring Security's strict firewall refuses `;` for that reason.
+/// - a segment ending in `.` (`/admin.`, `/admin..`, `/admin%2e`), or starting or ending with
+///   a space (`/admin%20`): Windows/IIS file mapping drops trailing dots and spaces, and
+///   suffix-pattern or trimming frameworks map them to the bare name.
+///
+/// Refusing (400) rather than rewriting keeps the rule "the upstream receives the path routing
+/// saw" and leaves no spelling to guess.
+fn check_segments(path: &str) -> Result<(), PathError> {
+    for seg in path.split('/') {
+        if seg.contains(';') || seg.contains("%3B") {
+            return Err(PathError::PathParameter);
+        }
+        if seg.ends_with('.') || seg.starts_with("%20") || seg.ends_with("%20") {
+            return Err(PathError::AmbiguousSegment);
+        }
+    }
+    Ok(())
+}
+
+/// Decode, merge and resolve (the first part of [`normalize_path`]).
+fn normalize_segments(raw: &str) -> Result<String, PathError> {
     let bytes = raw.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(PathError::NotAbsolute);
@@ -398,7 +438,9 @@ mod tests {
         ok("/a/b/..", "/a/");
         ok("/a/./", "/a/");
         ok("/a%7eb", "/a~b");
-        ok("/a%3bb", "/a%3Bb");
+        ok("/a%3fb", "/a%3Fb");
+        ok("/.well-known/x", "/.well-known/x");
+        ok("/v1.2/a..b/my%20file", "/v1.2/a..b/my%20file");
         ok("/%252f", "/%252f");
         ok("/users/", "/users/");
         let bad = |a: &str| assert!(normalize_path(a).is_err(), "{a}");
@@ -414,6 +456,30 @@ mod tests {
         bad("/a%2");
         bad("admin");
         bad("*");
+    }
+
+    /// Spellings an upstream may read as `/admin` while routing would not (attack-c D3).
+    #[test]
+    fn ambiguous_spellings_of_a_segment_are_refused() {
+        for (path, why) in [
+            ("/admin;x", PathError::PathParameter),
+            ("/admin;/x", PathError::PathParameter),
+            ("/;/admin", PathError::PathParameter),
+            ("/x/..;/admin", PathError::PathParameter),
+            ("/admin%3B", PathError::PathParameter),
+            ("/admin%3bx", PathError::PathParameter),
+            ("/admin;jsessionid=1", PathError::PathParameter),
+            ("/admin.", PathError::AmbiguousSegment),
+            ("/admin..", PathError::AmbiguousSegment),
+            ("/admin%2e", PathError::AmbiguousSegment),
+            ("/admin%2E%2e/x", PathError::AmbiguousSegment),
+            ("/admin./x", PathError::AmbiguousSegment),
+            ("/admin%20", PathError::AmbiguousSegment),
+            ("/%20admin", PathError::AmbiguousSegment),
+            ("/%20/admin", PathError::AmbiguousSegment),
+        ] {
+            assert_eq!(normalize_path(path), Err(why), "{path}");
+        }
     }
 
     fn key<'a>(path: &'a str, host: &'a str, m: &'a Method, h: &'a http::HeaderMap) -> RequestKey<'a> {

@@ -126,6 +126,17 @@ fn hostile_configs() -> Vec<(&'static str, String, &'static str)> {
             "routes[0].plugins[0].jwt.public_key_file: /dev/zero is not a regular file",
         ),
         (
+            // Accepted once, then every connection panicked computing `accept + header_timeout`.
+            "an overflowing duration",
+            format!("{BASE}limits: {{ header_timeout: 18446744073709551615s }}\nroutes: []\n"),
+            "limits.header_timeout: invalid duration",
+        ),
+        (
+            "a duration past its key's bound",
+            format!("{BASE}limits: {{ body_timeout: 30d }}\nroutes: []\n"),
+            "limits.body_timeout: must be at most 1h",
+        ),
+        (
             "a config over 16 MiB",
             format!("{BASE}routes: []\n# {}\n", "x".repeat(17 << 20)),
             "is larger than 16 MiB",

@@ -442,3 +442,39 @@ fn upstream_names_are_resolved_again() {
     );
     assert!(second.requests() > 0);
 }
+
+/// `Expect: 100-continue` is answered by Portico once the request phase has accepted the
+/// request (as nginx does), and not passed on: an upstream that ignores it (the echo service
+/// does) no longer leaves the client waiting its expect timeout (attack-c D8).
+#[test]
+fn expect_continue_is_answered_by_the_gateway() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&format!(
+        "upstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
+        up.addr
+    ));
+    for framing in ["content-length: 5", "transfer-encoding: chunked"] {
+        let mut s = connect(&gw.addr, None).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(format!("POST /x HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n{framing}\r\n\r\n").as_bytes())
+            .unwrap();
+        let first = read_response(&mut s, true).expect("an interim 100 before the body is sent");
+        assert_eq!(first.status, 100, "{framing}");
+        let body: &[u8] = if framing.starts_with("content") {
+            b"hello"
+        } else {
+            b"5\r\nhello\r\n0\r\n\r\n"
+        };
+        s.write_all(body).unwrap();
+        let r = read_response(&mut s, false).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let echo = r.json();
+        assert_eq!(echo["body_bytes"], 5);
+        assert!(echo["headers"].get("expect").is_none(), "{echo}");
+    }
+    // A request without a body, or in HTTP/1.0, gets no 100.
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut s, false).unwrap().status, 200);
+}

@@ -250,6 +250,14 @@ fn framing_vectors() {
         ("chunk size not hex", "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".into(), 400, 0),
         ("one header over the limit", long_header, 431, 0),
         ("CONNECT", "CONNECT evil:443 HTTP/1.1\r\nHost: evil:443\r\n\r\n".into(), 405, 0),
+        // Chunked grammar (RFC 9112 §7.1) that a front proxy could read another way (attack-c D6).
+        ("bare LF in a chunk extension", format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;x\n{smuggled}abc\r\n0\r\n\r\n"), 400, 0),
+        ("a trailer line without a colon", format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n{smuggled}"), 400, 0),
+        ("a space after the chunk size", "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3 \r\nabc\r\n0\r\n\r\n".into(), 400, 0),
+        // Request targets that are neither a path nor an http(s) URL (attack-c D8: were sent as `/`).
+        ("a target without a leading slash", "GET admin HTTP/1.1\r\nHost: x\r\n\r\n".into(), 400, 0),
+        ("authority-form on GET", "GET secret.test:80 HTTP/1.1\r\nHost: x\r\n\r\n".into(), 400, 0),
+        ("an ftp:// target", "GET ftp://x/a HTTP/1.1\r\nHost: x\r\n\r\n".into(), 400, 0),
         (
             "Upgrade refused by the upstream, then a pipelined request",
             format!("GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n{smuggled}"),
@@ -332,4 +340,153 @@ fn edge_refusals_are_in_the_access_log_in_its_format() {
     let quote = lines.iter().find(|l| l.contains("quote-789")).unwrap();
     assert!(quote.contains("\"GET /evil/x?a=") && quote.contains(" 400 "), "{quote}");
     assert!(quote.contains("route=none"), "{quote}");
+}
+
+/// Responses in `bytes` (each with a Content-Length): status, lower-case headers, body.
+/// A response as `split_responses` reads it: status, lower-case headers, body.
+type Parsed = (u16, Vec<(String, String)>, String);
+
+fn split_responses(mut bytes: &[u8]) -> Vec<Parsed> {
+    let mut out = Vec::new();
+    while let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&bytes[..end]).to_string();
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let body_end = (end + 4 + len).min(bytes.len());
+        out.push((
+            status,
+            headers,
+            String::from_utf8_lossy(&bytes[end + 4..body_end]).to_string(),
+        ));
+        bytes = &bytes[body_end..];
+    }
+    out
+}
+
+/// Read until the gateway closes the connection.
+fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    all
+}
+
+fn closes(headers: &[(String, String)]) -> bool {
+    headers
+        .iter()
+        .any(|(k, v)| k == "connection" && v.eq_ignore_ascii_case("close"))
+}
+
+/// HTTP/1.1 pipelining (attack-c D4, user-a D2): requests written back to back are all
+/// answered, in order, each read and checked by the edge layer like any other; only the last
+/// response says `Connection: close`.
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&body(&up, ""));
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.write_all(
+        b"GET /p1 HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /p2 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+          POST /p3 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1;ext=1\r\n!\r\n0\r\nx-t: 1\r\n\r\n\
+          GET /p4 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let got = split_responses(&read_to_close(&mut s));
+    let seen: Vec<(u16, String, u64, bool)> = got
+        .iter()
+        .map(|(status, headers, body)| {
+            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            (
+                *status,
+                v["path"].as_str().unwrap_or("").to_string(),
+                v["body_bytes"].as_u64().unwrap_or(99),
+                closes(headers),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (200, "/p1".to_string(), 0, false),
+            (200, "/p2".to_string(), 5, false),
+            (200, "/p3".to_string(), 6, false),
+            (200, "/p4".to_string(), 0, true),
+        ]
+    );
+    // HTTP/1.0 keep-alive, pipelined: both answered, then the connection closes.
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.write_all(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let got = split_responses(&read_to_close(&mut s));
+    let paths: Vec<String> = got
+        .iter()
+        .map(|(_, _, b)| serde_json::from_str::<serde_json::Value>(b).unwrap_or_default()["path"].to_string())
+        .collect();
+    assert_eq!(paths, ["\"/a\"", "\"/b\""]);
+}
+
+/// A request that arrives while the one before it is still with the upstream waits its turn:
+/// the first is answered 200 (it was refused 400 when the second arrived in another write),
+/// then the second.
+#[test]
+fn a_request_sent_while_the_previous_is_in_flight_waits_its_turn() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&body(&up, ""));
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.write_all(b"GET /first?delay_ms=400 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    wait_for("the first request upstream", Duration::from_secs(10), || {
+        (up.requests() == 1).then_some(())
+    });
+    s.write_all(b"GET /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let got = split_responses(&read_to_close(&mut s));
+    let seen: Vec<(u16, String)> = got
+        .iter()
+        .map(|(status, _, b)| {
+            let v: serde_json::Value = serde_json::from_str(b).unwrap_or_default();
+            (*status, v["path"].as_str().unwrap_or("").to_string())
+        })
+        .collect();
+    assert_eq!(seen, vec![(200, "/first".to_string()), (200, "/second".to_string())]);
+}
+
+/// `Upgrade` that `Connection` does not name is not an upgrade (RFC 9110 §7.8, attack-c D7):
+/// the request goes upstream as an ordinary one, without `Upgrade`, and what follows it is the
+/// next request — never tunnelled past routing.
+#[test]
+fn an_upgrade_connection_does_not_name_is_not_an_upgrade() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&body(&up, ""));
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n\
+          GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let got = split_responses(&read_to_close(&mut s));
+    assert_eq!(got.len(), 2, "{got:?}");
+    let first: serde_json::Value = serde_json::from_str(&got[0].2).unwrap();
+    assert_eq!(first["path"], "/ws");
+    let headers = first["headers"].to_string().to_ascii_lowercase();
+    assert!(
+        !headers.contains("websocket") && !headers.contains("\"upgrade\""),
+        "{headers}"
+    );
+    let second: serde_json::Value = serde_json::from_str(&got[1].2).unwrap();
+    assert_eq!(second["path"], "/after");
 }

@@ -341,3 +341,40 @@ fn racing_clients_never_get_each_others_answers() {
     assert_eq!((wrong_a, wrong_b), (0, 0), "answers delivered to the wrong request");
     assert!(up.garbage().is_empty(), "stray bytes upstream: {:?}", up.garbage());
 }
+
+/// Browsers send each cookie as a field of its own over HTTP/2 (RFC 9113 §8.2.3); an HTTP/1
+/// upstream must get them as one `Cookie` header joined with "; " (gunicorn folds repeated
+/// lines with "," and Flask then reads `a=1,b=2` as one cookie).
+#[test]
+fn split_cookies_reach_an_h1_upstream_as_one_header() {
+    let up = RecordingUpstream::start();
+    let gw = Gw::start_h2c(&config(&up));
+    runtime().block_on(async {
+        let mut c = h2_client(&gw.addr).await;
+        let h = [
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+            ("cookie", "c=3"),
+            ("x-id", "cookies"),
+        ];
+        let a = send(&mut c, "GET", "/x", &h, &[], End::OnHeaders).await.unwrap();
+        assert_eq!(a.status, 200);
+        let a = send(
+            &mut c,
+            "GET",
+            "/x",
+            &[("cookie", "only=1"), ("x-id", "one")],
+            &[],
+            End::OnHeaders,
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.status, 200);
+    });
+    let reqs = up.requests();
+    let seen = reqs.iter().find(|r| r.header("x-id") == Some("cookies")).unwrap();
+    assert_eq!(seen.header_count("cookie"), 1, "{:?}", seen.headers);
+    assert_eq!(seen.header("cookie"), Some("a=1; b=2; c=3"));
+    let seen = reqs.iter().find(|r| r.header("x-id") == Some("one")).unwrap();
+    assert_eq!(seen.header("cookie"), Some("only=1"));
+}

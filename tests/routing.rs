@@ -214,3 +214,53 @@ routes:
         }
     });
 }
+
+/// Spellings that Servlet containers, IIS or trimming frameworks read as `/admin` while a
+/// segment-exact route would not (attack-c D3: they fell through to the open route) are 400 on
+/// HTTP/1 and HTTP/2 alike, and never reach an upstream.
+#[test]
+fn ambiguous_spellings_of_a_protected_path_are_refused() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start_h2c(&format!(
+        "upstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: admin, upstream: up, match: {{ path_prefix: /admin }}, plugins: [ {{ ip_filter: {{ allow: [10.0.0.0/8] }} }} ] }}\n  - {{ name: open, upstream: up }}\n",
+        up.addr
+    ));
+    let vectors = [
+        "/admin;x",
+        "/admin;/x",
+        "/;/admin",
+        "/x/..;/admin",
+        "/admin%3B",
+        "/admin%3b",
+        "/admin.",
+        "/admin..",
+        "/admin%2e",
+        "/admin%20",
+        "/%20/admin",
+    ];
+    for path in vectors {
+        let r = gw.get(path);
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        assert_eq!(r.json()["error"], "bad_request", "{path}");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        for path in vectors {
+            let mut client = client.clone().ready().await.unwrap();
+            let req = http::Request::get(format!("http://x{path}")).body(()).unwrap();
+            let (resp, _) = client.send_request(req, true).unwrap();
+            assert_eq!(resp.await.unwrap().status(), 400, "h2 {path}");
+        }
+    });
+    assert_eq!(up.requests(), 0, "no spelling reached the upstream");
+    // Dots and spaces inside a segment are fine.
+    assert_eq!(gw.get("/v1.2/my%20file").status, 200);
+}

@@ -200,3 +200,105 @@ fn a_stalled_http2_body_is_reset_at_body_timeout() {
         "the upstream never got a complete request"
     );
 }
+
+/// A big answer no buffer along the way can hold (client, gateway and upstream socket buffers).
+fn big_upstream() -> FaultServer {
+    FaultServer::start(Fault::SlowBody {
+        total: 96 << 20,
+        pieces: 384,
+        gap: Duration::ZERO,
+    })
+}
+
+/// A client that never reads its answer is cut after `send_timeout` (nginx's `send_timeout`),
+/// and the upstream connection feeding it is let go (attack-c D2: both stayed open for ever).
+#[test]
+fn an_http1_client_that_never_reads_is_cut_at_send_timeout() {
+    let up = big_upstream();
+    let gw = Gw::start(&config(&up.addr.to_string(), "send_timeout: 1s"));
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    wait_for("the upstream request", Duration::from_secs(10), || {
+        (up.request_count() == 1).then_some(())
+    });
+    let start = Instant::now();
+    wait_for("the upstream connection let go", Duration::from_secs(20), || {
+        (up.open_connections() == 0).then_some(())
+    });
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "cut after {:?}",
+        start.elapsed()
+    );
+    // The client connection is closed too (after what was already in flight).
+    assert!(time_to_close(&mut s, Instant::now(), Duration::from_secs(20)).is_some());
+    // A client that reads gets the whole answer, however long it takes.
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => panic!("after {total} bytes: {e}"),
+        }
+    }
+    assert!(total > 96 << 20, "{total} bytes");
+}
+
+/// HTTP/2: a stream whose flow-control window the client never opens is reset after
+/// `send_timeout`, and its upstream connection let go; the connection itself lives on.
+#[test]
+fn an_http2_stream_whose_window_stays_shut_is_cut_at_send_timeout() {
+    let up = big_upstream();
+    let gw = Gw::start_h2c(&config(&up.addr.to_string(), "send_timeout: 1s"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+        let (client, conn) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::get("http://x/big").body(()).unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let start = Instant::now();
+        while up.open_connections() > 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the upstream connection is still held"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            start.elapsed() >= Duration::from_millis(900),
+            "cut after {:?}",
+            start.elapsed()
+        );
+        // The body stream ends in an error (the stream was reset), not in a clean end.
+        let mut body = resp.into_body();
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(piece) = body.data().await {
+                if let Err(e) = piece {
+                    return Some(e);
+                }
+            }
+            None
+        })
+        .await
+        .expect("the stream was neither reset nor ended");
+        assert!(ended.is_some(), "the stream ended cleanly");
+    });
+}

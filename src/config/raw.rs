@@ -73,6 +73,7 @@ pub struct Limits {
     pub keepalive_requests: u32,
     pub body_timeout: Dur,
     pub h2_idle_timeout: Dur,
+    pub send_timeout: Dur,
 }
 
 impl Default for Limits {
@@ -85,6 +86,7 @@ impl Default for Limits {
             keepalive_requests: 1000,
             body_timeout: Dur::secs(30),
             h2_idle_timeout: Dur::secs(60),
+            send_timeout: Dur::secs(60),
         }
     }
 }

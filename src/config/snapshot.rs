@@ -67,6 +67,9 @@ pub struct Limits {
     pub body_timeout: Duration,
     /// An HTTP/2 connection with no open stream for this long is closed.
     pub h2_idle_timeout: Duration,
+    /// Writing to the client that makes no progress for this long ends the connection (HTTP/2:
+    /// the stream), and the upstream connection is closed, not pooled.
+    pub send_timeout: Duration,
 }
 
 /// Consumers known to the gateway, looked up by the SHA-256 of an API key.

@@ -15,6 +15,10 @@ impl Dur {
     }
 }
 
+/// The longest duration any key accepts: a deadline computed from it (`now + d`) can never
+/// overflow. Each key has its own, tighter bound on top ([`bounded`]).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86400);
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     if t.is_empty() || t.bytes().all(|b| b.is_ascii_digit()) {
@@ -22,9 +26,38 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "invalid duration '{s}': write a number with a unit, such as 250ms, 5s, 1m, 1h or 1d"
         ));
     }
-    humantime::parse_duration(t).map_err(|e| {
+    let d = humantime::parse_duration(t).map_err(|e| {
         format!("invalid duration '{s}' ({e}): write a number with a unit, such as 250ms, 5s, 1m, 1h or 1d")
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!("invalid duration '{s}': at most 365d"));
+    }
+    Ok(d)
+}
+
+/// Whether `d` lies within `min..=max`; the error is the message for the key's location
+/// (`must be at least 100ms`, `must be at most 1h`).
+pub fn bounded(d: Duration, min: Duration, max: Duration) -> Result<(), String> {
+    // As the file would write it: 100ms, 1h, 1d.
+    let show = |d: Duration| match (d.as_secs(), d.subsec_millis()) {
+        (0, ms) => format!("{ms}ms"),
+        (s, 0) if s % 86400 == 0 => format!("{}d", s / 86400),
+        (s, 0) if s % 3600 == 0 => format!("{}h", s / 3600),
+        (s, 0) if s % 60 == 0 => format!("{}m", s / 60),
+        (s, 0) => format!("{s}s"),
+        _ => humantime::format_duration(d).to_string(),
+    };
+    if d < min {
+        return Err(if min == Duration::from_nanos(1) {
+            "must be more than 0".to_string()
+        } else {
+            format!("must be at least {}", show(min))
+        });
+    }
+    if d > max {
+        return Err(format!("must be at most {}", show(max)));
+    }
+    Ok(())
 }
 
 impl<'de> Deserialize<'de> for Dur {
@@ -109,6 +142,24 @@ mod tests {
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("").is_err());
+        // Overflowing or absurd values are refused, never a later `Instant + d` panic.
+        assert!(parse_duration("18446744073709551615s").is_err());
+        assert!(parse_duration("366d").unwrap_err().contains("at most 365d"));
+        assert_eq!(parse_duration("365d").unwrap(), MAX_DURATION);
+        let (ms, h) = (Duration::from_millis(100), Duration::from_secs(3600));
+        assert!(bounded(Duration::from_secs(5), ms, h).is_ok());
+        assert_eq!(
+            bounded(Duration::from_millis(5), ms, h).unwrap_err(),
+            "must be at least 100ms"
+        );
+        assert_eq!(
+            bounded(Duration::from_secs(7200), ms, h).unwrap_err(),
+            "must be at most 1h"
+        );
+        assert_eq!(
+            bounded(Duration::ZERO, Duration::from_nanos(1), h).unwrap_err(),
+            "must be more than 0"
+        );
     }
 
     #[test]

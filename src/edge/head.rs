@@ -1,6 +1,7 @@
 //! Reading an HTTP/1 request head on Portico's terms (a deadline for the whole head, a size
 //! limit) and the framing verdict on it.
 
+use super::framing::{Body, Framing, RequestBounds};
 use super::stream::EdgeStream;
 use crate::config::Snapshot;
 use crate::plugin::Reply;
@@ -11,7 +12,8 @@ const MAX_HEADERS: usize = 128;
 
 /// How reading a request head ended.
 pub enum Head {
-    /// A whole, well-framed head is buffered.
+    /// A whole, well-framed head is buffered; the stream hands Pingora this request and no
+    /// more (`framing.rs`).
     Ready,
     /// The peer closed, or stayed idle (between requests) until a timeout or shutdown.
     Closed,
@@ -22,6 +24,7 @@ pub enum Head {
 /// Read until a whole head is buffered, within `deadline` and the size limit; then check its
 /// framing.
 pub async fn read_head(conn: &mut EdgeStream, deadline: Instant, snap: &Snapshot) -> Head {
+    conn.bounds = None;
     let max = snap.limits.max_request_header_bytes;
     let mut scanned: usize = 0;
     let mut end = None;
@@ -53,7 +56,10 @@ pub async fn read_head(conn: &mut EdgeStream, deadline: Instant, snap: &Snapshot
         Ok(false) => Head::Closed,
         Ok(true) => match end {
             Some(n) if n <= max => match check_framing(&conn.prefix[..n]) {
-                Ok(()) => Head::Ready,
+                Ok(framing) => {
+                    conn.bounds = Some(RequestBounds::new(n, framing));
+                    Head::Ready
+                }
                 Err(reply) => {
                     if reply.status == 505 {
                         log::info!("refused an HTTP/2 connection preface: this listener has no `http2: true`");
@@ -76,8 +82,8 @@ fn bad(message: &str) -> Reply {
 
 /// Portico's verdict on HTTP/1 framing: anything a server and an upstream could read two ways
 /// is refused (the stricter, Envoy-like choice), so the upstream never sees a request the client
-/// did not send.
-pub fn check_framing(head: &[u8]) -> Result<(), Reply> {
+/// did not send. An accepted head says how its body is framed.
+pub fn check_framing(head: &[u8]) -> Result<Framing, Reply> {
     // An HTTP/2 client with prior knowledge (`curl --http2-prior-knowledge`) on a listener
     // without `http2: true`: nginx answers 505 to a request line of version 2.0; so does
     // Portico, with the reason (the client cannot parse it, but `-v` and the log show it).
@@ -113,16 +119,30 @@ pub fn check_framing(head: &[u8]) -> Result<(), Reply> {
         }
         Err(e) => return Err(bad(&format!("the request head is malformed ({e})"))),
     }
+    // The request target (RFC 9112 §3.2): origin-form, or absolute-form with an http(s) scheme;
+    // authority-form only for CONNECT (answered 405), `*` only for OPTIONS. Anything else would
+    // be forwarded as `/`.
+    let target = req.path.unwrap_or("");
+    let method = req.method.unwrap_or("");
+    let absolute = target.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        || target.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://"));
+    let origin_form = target.starts_with('/');
+    if !(origin_form || absolute || method == "CONNECT" || (method == "OPTIONS" && target == "*")) {
+        return Err(bad(
+            "the request target must be a path starting with '/' (or an http(s) URL)",
+        ));
+    }
     // Pingora builds its request head from the target with the `http` crate, which refuses
     // bytes httparse lets through (a `"`, for one) with a bare 400 of its own — no JSON, no
     // trace id, no access-log line. The same check here refuses them the contract's way.
-    let target = req.path.unwrap_or("").as_bytes();
-    if pingora::http::RequestHeader::build_no_case(req.method.unwrap_or(""), target, None).is_err() {
+    if pingora::http::RequestHeader::build_no_case(method, target.as_bytes(), None).is_err() {
         return Err(bad("the request target is not a valid URI"));
     }
     let mut lengths = Vec::new();
     let mut encodings = Vec::new();
     let mut hosts = 0;
+    let mut upgrade = false;
+    let mut connection_upgrade = false;
     for h in req.headers.iter() {
         let name = h.name.to_ascii_lowercase();
         match name.as_str() {
@@ -138,6 +158,13 @@ pub fn check_framing(head: &[u8]) -> Result<(), Reply> {
                 if !valid {
                     return Err(bad("the Host header is not a valid host"));
                 }
+            }
+            "upgrade" => upgrade = true,
+            "connection" => {
+                connection_upgrade |= h
+                    .value
+                    .split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
             }
             "content_length" | "transfer_encoding" | "host_" => {
                 return Err(bad("an underscore variant of a framing header"))
@@ -185,7 +212,17 @@ pub fn check_framing(head: &[u8]) -> Result<(), Reply> {
             return Err(bad("a Transfer-Encoding other than a lone 'chunked'"));
         }
     }
-    Ok(())
+    let body = match (encodings.is_empty(), lengths.first()) {
+        (false, _) => Body::Chunked,
+        // At most 19 digits: checked above.
+        (true, Some(v)) => Body::Length(std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()).unwrap_or(0)),
+        (true, None) => Body::None,
+    };
+    Ok(Framing {
+        body,
+        // As Pingora and `exchange` see it: HTTP/1.1, Upgrade, and Connection naming it.
+        upgrade: req.version == Some(1) && upgrade && connection_upgrade,
+    })
 }
 
 #[cfg(test)]
@@ -219,11 +256,32 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: a\r\ncontent_length: 5\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: \r\n\r\n",
+            // Request targets that are neither a path nor an http(s) URL.
+            "GET admin HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET secret.test:80 HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET ftp://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET * HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET /a?x=\"b HTTP/1.1\r\nHost: a\r\n\r\n",
         ] {
             assert_eq!(verdict(bad), 400, "{bad:?}");
         }
         assert_eq!(verdict("PRI * HTTP/2.0\r\n\r\n"), 505, "h2c prior knowledge");
+        assert_eq!(verdict("GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n"), 200);
+        let framing = |h: &str| check_framing(h.as_bytes()).unwrap();
+        assert_eq!(framing("GET / HTTP/1.1\r\nHost: a\r\n\r\n").body, Body::None);
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n").body,
+            Body::Length(12)
+        );
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n").body,
+            Body::Chunked
+        );
+        // An upgrade needs HTTP/1.1 and Connection naming it.
+        let ws = "Upgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n";
+        assert!(framing(&format!("GET / HTTP/1.1\r\nHost: a\r\n{ws}\r\n")).upgrade);
+        assert!(!framing("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n").upgrade);
+        assert!(!framing(&format!("GET / HTTP/1.0\r\nHost: a\r\n{ws}\r\n")).upgrade);
         let many: String = (0..200).map(|i| format!("x-{i}: y\r\n")).collect();
         assert_eq!(verdict(&format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n")), 431);
     }

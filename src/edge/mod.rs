@@ -21,8 +21,11 @@
 //! checked. HTTP/2 (ALPN or the h2c preface) goes to Pingora's own handling, with its header
 //! list bounded by the same limit and its frames watched for the same deadlines (`h2_watch.rs`).
 //! Request bodies are timed by `limits.body_timeout` (HTTP/1: Pingora's read timeout, set per
-//! request by the proxy; HTTP/2: the frame watch).
+//! request by the proxy; HTTP/2: the frame watch). Writes to a client that reads nothing are
+//! cut after `limits.send_timeout` (the socket: `EdgeStream`; an HTTP/2 stream whose window
+//! stays shut: Pingora's write timeout, set per request by the proxy).
 
+mod framing;
 mod h2_watch;
 mod head;
 mod per_ip;
@@ -30,6 +33,7 @@ mod refuse;
 mod stream;
 mod tls;
 
+pub use framing::framing_error;
 pub use head::check_framing;
 pub use stream::EdgeStream;
 pub use tls::{TlsListener, TlsListeners};
@@ -189,10 +193,12 @@ impl EdgeApp {
         };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             let mut conn = EdgeStream::new(stream);
+            conn.send_timeout = limits.send_timeout;
             conn.watch_h2(limits.header_timeout, limits.body_timeout);
             return ServerApp::process_new(&self.proxy, Box::new(conn), shutdown).await;
         }
         let mut conn = EdgeStream::new(stream);
+        conn.send_timeout = limits.send_timeout;
         // The first bytes decide between HTTP/1 and the h2c preface.
         self.awaiting_first_bytes.fetch_add(1, Ordering::AcqRel);
         let deadline = accepted + snap.limits.header_timeout;
@@ -266,6 +272,8 @@ impl EdgeApp {
                     _ => Head::Closed,
                 }
             };
+            // A reload's value applies from the connection's next request on.
+            conn.send_timeout = limits.send_timeout;
             match head {
                 Head::Ready => {}
                 Head::Closed => return None,

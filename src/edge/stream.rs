@@ -3,6 +3,7 @@
 //! exactly what was checked; on HTTP/2 connections an [`H2Watch`] sees every frame go by and
 //! keeps the header and body deadlines.
 
+use super::framing::RequestBounds;
 use super::h2_watch::{H2Watch, Verdict};
 use async_trait::async_trait;
 use pingora::protocols::{
@@ -16,11 +17,20 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+/// Until the edge layer sets the configured one.
+const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub struct EdgeStream {
     inner: Stream,
     /// Bytes read ahead, replayed before the socket's own.
     pub(super) prefix: Vec<u8>,
     h2: Option<Box<H2State>>,
+    /// HTTP/1: the request being served, handed over without a byte past it (`framing.rs`).
+    pub(super) bounds: Option<RequestBounds>,
+    /// `limits.send_timeout`: how long a write may wait for a client that reads nothing.
+    pub(super) send_timeout: Duration,
+    /// Runs while writes are refused (the client's window and our socket buffer are full).
+    write_stall: Option<Pin<Box<Sleep>>>,
 }
 
 struct H2State {
@@ -46,7 +56,35 @@ impl EdgeStream {
             inner,
             prefix: Vec::new(),
             h2: None,
+            bounds: None,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+            write_stall: None,
         }
+    }
+
+    /// A write the socket could not take (`Pending`) starts the `send_timeout` clock; any write
+    /// that goes through stops it. A client that reads nothing for that long is cut (an error
+    /// for the writer, as nginx's `send_timeout`), so it cannot hold the connection — and the
+    /// upstream connection feeding it — for ever. This covers every write on the socket: HTTP/1
+    /// heads and bodies, tunnels after an upgrade, and HTTP/2 frames (a stream whose HTTP/2
+    /// window stays shut is cut by the same timeout in Pingora, set per request).
+    fn timed<T>(&mut self, cx: &mut Context<'_>, polled: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if !polled.is_pending() {
+            self.write_stall = None;
+            return polled;
+        }
+        let timeout = self.send_timeout;
+        let stall = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if stall.as_mut().poll(cx).is_ready() {
+            self.write_stall = None;
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {timeout:?} (send_timeout)"),
+            )));
+        }
+        Poll::Pending
     }
 
     /// Watch this connection's HTTP/2 frames from now on (before its preface is read).
@@ -139,6 +177,9 @@ impl H2State {
 impl AsyncRead for EdgeStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        if let Some(bounds) = this.bounds.as_mut() {
+            return bounds.poll_read(&mut this.inner, &mut this.prefix, cx, buf);
+        }
         if let Some(h2) = this.h2.as_mut() {
             if !h2.feed.is_empty() {
                 h2.drain_feed(buf);
@@ -180,23 +221,31 @@ impl AsyncRead for EdgeStream {
 
 impl AsyncWrite for EdgeStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        if let Some(bounds) = self.bounds.as_mut() {
+            bounds.wrote(buf);
+        }
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let (Some(h2), Poll::Ready(Ok(n))) = (self.h2.as_mut(), &polled) {
             h2.watch.server_bytes(&buf[..*n]);
         }
-        polled
+        self.timed(cx, polled)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.timed(cx, polled)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.timed(cx, polled)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if let (Some(bounds), Some(first)) = (self.bounds.as_mut(), bufs.iter().find(|b| !b.is_empty())) {
+            bounds.wrote(first);
+        }
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let (Some(h2), Poll::Ready(Ok(n))) = (self.h2.as_mut(), &polled) {
             let mut left = *n;
@@ -209,7 +258,7 @@ impl AsyncWrite for EdgeStream {
                 }
             }
         }
-        polled
+        self.timed(cx, polled)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()

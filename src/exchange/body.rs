@@ -86,6 +86,31 @@ impl Replay {
     }
 }
 
+/// A request accepted by the request phase that waits for `100 Continue` before sending its
+/// body gets it from Portico, as from nginx, and `Expect` is not passed on: the body will be
+/// read now (whole, or streamed to the upstream), and an upstream that ignores `Expect` would
+/// leave the client waiting its own expect timeout (curl: 1 s) for nothing. A request refused
+/// before this point (a plugin, a declared length over the limit) never gets a `100`. An
+/// HTTP/1.0 expectation is ignored (RFC 9110 §10.1.1) and passed on as sent.
+pub async fn answer_expect_continue(session: &mut Session) {
+    let req = session.req_header();
+    let expects = req.version != http::Version::HTTP_10
+        && req
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !expects {
+        return;
+    }
+    session.req_header_mut().remove_header(&http::header::EXPECT);
+    if session.is_body_empty() {
+        return;
+    }
+    if let Ok(cont) = pingora::http::ResponseHeader::build(100, Some(0)) {
+        let _ = session.write_response_header(Box::new(cont), false).await;
+    }
+}
+
 /// In the request phase, on routes with body plugins: read a small body whole and run the chain
 /// on it, or prepare to stream. `Err` is the reply to send instead of proxying.
 pub async fn read_small_body(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
@@ -100,19 +125,6 @@ pub async fn read_small_body(session: &mut Session, ctx: &mut Ctx) -> Result<(),
     if !small {
         ctx.body = BodyMode::Streaming { held: None };
         return Ok(());
-    }
-    // The client may wait for a 100 Continue before sending the body: Portico reads it now, so
-    // Portico says Continue (and the upstream, which gets the body at once, is not asked).
-    let expects = session
-        .req_header()
-        .headers
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects {
-        if let Ok(cont) = pingora::http::ResponseHeader::build(100, Some(0)) {
-            let _ = session.write_response_header(Box::new(cont), false).await;
-        }
-        session.req_header_mut().remove_header(&http::header::EXPECT);
     }
     session.enable_retry_buffering();
     let mut buf = BytesMut::new();

@@ -13,7 +13,7 @@ mod location;
 mod reply;
 mod upstream;
 
-pub use body::{end_body_once, read_small_body, request_body};
+pub use body::{answer_expect_continue, end_body_once, read_small_body, request_body};
 pub use done::done;
 pub use reply::{by_status, client_framing, fail, finish_response_head, send_reply, trailers_arrived};
 pub use upstream::{
@@ -25,8 +25,8 @@ use crate::plugin::{Chains, Failure, Reply, RequestState};
 use crate::respond;
 use crate::route::{normalize_host, normalize_path, RequestKey};
 use crate::upstream::{InFlight, Upstream};
-use http::header::{CONTENT_LENGTH, HOST};
-use http::Method;
+use http::header::{CONNECTION, CONTENT_LENGTH, COOKIE, HOST, UPGRADE};
+use http::{HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use std::net::{IpAddr, Ipv4Addr};
@@ -189,6 +189,57 @@ fn one_content_length(req: &mut RequestHeader) -> Result<(), Reply> {
     Ok(())
 }
 
+/// HTTP/2 clients send each cookie as a header field of its own (RFC 9113 §8.2.3); an HTTP/1
+/// server folds repeated headers with "," (gunicorn: `a=1,b=2` is one cookie). They become one
+/// `Cookie` header joined with "; ", as the RFC asks before passing them to HTTP/1 — and as
+/// plugins then see them.
+fn one_cookie_header(req: &mut RequestHeader) {
+    let mut values = req.headers.get_all(COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let mut joined: Vec<u8> = Vec::new();
+    for v in req.headers.get_all(COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        let _ = req.insert_header(COOKIE, v);
+    }
+}
+
+/// An `Upgrade` that `Connection` does not name is not an upgrade request (RFC 9110 §7.8): it
+/// is dropped, and the request goes upstream as an ordinary one. (Pingora would take any
+/// `Upgrade` for one, tunnel the connection after a 101, and let the bytes that follow skip
+/// routing and plugins — the shape of "WebSocket smuggling" behind a front proxy that did not
+/// see an upgrade.)
+fn drop_unannounced_upgrade(req: &mut RequestHeader) {
+    if !req.headers.contains_key(UPGRADE) {
+        return;
+    }
+    let announced = req
+        .headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+    if !announced {
+        req.remove_header(&UPGRADE);
+    }
+}
+
+/// An HTTP/1 upgrade request answered with anything but 101: the client may already have sent
+/// bytes of the new protocol (WebSocket frames) behind it, which must never be read as the next
+/// HTTP request; so the connection closes after this answer, and the answer says so.
+pub(crate) fn close_after_refused_upgrade(session: &mut Session, status: u16) {
+    let req = session.req_header();
+    if status != 101 && req.version != http::Version::HTTP_2 && req.headers.contains_key(UPGRADE) {
+        session.set_keepalive(None);
+    }
+}
+
 pub(crate) fn declared_length(req: &RequestHeader) -> Option<u64> {
     req.headers.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
@@ -217,8 +268,13 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
         .map(|id| id.principal().to_string());
     // HTTP/1 body reads: no progress for this long → 408 (HTTP/2 bodies: the edge's frame watch).
     session.set_read_timeout(Some(snap.limits.body_timeout));
+    // Response writes that make no progress for this long (a client that reads nothing, or an
+    // HTTP/2 window it never opens) end the request, and free the upstream connection.
+    session.set_write_timeout(Some(snap.limits.send_timeout));
 
     one_content_length(session.req_header_mut())?;
+    one_cookie_header(session.req_header_mut());
+    drop_unannounced_upgrade(session.req_header_mut());
     let req = session.req_header();
     ctx.st.host = request_host(req)?;
     ctx.st.path = normalize_path(req.uri.path()).map_err(|e| bad_request(e.message()))?;

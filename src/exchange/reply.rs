@@ -73,6 +73,7 @@ pub async fn send_reply(session: &mut Session, ctx: &mut Ctx, reply: Reply) -> R
     if unread_body || reply.status == 413 || reply.status == 400 {
         session.set_keepalive(None);
     }
+    super::close_after_refused_upgrade(session, reply.status);
     let head_only = body.is_empty() || session.req_header().method == Method::HEAD;
     if head_only {
         // The head ends the response. `Session::write_response_header` never tells HTTP/2 so
@@ -120,6 +121,11 @@ fn classify(e: &Error) -> (u16, &'static str, &'static str) {
     if let HTTPStatus(code) = e.etype() {
         return by_status(*code);
     }
+    // The edge layer's strict chunked scan refused the body (`edge/framing.rs`), whatever
+    // Pingora made of the failed read.
+    if crate::edge::framing_error(e).is_some() {
+        return (400, "bad_request", "the request body's chunked framing is malformed");
+    }
     match e.esource() {
         ErrorSource::Upstream => match e.etype() {
             ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout => {
@@ -132,7 +138,9 @@ fn classify(e: &Error) -> (u16, &'static str, &'static str) {
             ),
         },
         ErrorSource::Downstream => match e.etype() {
-            ReadError | WriteError | ConnectionClosed | H2Error => CLIENT_CLOSED,
+            // A client that is gone, reset its stream, or reads nothing (send_timeout): nothing
+            // can be written to it.
+            ReadError | WriteError | WriteTimedout | ConnectionClosed | H2Error => CLIENT_CLOSED,
             ReadTimedout => (408, "request_timeout", "the request did not arrive in time"),
             _ => (400, "bad_request", "the request could not be read"),
         },

@@ -136,6 +136,9 @@ impl Aggregate {
         if timeout.is_zero() {
             return Err(ConfigError::new("timeout", "must be longer than 0"));
         }
+        if timeout > Duration::from_secs(3600) {
+            return Err(ConfigError::new("timeout", "must be at most 1h"));
+        }
         for call in plan.calls() {
             match call.timeout {
                 Some(t) if t.is_zero() => {
@@ -175,6 +178,9 @@ impl Aggregate {
         let max_body = cfg.max_body.map(|s| s.0).unwrap_or(DEFAULT_MAX_BODY);
         if max_body == 0 {
             return Err(ConfigError::new("max_body", "must be larger than 0"));
+        }
+        if max_body > 1 << 30 {
+            return Err(ConfigError::new("max_body", "at most 1GiB: answers are held in memory"));
         }
         Ok(Aggregate {
             plan,

@@ -15,7 +15,7 @@
 //!   the plugin's reload-surviving state, so a reload that leaves the block alone keeps it.
 
 use crate::clock::Clock;
-use crate::config::units::Dur;
+use crate::config::units::{bounded, Dur};
 use crate::config::ConfigError;
 use crate::metrics;
 use crate::plugin::{AdminState, BuildContext, Outcome, Phases, Plugin, PluginKind, RequestState, Verdict};
@@ -272,8 +272,8 @@ impl Canary {
                 if g.min_requests == 0 {
                     return Err(ConfigError::new("guard.min_requests", "must be at least 1"));
                 }
-                if g.window.0 < Duration::from_secs(1) {
-                    return Err(ConfigError::new("guard.window", "must be at least 1s"));
+                if let Err(m) = bounded(g.window.0, Duration::from_secs(1), Duration::from_secs(86400)) {
+                    return Err(ConfigError::new("guard.window", m));
                 }
                 Ok(Guard {
                     max_error_rate: g.max_error_rate,

@@ -2,13 +2,14 @@
 //! edge plugin, so before authentication); CORS headers are added for allowed origins only, on
 //! every response — Portico's own errors included, so a browser can read why it was refused.
 
-use crate::config::units::Dur;
+use crate::config::units::{bounded, Dur};
 use crate::config::ConfigError;
 use crate::plugin::{BuildContext, Phases, Plugin, PluginKind, Reply, RequestState, Verdict};
 use async_trait::async_trait;
 use http::{HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
 use serde::Deserialize;
+use std::time::Duration;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,6 +103,13 @@ impl Cors {
                     format!("'{h}' is not a header name"),
                 ));
             }
+        }
+        // Browsers cap it lower still (Chromium 2h, Firefox 24h).
+        if let Some(Err(m)) = cfg
+            .max_age
+            .map(|d| bounded(d.0, Duration::ZERO, Duration::from_secs(86400)))
+        {
+            return Err(ConfigError::new("max_age", m));
         }
         Ok(Cors {
             origins,

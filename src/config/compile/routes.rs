@@ -121,6 +121,14 @@ fn compile_route(loc: &str, r: &raw::Route, inp: &RouteInputs<'_>, errs: &mut Co
             add_prefix: rw.add_prefix.clone(),
         }
     });
+    if let Some(t) = &r.timeouts {
+        super::upstreams::check_timeouts(t, &format!("{loc}.timeouts"), errs);
+    }
+    if r.max_request_body_bytes
+        .is_some_and(|s| s.0 > super::server::MAX_BODY_BYTES)
+    {
+        errs.push(format!("{loc}.max_request_body_bytes"), "must be at most 1TiB");
+    }
     let timeouts = r
         .timeouts
         .as_ref()

@@ -5,6 +5,7 @@ use super::socket_addr;
 use crate::config::error::{ConfigError, ConfigErrors};
 use crate::config::raw::{self, RawConfig};
 use crate::config::snapshot::Limits;
+use crate::config::units::bounded;
 use crate::tls::ServerTlsConfig;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -106,18 +107,26 @@ pub(super) fn check_limits(l: &raw::Limits, errs: &mut ConfigErrors) -> Limits {
             "must be between 1KiB and 1MiB (Pingora's own ceiling)",
         );
     }
-    if l.header_timeout.0 < Duration::from_millis(100) {
-        errs.push("limits.header_timeout", "must be at least 100ms");
+    if l.max_request_body_bytes.0 > MAX_BODY_BYTES {
+        errs.push("limits.max_request_body_bytes", "must be at most 1TiB");
     }
     if l.keepalive_requests == 0 {
         errs.push("limits.keepalive_requests", "must be at least 1");
     }
-    for (field, d) in [
-        ("body_timeout", l.body_timeout.0),
-        ("h2_idle_timeout", l.h2_idle_timeout.0),
+    // Every deadline is computed as `now + d`: each key has a sane ceiling, far from overflow.
+    let (min, hour, day) = (
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+        Duration::from_secs(86400),
+    );
+    for (field, d, max) in [
+        ("header_timeout", l.header_timeout.0, hour),
+        ("body_timeout", l.body_timeout.0, hour),
+        ("send_timeout", l.send_timeout.0, hour),
+        ("h2_idle_timeout", l.h2_idle_timeout.0, day),
     ] {
-        if d < Duration::from_millis(100) {
-            errs.push(format!("limits.{field}"), "must be at least 100ms");
+        if let Err(m) = bounded(d, min, max) {
+            errs.push(format!("limits.{field}"), m);
         }
     }
     Limits {
@@ -128,8 +137,12 @@ pub(super) fn check_limits(l: &raw::Limits, errs: &mut ConfigErrors) -> Limits {
         keepalive_requests: l.keepalive_requests,
         body_timeout: l.body_timeout.0,
         h2_idle_timeout: l.h2_idle_timeout.0,
+        send_timeout: l.send_timeout.0,
     }
 }
+
+/// The largest request body a limit may allow (`limits.` and per route).
+pub(super) const MAX_BODY_BYTES: u64 = 1 << 40;
 
 /// Listener addresses: well-formed, not repeated; the admin listener on a port of its own.
 /// TLS blocks are loaded (certificates, keys and client CA read and checked) and returned by

@@ -66,6 +66,67 @@ fn errors_are_located() {
 }
 
 #[test]
+fn every_duration_and_size_has_a_bound() {
+    let huge = "18446744073709551615s";
+    for (yaml, want) in [
+        (format!("limits: {{header_timeout: {huge}}}\nroutes: []\n"), "limits.header_timeout: invalid duration"),
+        ("limits: {header_timeout: 2h}\nroutes: []\n".into(), "limits.header_timeout: must be at most 1h"),
+        ("limits: {body_timeout: 2h}\nroutes: []\n".into(), "limits.body_timeout: must be at most 1h"),
+        ("limits: {send_timeout: 2h}\nroutes: []\n".into(), "limits.send_timeout: must be at most 1h"),
+        ("limits: {send_timeout: 10ms}\nroutes: []\n".into(), "limits.send_timeout: must be at least 100ms"),
+        ("limits: {h2_idle_timeout: 2d}\nroutes: []\n".into(), "limits.h2_idle_timeout: must be at most 1d"),
+        ("limits: {max_request_body_bytes: 2048GiB}\nroutes: []\n".into(), "limits.max_request_body_bytes: must be at most 1TiB"),
+        (
+            "routes:\n  - {name: r, upstream: a, timeouts: {read: 2d}}\n".into(),
+            "routes[0].timeouts.read: must be at most 1d",
+        ),
+        (
+            "routes:\n  - {name: r, upstream: a, max_request_body_bytes: 2048GiB}\n".into(),
+            "routes[0].max_request_body_bytes: must be at most 1TiB",
+        ),
+        (
+            "upstreams:\n  b: {endpoints: [127.0.0.1:9001], timeouts: {connect: 2h}}\nroutes: []\n".into(),
+            "upstreams.b.timeouts.connect: must be at most 1h",
+        ),
+        (
+            "upstreams:\n  b: {endpoints: [127.0.0.1:9001], timeouts: {write: 0s}}\nroutes: []\n".into(),
+            "upstreams.b.timeouts.write: must be more than 0",
+        ),
+        (
+            "upstreams:\n  b: {endpoints: [127.0.0.1:9001], passive: {eject_for: 400d}}\nroutes: []\n".into(),
+            "upstreams.b.passive.eject_for: invalid duration '400d': at most 365d",
+        ),
+        (
+            "upstreams:\n  b: {endpoints: [127.0.0.1:9001], passive: {eject_for: 2d}}\nroutes: []\n".into(),
+            "upstreams.b.passive.eject_for: must be at most 1d",
+        ),
+        (
+            "upstreams:\n  b: {endpoints: [127.0.0.1:9001], resolve_every: 2d}\nroutes: []\n".into(),
+            "upstreams.b.resolve_every: must be at most 1d",
+        ),
+        (
+            "upstreams:\n  b: {endpoints: [127.0.0.1:9001], health_check: {kind: tcp, interval: 2d, timeout: 1s}}\nroutes: []\n".into(),
+            "upstreams.b.health_check.interval: must be at most 1d",
+        ),
+        (
+            "routes:\n  - {name: r, upstream: a, plugins: [jwt: {secret: 0123456789abcdef0123456789abcdef, algorithms: [HS256], leeway: 2h}]}\n".into(),
+            "routes[0].plugins[0].jwt.leeway: must be at most 1h",
+        ),
+        (
+            "routes:\n  - {name: r, upstream: a, plugins: [cors: {origins: ['*'], max_age: 2d}]}\n".into(),
+            "routes[0].plugins[0].cors.max_age: must be at most 1d",
+        ),
+    ] {
+        let text = match yaml.strip_prefix("upstreams:\n") {
+            Some(ups) => format!("{BASE}{ups}"),
+            None => format!("{BASE}{yaml}"),
+        };
+        let e = errors(&text);
+        assert!(e.contains(want), "expected `{want}` in:\n{e}");
+    }
+}
+
+#[test]
 fn unresolvable_host_is_a_config_error() {
     let yaml = "listeners: [{address: 127.0.0.1:1}]\nupstreams:\n  a: {endpoints: [no-such-host.invalid:80]}\n";
     let e = compile(yaml, Path::new("t.yaml"), &Registry::builtin(), &Resources::new(1))

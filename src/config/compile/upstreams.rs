@@ -3,6 +3,7 @@
 
 use crate::config::error::ConfigErrors;
 use crate::config::raw::{self, Balance, CheckKind, Protocol};
+use crate::config::units::bounded;
 use crate::tls::UpstreamTlsSettings;
 use crate::upstream::{
     Endpoint, HashOn, HealthCheckSpec, HealthRegistry, PassiveSpec, RetryBudget, RetryPolicy, Timeouts, Upstream,
@@ -101,8 +102,8 @@ pub(super) fn compile_upstream(
     let health_check = u.health_check.as_ref().map(|h| {
         let interval = h.interval.map(|d| d.0).unwrap_or(Duration::from_secs(5));
         let timeout = h.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(1));
-        if interval < Duration::from_millis(100) {
-            errs.push(format!("{loc}.health_check.interval"), "must be at least 100ms");
+        if let Err(m) = bounded(interval, Duration::from_millis(100), DAY) {
+            errs.push(format!("{loc}.health_check.interval"), m);
         }
         if timeout > interval {
             errs.push(
@@ -154,6 +155,9 @@ pub(super) fn compile_upstream(
             if n == 0 {
                 errs.push(format!("{loc}.passive.consecutive_failures"), "must be at least 1");
             }
+            if let Some(Err(m)) = p.eject_for.map(|d| bounded(d.0, Duration::ZERO, DAY)) {
+                errs.push(format!("{loc}.passive.eject_for"), m);
+            }
             Some(PassiveSpec {
                 consecutive_failures: n.max(1),
                 eject_for: p.eject_for.map(|d| d.0).unwrap_or(Duration::from_secs(30)),
@@ -169,22 +173,14 @@ pub(super) fn compile_upstream(
         write: t.write.map(|x| x.0).unwrap_or(d.write),
         idle: t.idle.map(|x| x.0).unwrap_or(d.idle),
     };
-    for (f, v) in [
-        ("connect", timeouts.connect),
-        ("read", timeouts.read),
-        ("write", timeouts.write),
-    ] {
-        if v.is_zero() {
-            errs.push(format!("{loc}.timeouts.{f}"), "must be more than 0");
-        }
-    }
+    check_timeouts(t, &format!("{loc}.timeouts"), errs);
     let retries = match &u.retries {
         None => RetryPolicy::default(),
         Some(r) => retry_policy(name, r, &loc, health, errs),
     };
     let resolve_every = u.resolve_every.map(|d| d.0).unwrap_or(Duration::from_secs(30));
-    if resolve_every < Duration::from_millis(100) {
-        errs.push(format!("{loc}.resolve_every"), "must be at least 100ms");
+    if let Err(m) = bounded(resolve_every, Duration::from_millis(100), DAY) {
+        errs.push(format!("{loc}.resolve_every"), m);
     }
     if errs.0.len() > before {
         return None;
@@ -210,6 +206,24 @@ pub(super) fn compile_upstream(
 }
 
 /// `retries: N` or `{attempts, on, budget}`; `on` defaults to `[connect_failure]`.
+const DAY: Duration = Duration::from_secs(86400);
+
+/// Bounds of `timeouts` (an upstream's or a route's): connect more than 0 and at most 1h; read
+/// and write more than 0 and at most 1d (long-lived streams); idle at most 1d.
+pub(super) fn check_timeouts(t: &raw::Timeouts, loc: &str, errs: &mut ConfigErrors) {
+    let positive = Duration::from_nanos(1);
+    for (f, v, min, max) in [
+        ("connect", t.connect, positive, Duration::from_secs(3600)),
+        ("read", t.read, positive, DAY),
+        ("write", t.write, positive, DAY),
+        ("idle", t.idle, Duration::ZERO, DAY),
+    ] {
+        if let Some(Err(m)) = v.map(|d| bounded(d.0, min, max)) {
+            errs.push(format!("{loc}.{f}"), m);
+        }
+    }
+}
+
 fn retry_policy(
     name: &str,
     r: &raw::Retries,

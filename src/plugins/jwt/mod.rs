@@ -14,7 +14,7 @@ mod keys;
 mod verify;
 
 use crate::clock::Clock;
-use crate::config::units::Dur;
+use crate::config::units::{bounded, Dur};
 use crate::config::ConfigError;
 use crate::plugin::{BuildContext, Claims, Phases, Plugin, PluginKind, Reply, RequestState, Verdict};
 use async_trait::async_trait;
@@ -207,8 +207,8 @@ impl Jwt {
                 "a public key set",
             )?;
             let refresh = cfg.jwks_refresh.map(|d| d.0).unwrap_or(Duration::from_secs(300));
-            if refresh < Duration::from_secs(1) {
-                return Err(cfg_err("jwks_refresh", "must be at least 1s"));
+            if let Err(m) = bounded(refresh, Duration::from_secs(1), Duration::from_secs(86400)) {
+                return Err(cfg_err("jwks_refresh", m));
             }
             if ctx.offline {
                 Keys::Static(Arc::new(KeySet::new(Vec::new())))
@@ -218,6 +218,12 @@ impl Jwt {
         };
         if cfg.jwks_refresh.is_some() && cfg.jwks_url.is_none() {
             return Err(cfg_err("jwks_refresh", "only applies with jwks_url"));
+        }
+        if let Some(Err(m)) = cfg
+            .leeway
+            .map(|d| bounded(d.0, Duration::ZERO, Duration::from_secs(3600)))
+        {
+            return Err(cfg_err("leeway", m));
         }
         let leeway = cfg.leeway.map(|d| d.0.as_secs()).unwrap_or(30);
         // `exp` is required and checked by Portico itself (check_claims): jsonwebtoken reads
