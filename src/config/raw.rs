@@ -351,15 +351,32 @@ pub enum PassiveSetting {
 
 impl<'de> Deserialize<'de> for PassiveSetting {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = serde_yaml::Value::deserialize(d)?;
-        match &v {
-            serde_yaml::Value::String(s) if s == "off" => Ok(PassiveSetting::Off),
-            serde_yaml::Value::Bool(false) => Ok(PassiveSetting::Off),
-            serde_yaml::Value::Mapping(_) => serde_yaml::from_value(v)
-                .map(PassiveSetting::On)
-                .map_err(de::Error::custom),
-            _ => Err(de::Error::custom("write `passive: off` or a passive block")),
+        struct Setting;
+        const EXPECTED: &str = "`passive: off` or a passive block";
+        impl<'de> de::Visitor<'de> for Setting {
+            type Value = PassiveSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<PassiveSetting, E> {
+                match s {
+                    "off" => Ok(PassiveSetting::Off),
+                    _ => Err(E::custom(format!("write {EXPECTED}"))),
+                }
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<PassiveSetting, E> {
+                match b {
+                    false => Ok(PassiveSetting::Off),
+                    true => Err(E::custom(format!("write {EXPECTED}"))),
+                }
+            }
+            // The block through the same map access, so its errors keep their location
+            // (`passive.eject_for: …`).
+            fn visit_map<M: de::MapAccess<'de>>(self, map: M) -> Result<PassiveSetting, M::Error> {
+                Passive::deserialize(de::value::MapAccessDeserializer::new(map)).map(PassiveSetting::On)
+            }
         }
+        d.deserialize_any(Setting)
     }
 }
 
