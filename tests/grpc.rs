@@ -484,7 +484,9 @@ fn a_call_cut_after_its_head_ends_with_its_status_in_trailers() {
     rt().block_on(async {
         for over_tls in [false, true] {
             let scheme = if over_tls { "https" } else { "http" };
-            let cases: [(&str, &[(&str, &str)], u32); 3] = [
+            // (method, request headers, the grpc-status wanted)
+            type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], u32);
+            let cases: [Case; 3] = [
                 // Idle past the upstream's read timeout (1 s): DEADLINE_EXCEEDED.
                 ("Bidi", &[("x-target", "short")], 4),
                 // The client's deadline passes while the stream is open.
