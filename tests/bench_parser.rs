@@ -22,7 +22,10 @@ fn recorded_outputs_are_read_exactly() {
     assert_eq!(wrk["requests"], 347311);
     assert_eq!(wrk["rps"], 165409.74);
     assert_eq!(wrk["seconds"], 2.1);
-    assert_eq!((wrk["socket_errors"].as_u64(), wrk["non_2xx"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(
+        (wrk["socket_errors"].as_u64(), wrk["non_2xx"].as_u64()),
+        (Some(0), Some(0))
+    );
     // --latency: the distribution, in microseconds (wrk prints us and ms).
     let lat = &p["wrk-latency.txt"];
     assert_eq!(
@@ -34,7 +37,10 @@ fn recorded_outputs_are_read_exactly() {
     assert_eq!(p["wrk-socket-errors.txt"]["socket_errors"], 8);
     assert_eq!(p["wrk-socket-errors.txt"]["seconds"], 8.03);
     let h2 = &p["h2load-h1.txt"];
-    assert_eq!((h2["requests"].as_u64(), h2["succeeded"].as_u64()), (Some(2000), Some(2000)));
+    assert_eq!(
+        (h2["requests"].as_u64(), h2["succeeded"].as_u64()),
+        (Some(2000), Some(2000))
+    );
     assert_eq!((h2["failed"].as_u64(), h2["non_2xx"].as_u64()), (Some(0), Some(0)));
     assert_eq!(h2["rps"], 87435.52);
     assert_eq!(h2["seconds"], 0.02287);

@@ -135,7 +135,7 @@ pub fn check_framing(head: &[u8]) -> Result<Framing, Reply> {
     // Pingora builds its request head from the target with the `http` crate, which refuses
     // bytes httparse lets through (a `"`, for one) with a bare 400 of its own — no JSON, no
     // trace id, no access-log line. The same check here refuses them the contract's way.
-    if pingora::http::RequestHeader::build_no_case(method, target.as_bytes(), None).is_err() {
+    if pingora::http::RequestHeader::build_no_case(method, target.as_bytes(), Some(0)).is_err() {
         return Err(bad("the request target is not a valid URI"));
     }
     let mut lengths = Vec::new();
@@ -144,11 +144,20 @@ pub fn check_framing(head: &[u8]) -> Result<Framing, Reply> {
     let mut upgrade = false;
     let mut connection_upgrade = false;
     for h in req.headers.iter() {
-        let name = h.name.to_ascii_lowercase();
-        match name.as_str() {
-            "content-length" => lengths.push(h.value),
-            "transfer-encoding" => encodings.push(h.value),
-            "host" => {
+        // Lower-cased on the stack: only names up to `transfer-encoding`'s length matter here.
+        let mut lower = [0u8; 17];
+        let name: &[u8] = match lower.get_mut(..h.name.len()) {
+            Some(room) => {
+                room.copy_from_slice(h.name.as_bytes());
+                room.make_ascii_lowercase();
+                room
+            }
+            None => b"",
+        };
+        match name {
+            b"content-length" => lengths.push(h.value),
+            b"transfer-encoding" => encodings.push(h.value),
+            b"host" => {
                 hosts += 1;
                 // Pingora answers some invalid hosts (userinfo) with a bare 400 of its own:
                 // refuse them all here, with the contract's JSON error.
@@ -159,14 +168,14 @@ pub fn check_framing(head: &[u8]) -> Result<Framing, Reply> {
                     return Err(bad("the Host header is not a valid host"));
                 }
             }
-            "upgrade" => upgrade = true,
-            "connection" => {
+            b"upgrade" => upgrade = true,
+            b"connection" => {
                 connection_upgrade |= h
                     .value
                     .split(|b| *b == b',')
                     .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
             }
-            "content_length" | "transfer_encoding" | "host_" => {
+            b"content_length" | b"transfer_encoding" | b"host_" => {
                 return Err(bad("an underscore variant of a framing header"))
             }
             _ => {}

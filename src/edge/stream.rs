@@ -112,24 +112,33 @@ impl EdgeStream {
         }
     }
 
-    /// One read from the socket, appended to `prefix`. The read goes straight into the
-    /// buffer's spare room, and room is only held while bytes are there to read: a connection
-    /// waiting idle between requests keeps no buffer at all (Portico's memory per idle
-    /// keep-alive connection).
+    /// One read from the socket, appended to `prefix` (see [`poll_fill`]).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        const READ_SIZE: usize = 4096;
-        if self.prefix.capacity() - self.prefix.len() < READ_SIZE / 4 {
-            self.prefix.reserve(READ_SIZE);
-        }
-        match tokio_util::io::poll_read_buf(Pin::new(&mut self.inner), cx, &mut self.prefix) {
-            Poll::Pending => {
-                if self.prefix.is_empty() {
-                    self.prefix = Vec::new();
-                }
-                Poll::Pending
+        poll_fill(&mut self.inner, &mut self.prefix, cx)
+    }
+}
+
+/// One read from `inner`, appended to `prefix`. The read goes straight into the buffer's spare
+/// room (nothing zeroed, nothing copied), and room is only held while bytes are there to read:
+/// a connection waiting idle between requests keeps no buffer at all (Portico's memory per idle
+/// keep-alive connection).
+pub(super) fn poll_fill(
+    inner: &mut Stream,
+    prefix: &mut Vec<u8>,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    const READ_SIZE: usize = 4096;
+    if prefix.capacity() - prefix.len() < READ_SIZE / 4 {
+        prefix.reserve(READ_SIZE);
+    }
+    match tokio_util::io::poll_read_buf(Pin::new(inner), cx, prefix) {
+        Poll::Pending => {
+            if prefix.is_empty() {
+                *prefix = Vec::new();
             }
-            ready => ready,
+            Poll::Pending
         }
+        ready => ready,
     }
 }
 

@@ -160,9 +160,28 @@ pub fn upgraded(session: &mut Session, ctx: &Ctx) {
     }
 }
 
-/// An IP address as a header value.
+/// An IP address as a header value. IPv4 by hand: `Display` goes through the formatting
+/// machinery, a measurable share of a request's cost here.
 fn ip_header_value(ip: std::net::IpAddr) -> HeaderValue {
-    HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header value")
+    let v4 = match ip {
+        std::net::IpAddr::V4(v4) => v4,
+        v6 => return HeaderValue::try_from(v6.to_string()).expect("an IP address is a valid header value"),
+    };
+    let mut text = [0u8; 15];
+    let mut n = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[n] = b'.';
+            n += 1;
+        }
+        for (place, shown) in [(100, octet >= 100), (10, octet >= 10), (1, true)] {
+            if shown {
+                text[n] = b'0' + octet / place % 10;
+                n += 1;
+            }
+        }
+    }
+    HeaderValue::from_bytes(&text[..n]).expect("digits and dots are a valid header value")
 }
 
 /// Headers Portico sets on the way upstream; copies a client sent are replaced, never passed.
@@ -264,5 +283,24 @@ pub fn prepare_upstream_request(session: &Session, req: &mut RequestHeader, ctx:
         let _ = req.insert_header(http::header::CONTENT_LENGTH, n.to_string());
     } else if ctx.body.is_streaming() && req.headers.contains_key(http::header::CONTENT_LENGTH) {
         req.remove_header(&http::header::CONTENT_LENGTH);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ip_header_values_read_as_display_does() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "192.168.100.9",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let parsed: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(super::ip_header_value(parsed).to_str().unwrap(), ip);
+        }
     }
 }
