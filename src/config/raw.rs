@@ -1,5 +1,8 @@
 //! The config file as written: plain serde structs, `deny_unknown_fields` everywhere.
 //! Nothing here is used by request code; `compile` turns it into a [`crate::Snapshot`].
+//!
+//! (Over 500 lines: one serde struct per config section, kept together so the file reads as
+//! the config's schema.)
 
 use super::units::{Dur, Size};
 use serde::{de, Deserialize, Deserializer};

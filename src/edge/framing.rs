@@ -17,6 +17,8 @@
 //!
 //! The scan looks at each byte of a size or trailer line once, and skips chunk data by count:
 //! no copies, except of bytes past the end of the request (moved back for the next one).
+//!
+//! (Over 500 lines because of its unit tests, kept beside the code they pin down.)
 
 use pingora::protocols::Stream;
 use std::io;

@@ -13,6 +13,8 @@
 //!   `min_requests` and the failure rate exceeds `max_error_rate`, the canary gets 0% until its
 //!   block changes or an operator resets it (`POST /canaries/{route}/reset`). The state lives in
 //!   the plugin's reload-surviving state, so a reload that leaves the block alone keeps it.
+//!
+//! (Over 500 lines: the split, the stickiness and the guard share one state; the rest is tests.)
 
 use crate::clock::Clock;
 use crate::config::units::{bounded, Dur};

@@ -69,6 +69,9 @@
 //! `content-length` (a chunked upload too), or the client gets the refusal; larger ones are
 //! held here up to `max_body` and sent rewritten at their end, chunked (a refusal then ends the
 //! upstream exchange before the upstream has any of the body).
+//!
+//! (Over 500 lines: the request and response halves share their config, checks and failure
+//! paths, and read best together; the body mechanics live in `mediation/`. Half of it is tests.)
 
 use crate::config::units::Size;
 use crate::config::ConfigError;

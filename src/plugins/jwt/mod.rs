@@ -8,6 +8,8 @@
 //! Verified tokens are cached per plugin instance (`cache.rs`): a repeated RS256 or ES256 token
 //! then costs about what HS256 costs. Keys and JWKS are in `keys.rs`, verification and claim
 //! checks in `verify.rs`. Time is the process's injected clock.
+//!
+//! (Over 500 lines because of its unit tests, kept beside the code they pin down.)
 
 mod cache;
 mod keys;
