@@ -390,3 +390,24 @@ fn upgrade_without_an_old_process_and_health_errors_are_clear() {
     assert!(!out.status.success());
     assert_eq!(err.matches(&dead).count(), 1, "{err}");
 }
+
+/// A failed request's answer (502 here) closes the connection, and says so: Pingora never
+/// keeps a client connection after a failure, and a keep-alive or pipelining client must not
+/// send its next request into it (attack pass: the 502 said `keep-alive`, the next request was
+/// lost).
+#[test]
+fn a_failed_request_says_connection_close() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let gw = Gw::start(&format!(
+        "upstreams:\n  up: {{ endpoints: [\"{dead}\"], retries: {{ attempts: 0 }}, passive: off }}\nroutes:\n  - {{ name: r, upstream: up }}\n"
+    ));
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let (head, _) = split(&raw);
+    assert!(head.starts_with("http/1.1 502"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+}

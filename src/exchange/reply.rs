@@ -202,6 +202,10 @@ pub(super) fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
 /// END_STREAM) instead of a reset, so the client learns UNAVAILABLE or DEADLINE_EXCEEDED rather
 /// than CANCELLED.
 pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
+    // Pingora never keeps a client connection after a failed request (`finish` reuses it only
+    // when the exchange succeeded): the answer must say so, or a keep-alive or pipelining
+    // client sends its next request into a connection about to close.
+    session.set_keepalive(None);
     if let Some(reply) = ctx.pending_reply.take() {
         let status = reply.status;
         if !final_response_written(session) {
