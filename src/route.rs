@@ -15,7 +15,7 @@ pub enum PathError {
     AboveRoot,
     /// `;` (raw or `%3B`): a path parameter, which Servlet containers strip before mapping.
     PathParameter,
-    /// A segment ending in `.`, or starting or ending with a space (`%20`).
+    /// A segment ending in `.`, starting or ending with whitespace, or with `::$`.
     AmbiguousSegment,
 }
 
@@ -28,7 +28,10 @@ impl PathError {
             PathError::Forbidden(c) => format!("the character {:?} is not allowed in the path", c),
             PathError::AboveRoot => "the path climbs above '/' with '..'".into(),
             PathError::PathParameter => "a ';' (path parameter) is not allowed in the path".into(),
-            PathError::AmbiguousSegment => "a path segment may not end with '.' nor start or end with a space".into(),
+            PathError::AmbiguousSegment => {
+                "a path segment may not end with '.', start or end with whitespace, or name an NTFS stream ('::$')"
+                    .into()
+            }
         }
     }
 }
@@ -66,8 +69,10 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
 ///   each segment before mapping, so `/admin;x` is `/admin` and `/x/..;/admin` is `/admin` there
 ///   ("Breaking Parser Logic"); Spring Security's strict firewall refuses `;` for that reason.
 /// - a segment ending in `.` (`/admin.`, `/admin..`, `/admin%2e`), or starting or ending with
-///   a space (`/admin%20`): Windows/IIS file mapping drops trailing dots and spaces, and
-///   suffix-pattern or trimming frameworks map them to the bare name.
+///   a space or any other whitespace once decoded (`/admin%20`, `/admin%C2%A0`, U+3000, U+2028,
+///   a zero-width space or BOM): Windows/IIS file mapping drops trailing dots and spaces, and
+///   suffix-pattern or trimming frameworks (`strip()`, `trim()`) map them to the bare name;
+/// - an NTFS stream suffix (`/admin::$DATA`), which IIS serves as the file itself.
 ///
 /// Refusing (400) rather than rewriting keeps the rule "the upstream receives the path routing
 /// saw" and leaves no spelling to guess.
@@ -78,6 +83,15 @@ fn check_segments(path: &str) -> Result<(), PathError> {
         }
         if seg.ends_with('.') || seg.starts_with("%20") || seg.ends_with("%20") {
             return Err(PathError::AmbiguousSegment);
+        }
+        if !seg.is_ascii() || seg.contains('%') || seg.contains(':') {
+            let decoded = percent_encoding::percent_decode_str(seg).decode_utf8_lossy();
+            let trimmable =
+                |c: char| c.is_whitespace() || matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}');
+            let edges = [decoded.chars().next(), decoded.chars().next_back()];
+            if edges.into_iter().flatten().any(trimmable) || decoded.contains("::$") {
+                return Err(PathError::AmbiguousSegment);
+            }
         }
     }
     Ok(())
@@ -477,8 +491,23 @@ mod tests {
             ("/admin%20", PathError::AmbiguousSegment),
             ("/%20admin", PathError::AmbiguousSegment),
             ("/%20/admin", PathError::AmbiguousSegment),
+            // Whitespace a trimming upstream drops (`strip()`, `trim()`), and NTFS streams.
+            ("/admin%C2%A0", PathError::AmbiguousSegment),
+            ("/%C2%A0/admin", PathError::AmbiguousSegment),
+            ("/admin%E3%80%80", PathError::AmbiguousSegment),
+            ("/admin%E2%80%A8", PathError::AmbiguousSegment),
+            ("/admin%EF%BB%BF", PathError::AmbiguousSegment),
+            ("/%E2%80%8Badmin", PathError::AmbiguousSegment),
+            ("/admin%C2%85", PathError::AmbiguousSegment),
+            ("/admin%09", PathError::Forbidden('\t')),
+            ("/admin::$DATA", PathError::AmbiguousSegment),
+            ("/admin%3A%3A$DATA", PathError::AmbiguousSegment),
         ] {
             assert_eq!(normalize_path(path), Err(why), "{path}");
+        }
+        // What is not ambiguous still passes: inner spaces and dots, UTF-8, colons.
+        for path in ["/my%20file", "/v1.2/x", "/caf%C3%A9", "/v1/projects/p:run", "/a%C2%A0b"] {
+            assert!(normalize_path(path).is_ok(), "{path}");
         }
     }
 

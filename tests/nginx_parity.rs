@@ -397,7 +397,10 @@ fn upgrade_without_an_old_process_and_health_errors_are_clear() {
 /// lost).
 #[test]
 fn a_failed_request_says_connection_close() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let gw = Gw::start(&format!(
         "upstreams:\n  up: {{ endpoints: [\"{dead}\"], retries: {{ attempts: 0 }}, passive: off }}\nroutes:\n  - {{ name: r, upstream: up }}\n"
     ));
