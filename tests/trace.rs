@@ -120,3 +120,42 @@ fn combined_access_log_format() {
     assert!(line.contains("\"tester/1\""), "{line}");
     assert!(line.contains("trace_id=combined-1 route=r upstream=up"), "{line}");
 }
+
+/// A User-Agent in bytes beyond ASCII (obs-text) is logged, not dropped: UTF-8 as written,
+/// invalid bytes as U+FFFD (the attack pass saw `null`).
+#[test]
+fn a_user_agent_beyond_ascii_is_logged() {
+    use std::io::{Read, Write};
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&format!(
+        "access_log: {{ enabled: true, format: json }}\nupstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
+        up.addr
+    ));
+    for (id, agent) in [
+        ("ua-utf8", "caf\u{e9} \u{2615}".as_bytes().to_vec()),
+        ("ua-bad", b"x\xffy".to_vec()),
+    ] {
+        let mut s = connect(&gw.addr, None).unwrap();
+        let mut req = format!("GET /u HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-request-id: {id}\r\nuser-agent: ")
+            .into_bytes();
+        req.extend_from_slice(&agent);
+        req.extend_from_slice(b"\r\n\r\n");
+        s.write_all(&req).unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    let logged = |id: &str| {
+        let line = wait_for("the access log line", Duration::from_secs(5), || {
+            gw.p.stdout_text().lines().find(|l| l.contains(id)).map(str::to_string)
+        });
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v["user_agent"].as_str().map(str::to_string)
+    };
+    assert_eq!(logged("ua-utf8").as_deref(), Some("caf\u{e9} \u{2615}"));
+    assert_eq!(logged("ua-bad").as_deref(), Some("x\u{fffd}y"));
+}

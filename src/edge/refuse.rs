@@ -83,6 +83,10 @@ pub(super) async fn refuse(conn: &mut EdgeStream, reply: Reply, snap: &Snapshot,
         .inc();
     if let Some(format) = snap.access_log {
         let header = |n: &str| seen.headers.get(n).and_then(|v| v.to_str().ok());
+        // Free text a client may write in any bytes (obs-text): logged as UTF-8 with the
+        // invalid bytes replaced, never dropped (each format then escapes what it must).
+        let text = |n: &str| seen.headers.get(n).map(|v| String::from_utf8_lossy(v.as_bytes()));
+        let (user_agent, referer) = (text("user-agent"), text("referer"));
         let record = Record {
             trace_id: &st.trace.request_id,
             traceparent_id: &st.trace.trace_id,
@@ -96,8 +100,8 @@ pub(super) async fn refuse(conn: &mut EdgeStream, reply: Reply, snap: &Snapshot,
             upstream: "none",
             duration: since.elapsed(),
             bytes_sent: body.len(),
-            user_agent: header("user-agent"),
-            referer: header("referer"),
+            user_agent: user_agent.as_deref(),
+            referer: referer.as_deref(),
             error: reply.error_code(),
             ..Default::default()
         };

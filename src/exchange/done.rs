@@ -52,7 +52,10 @@ pub fn done(session: &Session, e: Option<&Error>, ctx: &mut Ctx, shared: &Shared
     }
     if let Some(format) = ctx.snap.access_log {
         let req = session.req_header();
-        let header = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
+        // Free text a client may write in any bytes (obs-text): logged as UTF-8 with the
+        // invalid bytes replaced, never dropped (each format then escapes what it must).
+        let text = |n: &str| req.headers.get(n).map(|v| String::from_utf8_lossy(v.as_bytes()));
+        let (user_agent, referer) = (text("user-agent"), text("referer"));
         let protocol = match req.version {
             http::Version::HTTP_10 => "HTTP/1.0",
             http::Version::HTTP_2 => "HTTP/2.0",
@@ -78,8 +81,8 @@ pub fn done(session: &Session, e: Option<&Error>, ctx: &mut Ctx, shared: &Shared
             duration,
             bytes_sent: session.body_bytes_sent(),
             bytes_received: session.body_bytes_read(),
-            user_agent: header("user-agent"),
-            referer: header("referer"),
+            user_agent: user_agent.as_deref(),
+            referer: referer.as_deref(),
             error: ctx.error_code.or_else(|| e.map(super::reply::error_code)),
         };
         shared.access_log.write(format, &record);
