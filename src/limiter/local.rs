@@ -24,8 +24,6 @@
 //! `portico_limit_local_evictions_total`: a steady rate says `max_keys` is too small.
 //!
 //! (Over 500 lines because of its table of unit tests, kept beside the code they pin down.)
-//!
-//! (Over 500 lines because of its unit tests, kept beside the code they pin down.)
 
 use super::decision::Decision;
 use super::gcra::{self, GcraParams};

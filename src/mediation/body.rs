@@ -17,8 +17,6 @@
 //! `content-type`, drops `content-encoding` and sets the framing.
 //!
 //! (Over 500 lines because of its table of unit tests, kept beside the code they pin down.)
-//!
-//! (Over 500 lines because of its unit tests, kept beside the code they pin down.)
 
 use super::json_ops::{JsonOps, Vars};
 use super::xml;

@@ -46,8 +46,6 @@
 //! → `1e+2`): serde_json runs with `preserve_order` and `arbitrary_precision`.
 //!
 //! (Over 500 lines because of its table of unit tests, kept beside the code they pin down.)
-//!
-//! (Over 500 lines because of its unit tests, kept beside the code they pin down.)
 
 use crate::config::ConfigError;
 use serde::de::{self, Deserializer, MapAccess, Visitor};

@@ -30,8 +30,6 @@
 //! are.
 //!
 //! (Over 500 lines because of its table of unit tests, kept beside the code they pin down.)
-//!
-//! (Over 500 lines because of its unit tests, kept beside the code they pin down.)
 
 use percent_encoding::{percent_decode_str, percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::Value;
