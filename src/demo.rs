@@ -26,7 +26,6 @@ pub const DEMO_CERTS: &[(&str, &str)] = &[
 
 /// The demo's config, for upstreams at `v1` and `v2`, with its certificates in `certs`.
 pub fn config(listen: &str, tls_listen: &str, certs: &Path, admin: &str, v1: SocketAddr, v2: SocketAddr) -> String {
-    let pid = std::process::id();
     let certs = certs.display();
     let (secret, api_key) = (DEMO_SECRET, DEMO_API_KEY);
     format!(
@@ -35,8 +34,8 @@ server:
   threads: 2
   grace_period_seconds: 1
   graceful_shutdown_timeout_seconds: 1
-  pid_file: /tmp/portico-demo-{pid}.pid
-  upgrade_sock: /tmp/portico-demo-{pid}.sock
+  pid_file: {certs}/portico-demo.pid       # in the demo's own directory, removed at exit
+  upgrade_sock: {certs}/portico-demo.sock
 listeners:
   - address: {listen}
   - address: {tls_listen}
