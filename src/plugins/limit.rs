@@ -6,7 +6,7 @@
 use crate::config::canonical_ip;
 use crate::limiter::metrics::LIMIT_REQUESTS;
 use crate::limiter::Decision;
-use crate::plugin::{BuildContext, Reply, RequestState};
+use crate::plugin::{BuildContext, Reply, RequestState, Verdict};
 use http::HeaderName;
 use pingora::http::{RequestHeader, ResponseHeader};
 use prometheus::IntCounter;
@@ -189,6 +189,30 @@ pub fn refusal(code: &'static str, message: String, d: &Decision) -> Reply {
         .fold(Reply::error(429, code, message), |r, (name, value)| {
             r.with_header(name, value)
         })
+}
+
+/// The shared store could not decide (the error is already counted in
+/// `portico_limit_store_errors_total`, where it arose): `policy` says whether the request
+/// passes; a refusal is a 429 `code` with `Retry-After: 1`. `what` names the limit in the
+/// message ("the quota", "the rate limit").
+pub fn store_unavailable(
+    e: &dyn std::fmt::Display,
+    policy: OnStoreError,
+    counters: &Counters,
+    st: &RequestState,
+    code: &'static str,
+    what: &str,
+) -> Verdict {
+    log::debug!("{}: {e}; on_store_error: {policy:?}", counters.plugin);
+    let admitted = policy == OnStoreError::Allow;
+    counters.count(st, admitted);
+    if admitted {
+        return Verdict::Continue;
+    }
+    Verdict::Respond(
+        Reply::error(429, code, format!("{what} cannot be checked right now; retry later"))
+            .with_header("retry-after", "1"),
+    )
 }
 
 /// The admitted/limited counters of one plugin block. A route plugin holds its two series; a

@@ -10,7 +10,7 @@
 use super::limit::{self, Counters, KeyForm, OnStoreError, StoreKind};
 use crate::config::ConfigError;
 use crate::limiter::{LocalQuota, Period, QuotaLimiter, RedisQuota};
-use crate::plugin::{BuildContext, Phases, Plugin, PluginKind, Reply, RequestState, Verdict};
+use crate::plugin::{BuildContext, Phases, Plugin, PluginKind, RequestState, Verdict};
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
 use serde::Deserialize;
@@ -126,23 +126,14 @@ impl Plugin for Quota {
                 );
                 Verdict::Respond(limit::refusal("quota_exceeded", message, &d))
             }
-            // Already counted in portico_limit_store_errors_total, where it arose.
-            Err(e) => {
-                log::debug!("quota: {e}; on_store_error: {:?}", self.on_store_error);
-                let admitted = self.on_store_error == OnStoreError::Allow;
-                self.counters.count(st, admitted);
-                if admitted {
-                    return Verdict::Continue;
-                }
-                Verdict::Respond(
-                    Reply::error(
-                        429,
-                        "quota_exceeded",
-                        "the quota cannot be checked right now; retry later",
-                    )
-                    .with_header("retry-after", "1"),
-                )
-            }
+            Err(e) => limit::store_unavailable(
+                &e,
+                self.on_store_error,
+                &self.counters,
+                st,
+                "quota_exceeded",
+                "the quota",
+            ),
         }
     }
 

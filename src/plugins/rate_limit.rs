@@ -14,7 +14,7 @@ use super::limit::{self, Counters, KeyForm, OnStoreError, StoreKind};
 use crate::config::units::Dur;
 use crate::config::ConfigError;
 use crate::limiter::{GcraParams, LocalGcra, RateLimiter, RedisGcra};
-use crate::plugin::{BuildContext, Phases, Plugin, PluginKind, Reply, RequestState, Verdict};
+use crate::plugin::{BuildContext, Phases, Plugin, PluginKind, RequestState, Verdict};
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
 use serde::Deserialize;
@@ -133,23 +133,14 @@ impl Plugin for RateLimit {
                 let message = format!("rate limit exceeded ({}); retry later", self.describe);
                 Verdict::Respond(limit::refusal("rate_limited", message, &d))
             }
-            // Already counted in portico_limit_store_errors_total, where it arose.
-            Err(e) => {
-                log::debug!("rate_limit: {e}; on_store_error: {:?}", self.on_store_error);
-                let admitted = self.on_store_error == OnStoreError::Allow;
-                self.counters.count(st, admitted);
-                if admitted {
-                    return Verdict::Continue;
-                }
-                Verdict::Respond(
-                    Reply::error(
-                        429,
-                        "rate_limited",
-                        "the rate limit cannot be checked right now; retry later",
-                    )
-                    .with_header("retry-after", "1"),
-                )
-            }
+            Err(e) => limit::store_unavailable(
+                &e,
+                self.on_store_error,
+                &self.counters,
+                st,
+                "rate_limited",
+                "the rate limit",
+            ),
         }
     }
 
