@@ -5,23 +5,6 @@ mod common;
 use common::*;
 use std::process::Command;
 
-fn check(yaml: &str) -> (i32, String) {
-    let dir = TempDir::new("cli");
-    let path = dir.write("c.yaml", yaml);
-    let out = Command::new(BIN)
-        .arg("-t")
-        .arg("-c")
-        .arg(&path)
-        .output()
-        .expect("run portico -t");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
 const BASE: &str = "listeners: [{ address: 127.0.0.1:18080 }]\nupstreams:\n  a: { endpoints: [127.0.0.1:9001] }\n";
 
 #[test]

@@ -397,23 +397,6 @@ fn quota_windows_follow_the_utc_calendar() {
     assert_eq!(panics, 0.0);
 }
 
-fn check(yaml: &str) -> (i32, String) {
-    let dir = TempDir::new("limits-t");
-    let path = dir.write("c.yaml", yaml);
-    let out = std::process::Command::new(BIN)
-        .arg("-t")
-        .arg("-c")
-        .arg(&path)
-        .output()
-        .expect("run portico -t");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
 /// Issue 10 acceptance 6.
 #[test]
 fn portico_t_rejects_bad_limit_blocks_with_locations() {

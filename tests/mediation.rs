@@ -586,20 +586,8 @@ fn bad_transforms_are_located_config_errors() {
         let yaml = format!(
             "listeners: [{{ address: 127.0.0.1:18080 }}]\nupstreams:\n  u: {{ endpoints: [127.0.0.1:9001] }}\nroutes:\n  - name: r\n    match: {{ path_prefix: /r }}\n    upstream: u\n    plugins:\n      - transform: {block}\n"
         );
-        let dir = TempDir::new("tf-cli");
-        let path = dir.write("c.yaml", &yaml);
-        let out = std::process::Command::new(BIN)
-            .arg("-t")
-            .arg("-c")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(out.status.code(), Some(1), "{block}: {text}");
+        let (code, text) = check(&yaml);
+        assert_eq!(code, 1, "{block}: {text}");
         assert!(text.contains(want), "want {want}\ngot {text}");
     }
 }

@@ -5,7 +5,6 @@
 mod common;
 use bytes::Bytes;
 use common::*;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// `upstreams:` with one endpoint each.
@@ -423,18 +422,6 @@ fn a_transform_reshapes_the_aggregate_answer() {
     let r = gw.get("/nowhere");
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["error"], "no_route");
-}
-
-fn check(yaml: &str) -> (i32, String) {
-    let dir = TempDir::new("agg-cli");
-    let path = dir.write("c.yaml", yaml);
-    let out = Command::new(BIN).arg("-t").arg("-c").arg(&path).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
 }
 
 #[test]

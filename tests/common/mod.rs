@@ -9,6 +9,25 @@ use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_portico");
 
+/// `portico -t` on a config with this text: its exit code and what it printed (stdout, then
+/// stderr).
+pub fn check(yaml: &str) -> (i32, String) {
+    let dir = TempDir::new("check");
+    let path = dir.write("c.yaml", yaml);
+    let out = std::process::Command::new(BIN)
+        .arg("-t")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .expect("run portico -t");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
 /// A running gateway: its proxy address, admin address, and process.
 pub struct Gw {
     pub p: Portico,
