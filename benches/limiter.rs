@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 // The gateway's allocator, so memory reads as it would in production.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: portico::memory::Allocator = portico::memory::Allocator;
 
 fn limiter() -> LocalGcra {
     let p = GcraParams::new(1000, Duration::from_secs(1), 100).expect("params");

@@ -25,7 +25,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: portico::memory::Allocator = portico::memory::Allocator;
 
 /// About 10 KB of JSON: a page of 66 items.
 fn json_10k() -> Vec<u8> {

@@ -3,7 +3,7 @@
 // (valgrind's massif, heaptrack): see bench/README.md.
 #[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: portico::memory::Allocator = portico::memory::Allocator;
 
 fn main() -> std::process::ExitCode {
     portico::cli::main_with(portico::Registry::builtin())

@@ -11,7 +11,7 @@ use pingora::server::configuration::ServerConf;
 use std::net::SocketAddr;
 
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: portico::memory::Allocator = portico::memory::Allocator;
 
 struct Plain {
     upstream: SocketAddr,
