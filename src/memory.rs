@@ -122,10 +122,10 @@ mod tests {
                 // SAFETY: non-zero sizes; every block is freed with the layout it has.
                 unsafe {
                     let p = a.alloc(layout);
-                    assert!(!p.is_null() && p as usize % align == 0, "alloc {layout:?}");
+                    assert!(!p.is_null() && (p as usize).is_multiple_of(align), "alloc {layout:?}");
                     p.write_bytes(0xA5, layout.size());
                     let grown = a.realloc(p, layout, layout.size() * 3);
-                    assert!(grown as usize % align == 0, "realloc {layout:?}");
+                    assert!((grown as usize).is_multiple_of(align), "realloc {layout:?}");
                     assert!(
                         (0..layout.size()).all(|i| *grown.add(i) == 0xA5),
                         "realloc kept {layout:?}"
@@ -133,7 +133,7 @@ mod tests {
                     a.dealloc(grown, Layout::from_size_align(layout.size() * 3, align).unwrap());
 
                     let z = a.alloc_zeroed(layout);
-                    assert!(z as usize % align == 0, "alloc_zeroed {layout:?}");
+                    assert!((z as usize).is_multiple_of(align), "alloc_zeroed {layout:?}");
                     assert!((0..layout.size()).all(|i| *z.add(i) == 0), "zeroed {layout:?}");
                     a.dealloc(z, layout);
                 }

@@ -17,12 +17,15 @@ pub fn finish_response_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx:
     if req.version != http::Version::HTTP_2 && resp.version != http::Version::HTTP_11 {
         resp.set_version(http::Version::HTTP_11);
     }
+    let chains = ctx.chains();
+    // The trace header, Pingora's `Connection`, and a header from each response plugin at
+    // once: the maps were sized for the upstream's headers.
+    resp.reserve(2 + chains.response.len());
     let _ = resp.insert_header(ctx.snap.trace.header.clone(), ctx.st.trace.request_id.as_str());
     // A trailers-only gRPC answer (or Portico's own gRPC error) carries its status in the head.
     if let Some(code) = grpc_status(&resp.headers) {
         ctx.grpc_status = Some(code);
     }
-    let chains = ctx.chains();
     for entry in &chains.response {
         entry.plugin.response(req, resp, &mut ctx.st);
     }

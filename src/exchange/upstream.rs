@@ -238,6 +238,9 @@ pub fn prepare_upstream_request(session: &Session, req: &mut RequestHeader, ctx:
     for name in &copies {
         req.remove_header(name);
     }
+    // Room for every header set below at once: Pingora sized the maps for the client's headers
+    // (wrk sends one), and each growth rehashes two maps (values and case-preserving names).
+    req.reserve(GATEWAY_SET.len() + 3);
     let peer_ip = ip_header_value(ctx.peer_ip);
     let xff = match prior_xff {
         Some(p) => HeaderValue::try_from(format!("{p}, {}", ctx.peer_ip)).unwrap_or_else(|_| peer_ip.clone()),

@@ -239,6 +239,20 @@ impl RequestHeader {
         remove_header(self.header_name_map.as_mut(), &mut self.base.headers, name)
     }
 
+    /// Reserve room for at least `additional` more headers, in the value map and (when header
+    /// case is kept) the case map alike, so that adding them does not grow and rehash both.
+    ///
+    /// The maps are sized for the headers parsed; a proxy that adds a few of its own to every
+    /// message otherwise pays for one or more rehashes of two maps each time. Reserving past
+    /// the header map's maximum size is a no-op: the inserts then report the error.
+    pub fn reserve(&mut self, additional: usize) {
+        reserve_headers(
+            self.header_name_map.as_mut(),
+            &mut self.base.headers,
+            additional,
+        )
+    }
+
     /// Write the header to the `buf` in HTTP/1.1 wire format.
     ///
     /// The header case will be preserved.
@@ -593,6 +607,20 @@ impl ResponseHeader {
         remove_header(self.header_name_map.as_mut(), &mut self.base.headers, name)
     }
 
+    /// Reserve room for at least `additional` more headers, in the value map and (when header
+    /// case is kept) the case map alike, so that adding them does not grow and rehash both.
+    ///
+    /// The maps are sized for the headers parsed; a proxy that adds a few of its own to every
+    /// message otherwise pays for one or more rehashes of two maps each time. Reserving past
+    /// the header map's maximum size is a no-op: the inserts then report the error.
+    pub fn reserve(&mut self, additional: usize) {
+        reserve_headers(
+            self.header_name_map.as_mut(),
+            &mut self.base.headers,
+            additional,
+        )
+    }
+
     /// Write the header to the `buf` in HTTP/1.1 wire format.
     ///
     /// The header case will be preserved.
@@ -894,6 +922,15 @@ fn insert_header_value<T>(
     Ok(())
 }
 
+#[inline]
+fn reserve_headers<T>(name_map: Option<&mut CaseMap>, value_map: &mut HMap<T>, additional: usize) {
+    // `try_reserve`: the infallible `reserve` panics past the map's maximum size.
+    let _ = value_map.try_reserve(additional);
+    if let Some(name_map) = name_map {
+        let _ = name_map.try_reserve(additional);
+    }
+}
+
 // the &N here is to avoid clone(). None Copy type like String can impl AsHeaderName
 #[inline]
 fn remove_header<'a, T, N: ?Sized>(
@@ -1053,6 +1090,38 @@ fn case_header_iter<'a>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reserve_makes_room_in_both_maps_and_keeps_the_wire_form() {
+        let mut req = RequestHeader::build("GET", b"/", Some(1)).unwrap();
+        req.append_header("Host", "example.com").unwrap();
+        req.reserve(7);
+        assert!(req.headers.capacity() >= 8);
+        let names = [
+            "X-Forwarded-For",
+            "X-Real-IP",
+            "traceparent",
+            "X-Request-Id",
+        ];
+        for name in names {
+            req.insert_header(name, "v").unwrap();
+        }
+        let mut wire = vec![];
+        req.header_to_h1_wire(&mut wire);
+        let wire = String::from_utf8(wire).unwrap();
+        assert_eq!(
+            wire,
+            "Host: example.com\r\nX-Forwarded-For: v\r\nX-Real-IP: v\r\ntraceparent: v\r\nX-Request-Id: v\r\n"
+        );
+
+        let mut resp = ResponseHeader::build(200, Some(0)).unwrap();
+        resp.reserve(3);
+        assert!(resp.headers.capacity() >= 3);
+        resp.insert_header("X-Request-Id", "v").unwrap();
+        assert_eq!(resp.headers.get("x-request-id").unwrap(), "v");
+        // Past the map's maximum: nothing happens, nothing panics.
+        resp.reserve(usize::MAX);
+    }
+
     use super::*;
 
     #[test]
