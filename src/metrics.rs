@@ -3,8 +3,9 @@
 use once_cell::sync::Lazy;
 use prometheus::{
     register_gauge_vec, register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge_vec,
-    Encoder, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, TextEncoder,
 };
+use std::sync::OnceLock;
 
 pub static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
     register_int_counter_vec!(
@@ -24,6 +25,49 @@ pub static DURATION: Lazy<HistogramVec> = Lazy::new(|| {
     )
     .expect("register portico_request_duration_seconds")
 });
+
+/// The statuses a route's [`RouteMetrics`] keeps a handle for; others are looked up by label.
+const COMMON_STATUSES: [u16; 18] = [
+    200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 408, 413, 429, 499, 500, 502, 503,
+];
+
+/// One route's handles to the request metrics, resolved on its first request of each kind:
+/// looking a series up by its labels hashes every label and takes the vector's lock, on every
+/// request. A series appears in `/metrics` once it has counted something, as before.
+#[derive(Default)]
+pub struct RouteMetrics {
+    duration: OnceLock<Histogram>,
+    /// By position in [`COMMON_STATUSES`], for the route's own upstream.
+    requests: [OnceLock<IntCounter>; COMMON_STATUSES.len()],
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteMetrics")
+    }
+}
+
+impl RouteMetrics {
+    /// Count a request of `route` answered with `status` by `upstream` (`own_upstream`: the
+    /// route's configured one, whose handles are kept) after `seconds`.
+    pub fn record(&self, route: &str, upstream: &str, own_upstream: bool, status: u16, seconds: f64) {
+        let slot = COMMON_STATUSES
+            .iter()
+            .position(|&s| s == status)
+            .filter(|_| own_upstream);
+        match slot {
+            Some(i) => self.requests[i]
+                .get_or_init(|| REQUESTS.with_label_values(&[route, upstream, &status.to_string()]))
+                .inc(),
+            None => REQUESTS
+                .with_label_values(&[route, upstream, &status.to_string()])
+                .inc(),
+        }
+        self.duration
+            .get_or_init(|| DURATION.with_label_values(&[route]))
+            .observe(seconds);
+    }
+}
 
 pub static UPSTREAM_HEALTHY: Lazy<IntGaugeVec> = Lazy::new(|| {
     register_int_gauge_vec!(
@@ -182,4 +226,26 @@ pub fn render() -> Vec<u8> {
     let mut buf = Vec::with_capacity(16 << 10);
     let _ = TextEncoder::new().encode(&prometheus::gather(), &mut buf);
     buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_handles_count_into_the_same_series_as_label_lookups() {
+        let m = RouteMetrics::default();
+        let route = "metrics-unit-route";
+        let count = |upstream: &str, status: &str| REQUESTS.with_label_values(&[route, upstream, status]).get();
+        // Nothing is shown for a route before its first request.
+        assert!(!String::from_utf8(render()).unwrap().contains(route));
+        m.record(route, "up", true, 200, 0.001);
+        m.record(route, "up", true, 200, 0.002);
+        m.record(route, "up", true, 418, 0.001);
+        m.record(route, "other", false, 200, 0.001);
+        assert_eq!(count("up", "200"), 2);
+        assert_eq!(count("up", "418"), 1);
+        assert_eq!(count("other", "200"), 1);
+        assert_eq!(DURATION.with_label_values(&[route]).get_sample_count(), 4);
+    }
 }

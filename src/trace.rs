@@ -12,26 +12,25 @@ pub struct TraceConfig {
     pub trust_incoming: bool,
 }
 
+/// `bytes` (at most 16) random bytes, never all zero, as lower-case hex.
 fn random_hex(bytes: usize) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes * 2);
-    loop {
-        s.clear();
-        let mut left = bytes;
-        while left > 0 {
-            let n: u64 = rand::random();
-            let take = left.min(8);
-            for b in &n.to_le_bytes()[..take] {
-                s.push(HEX[(b >> 4) as usize] as char);
-                s.push(HEX[(b & 15) as usize] as char);
-            }
-            left -= take;
-        }
-        // All-zero ids are invalid in W3C trace context.
-        if s.bytes().any(|b| b != b'0') {
-            return s;
-        }
+    let mut raw = [0u8; 16];
+    let raw = &mut raw[..bytes];
+    // All-zero ids are invalid in W3C trace context.
+    while raw.iter().all(|&b| b == 0) {
+        rand::Rng::fill(&mut rand::thread_rng(), &mut *raw);
     }
+    hex(raw)
+}
+
+/// Lower-case hex digits of `raw`, two per byte (a table lookup: this runs twice per request).
+fn hex(raw: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(raw.len() * 2);
+    for b in raw {
+        out.extend_from_slice(&[DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]]);
+    }
+    String::from_utf8(out).expect("hex digits are ASCII")
 }
 
 /// A fresh W3C span id (16 hex digits), e.g. for a sub-request's child span.

@@ -3,7 +3,7 @@
 use super::client_ip::ClientIpResolver;
 use super::raw;
 use crate::plugin::Chains;
-use crate::route::Matcher;
+use crate::route::{Matcher, RequestKey, RouteIndex};
 use crate::trace::TraceConfig;
 use crate::upstream::{Timeouts, Upstream};
 use sha2::{Digest, Sha256};
@@ -15,7 +15,10 @@ use std::time::{Duration, SystemTime};
 /// The live, immutable config. Requests hold one `Arc<Snapshot>` from start to end, so a reload
 /// never shows them half of a change.
 pub struct Snapshot {
+    /// In file order: the first that matches a request is its route ([`Snapshot::find_route`]).
     pub routes: Vec<Arc<Route>>,
+    /// Which routes a request needs to try (built from `routes`).
+    pub route_index: RouteIndex,
     pub upstreams: HashMap<String, Arc<Upstream>>,
     /// Global plugins alone: the chain for requests that match no route.
     pub global: Chains,
@@ -46,6 +49,17 @@ pub struct Snapshot {
     /// their values are redacted from every access-log line.
     pub credential_query_params: Vec<String>,
     pub meta: Meta,
+}
+
+impl Snapshot {
+    /// The first route, in file order, whose match block accepts the request (its template
+    /// parameters in `params`), trying only the routes the index files under its host and path.
+    pub fn find_route(&self, key: &RequestKey<'_>, params: &mut Vec<(String, String)>) -> Option<&Arc<Route>> {
+        self.route_index
+            .candidates(key, self.routes.len())
+            .map(|i| &self.routes[i])
+            .find(|r| r.matcher.matches(key, params))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -153,4 +167,6 @@ pub struct Route {
     /// Map `Location`/`Content-Location` back through the rewrite and to the client's host.
     pub rewrite_location: bool,
     pub chains: Chains,
+    /// Handles to this route's request metrics (a reload starts new ones: same series).
+    pub metrics: crate::metrics::RouteMetrics,
 }

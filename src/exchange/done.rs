@@ -28,12 +28,25 @@ pub fn done(session: &Session, e: Option<&Error>, ctx: &mut Ctx, shared: &Shared
         .endpoint
         .and_then(|i| ctx.upstream.as_ref().map(|u| u.endpoints[i].address.as_str()));
     let duration = ctx.st.started.elapsed();
-    crate::metrics::REQUESTS
-        .with_label_values(&[route, upstream, &status.to_string()])
-        .inc();
-    crate::metrics::DURATION
-        .with_label_values(&[route])
-        .observe(duration.as_secs_f64());
+    match &ctx.route {
+        Some(r) => {
+            let own_upstream = match (&ctx.upstream, &r.upstream) {
+                (Some(used), Some(own)) => Arc::ptr_eq(used, own),
+                (None, None) => true,
+                _ => false,
+            };
+            r.metrics
+                .record(route, upstream, own_upstream, status, duration.as_secs_f64());
+        }
+        None => {
+            crate::metrics::REQUESTS
+                .with_label_values(&[route, upstream, &status.to_string()])
+                .inc();
+            crate::metrics::DURATION
+                .with_label_values(&[route])
+                .observe(duration.as_secs_f64());
+        }
+    }
     let chains = ctx.chains();
     if !chains.log.is_empty() {
         let outcome = Outcome {

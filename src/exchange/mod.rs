@@ -286,11 +286,7 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
         headers: &req.headers,
     };
     let mut params = Vec::new();
-    let mut route = snap
-        .routes
-        .iter()
-        .find(|r| r.matcher.matches(&key, &mut params))
-        .cloned();
+    let mut route = snap.find_route(&key, &mut params).cloned();
     // A CORS preflight asks about another method: route it as that method would be, so the
     // route's cors plugin can answer it.
     if route.is_none() && req.method == Method::OPTIONS {
@@ -300,11 +296,7 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
             .and_then(|v| Method::from_bytes(v.as_bytes()).ok());
         if let Some(m) = asked {
             let key = RequestKey { method: &m, ..key };
-            route = snap
-                .routes
-                .iter()
-                .find(|r| r.matcher.matches(&key, &mut params))
-                .cloned();
+            route = snap.find_route(&key, &mut params).cloned();
         }
     }
     let route = route.ok_or_else(|| {

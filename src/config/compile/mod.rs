@@ -330,6 +330,7 @@ fn build(
     let state_keys = std::mem::take(&mut *scope.state_keys.lock().unwrap_or_else(|p| p.into_inner()));
     let tasks = std::mem::take(&mut *scope.tasks.lock().unwrap_or_else(|p| p.into_inner()));
     Some(Snapshot {
+        route_index: crate::route::RouteIndex::build(routes.iter().map(|r| &r.matcher)),
         routes,
         upstreams,
         global,

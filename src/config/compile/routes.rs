@@ -165,6 +165,7 @@ fn compile_route(loc: &str, r: &raw::Route, inp: &RouteInputs<'_>, errs: &mut Co
         compression,
         rewrite_location,
         chains,
+        metrics: Default::default(),
     })
 }
 
