@@ -23,6 +23,22 @@ fn random_hex(bytes: usize) -> String {
     hex(raw)
 }
 
+/// Two random ids of `A` and `B` bytes (each never all zero) as lower-case hex, from one draw.
+fn random_hex_pair<const A: usize, const B: usize>() -> [String; 2] {
+    let mut raw = [0u8; 32];
+    let raw = &mut raw[..A + B];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut *raw);
+    let (a, b) = raw.split_at(A);
+    let redraw = |id: &[u8]| {
+        if id.iter().all(|&b| b == 0) {
+            random_hex(id.len())
+        } else {
+            hex(id)
+        }
+    };
+    [redraw(a), redraw(b)]
+}
+
 /// Lower-case hex digits of `raw`, two per byte (a table lookup: this runs twice per request).
 fn hex(raw: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -94,12 +110,19 @@ impl TraceConfig {
                 }
             }
         }
-        let (trace_id, flags) = incoming_trace.unwrap_or_else(|| (random_hex(16), "01".to_string()));
+        let (trace_id, span_id, flags) = match incoming_trace {
+            Some((trace_id, flags)) => (trace_id, random_hex(8), flags),
+            None => {
+                // Both ids from one draw of the generator (it is called once per request).
+                let [trace_id, span_id] = random_hex_pair::<16, 8>();
+                (trace_id, span_id, "01".to_string())
+            }
+        };
         let request_id = incoming_id.unwrap_or_else(|| trace_id.clone());
         TraceIds {
             request_id,
             trace_id,
-            span_id: random_hex(8),
+            span_id,
             flags,
         }
     }

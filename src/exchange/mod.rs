@@ -268,9 +268,13 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
         .map(|id| id.principal().to_string());
     // HTTP/1 body reads: no progress for this long → 408 (HTTP/2 bodies: the edge's frame watch).
     session.set_read_timeout(Some(snap.limits.body_timeout));
-    // Response writes that make no progress for this long (a client that reads nothing, or an
-    // HTTP/2 window it never opens) end the request, and free the upstream connection.
-    session.set_write_timeout(Some(snap.limits.send_timeout));
+    // Response writes that make no progress for this long (an HTTP/2 window the client never
+    // opens) end the request, and free the upstream connection. HTTP/1 writes go through the
+    // edge's socket, which cuts a client that reads nothing after the same time: a second
+    // timer on each write would only cost a timer registration per write.
+    if session.is_http2() {
+        session.set_write_timeout(Some(snap.limits.send_timeout));
+    }
 
     one_content_length(session.req_header_mut())?;
     one_cookie_header(session.req_header_mut());

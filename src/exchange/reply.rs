@@ -23,8 +23,10 @@ pub fn finish_response_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx:
     resp.reserve(2 + chains.response.len());
     let _ = resp.insert_header(ctx.snap.trace.header.clone(), ctx.st.trace.request_id.as_str());
     // A trailers-only gRPC answer (or Portico's own gRPC error) carries its status in the head.
-    if let Some(code) = grpc_status(&resp.headers) {
-        ctx.grpc_status = Some(code);
+    if ctx.grpc.is_some() {
+        if let Some(code) = grpc_status(&resp.headers) {
+            ctx.grpc_status = Some(code);
+        }
     }
     for entry in &chains.response {
         entry.plugin.response(req, resp, &mut ctx.st);

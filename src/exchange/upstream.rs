@@ -160,28 +160,11 @@ pub fn upgraded(session: &mut Session, ctx: &Ctx) {
     }
 }
 
-/// An IP address as a header value. IPv4 by hand: `Display` goes through the formatting
-/// machinery, a measurable share of a request's cost here.
+/// An IP address as a header value (by hand: see [`crate::util::push_ip`]).
 fn ip_header_value(ip: std::net::IpAddr) -> HeaderValue {
-    let v4 = match ip {
-        std::net::IpAddr::V4(v4) => v4,
-        v6 => return HeaderValue::try_from(v6.to_string()).expect("an IP address is a valid header value"),
-    };
-    let mut text = [0u8; 15];
-    let mut n = 0;
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            text[n] = b'.';
-            n += 1;
-        }
-        for (place, shown) in [(100, octet >= 100), (10, octet >= 10), (1, true)] {
-            if shown {
-                text[n] = b'0' + octet / place % 10;
-                n += 1;
-            }
-        }
-    }
-    HeaderValue::from_bytes(&text[..n]).expect("digits and dots are a valid header value")
+    let mut text = String::with_capacity(15);
+    crate::util::push_ip(&mut text, ip);
+    HeaderValue::try_from(text).expect("an IP address is a valid header value")
 }
 
 /// Headers Portico sets on the way upstream; copies a client sent are replaced, never passed.

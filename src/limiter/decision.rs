@@ -23,13 +23,13 @@ impl Decision {
     /// `HeaderName::from_static` accepts). Seconds are rounded up, so a client that waits
     /// them is never early; `retry-after` is at least 1.
     pub fn headers(&self) -> Vec<(&'static str, String)> {
-        let mut h = vec![
-            ("ratelimit-limit", self.limit.to_string()),
-            ("ratelimit-remaining", self.remaining.to_string()),
-            ("ratelimit-reset", ceil_secs(self.reset_after).to_string()),
-        ];
+        use crate::util::u64_text;
+        let mut h = Vec::with_capacity(4);
+        h.push(("ratelimit-limit", u64_text(self.limit)));
+        h.push(("ratelimit-remaining", u64_text(self.remaining)));
+        h.push(("ratelimit-reset", u64_text(ceil_secs(self.reset_after))));
         if let Some(retry) = self.retry_after {
-            h.push(("retry-after", ceil_secs(retry).max(1).to_string()));
+            h.push(("retry-after", u64_text(ceil_secs(retry).max(1))));
         }
         h
     }

@@ -96,7 +96,7 @@ impl Template {
             match p {
                 Part::Text(t) => out.push_str(t),
                 Part::TraceId => out.push_str(&st.trace.request_id),
-                Part::ClientIp => out.push_str(&st.client_ip.to_string()),
+                Part::ClientIp => crate::util::push_ip(&mut out, st.client_ip),
                 Part::Consumer => out.push_str(st.consumer.as_deref().unwrap_or("")),
                 Part::Identity => out.push_str(st.identity.as_deref().unwrap_or("")),
                 Part::Route => out.push_str(&st.route),

@@ -11,7 +11,6 @@ use http::HeaderName;
 use pingora::http::{RequestHeader, ResponseHeader};
 use prometheus::IntCounter;
 use serde::Deserialize;
-use std::fmt::Write;
 
 /// What a request is counted under (`key:` in the block).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +49,8 @@ impl KeyForm {
     /// or a header value, never shares a budget with that address.
     pub fn key(&self, req: &RequestHeader, st: &RequestState) -> String {
         let ip = |out: &mut String| {
-            let _ = write!(out, "ip:{}", canonical_ip(st.client_ip));
+            out.push_str("ip:");
+            crate::util::push_ip(out, canonical_ip(st.client_ip));
         };
         let mut out = String::with_capacity(48);
         match self {
