@@ -64,6 +64,7 @@ impl Shared {
             .iter()
             .map(|(address, config)| (address.clone(), ServerTls::new(config.clone())))
             .collect();
+        crate::memory::set_timer_horizon(snap.longest_timeout());
         Ok(Arc::new(Shared {
             tls,
             live: ArcSwap::from_pointee(snap),
@@ -160,6 +161,7 @@ impl Shared {
                 running.apply(config.clone());
             }
         }
+        crate::memory::set_timer_horizon(next.longest_timeout());
         self.live.store(Arc::new(next));
         let live = self.snapshot();
         self.resources.health.retain(&live.upstreams);

@@ -52,6 +52,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The longest timeout a request can be given (upstream and route timeouts, body reads,
+    /// sends): how long Pingora may keep a request's timer after the request ended.
+    pub fn longest_timeout(&self) -> Duration {
+        let upstreams = self.upstreams.values().map(|u| &u.timeouts);
+        let routes = self.routes.iter().map(|r| &r.timeouts);
+        upstreams
+            .flat_map(|t| [t.connect, t.read, t.write])
+            .chain(routes.flat_map(|t| [t.connect, t.read, t.write]).flatten())
+            .chain([self.limits.body_timeout, self.limits.send_timeout])
+            .max()
+            .unwrap_or_default()
+    }
+
     /// The first route, in file order, whose match block accepts the request (its template
     /// parameters in `params`), trying only the routes the index files under its host and path.
     pub fn find_route(&self, key: &RequestKey<'_>, params: &mut Vec<(String, String)>) -> Option<&Arc<Route>> {
