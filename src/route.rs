@@ -103,8 +103,9 @@ fn normalize_segments(raw: &str) -> Result<String, PathError> {
     if bytes.first() != Some(&b'/') {
         return Err(PathError::NotAbsolute);
     }
-    // Fast path: nothing to decode and no dot or empty segments.
-    if !raw.contains(['%', '\\'])
+    // Fast path: nothing to decode or encode, and no dot or empty segments.
+    if raw.is_ascii()
+        && !raw.contains(['%', '\\'])
         && !raw.contains("//")
         && !raw.contains("/.")
         && !bytes.iter().any(|b| b.is_ascii_control() || *b == b' ')
@@ -140,11 +141,19 @@ fn normalize_segments(raw: &str) -> Result<String, PathError> {
         if b == b'\\' || b == b' ' || b.is_ascii_control() {
             return Err(PathError::Forbidden(b as char));
         }
-        // Multi-byte UTF-8 arrives percent-encoded from conforming clients; pass raw bytes through.
-        let ch_len = utf8_len(b);
-        decoded
-            .push_str(std::str::from_utf8(&bytes[i..(i + ch_len).min(bytes.len())]).map_err(|_| PathError::BadEscape)?);
-        i += ch_len;
+        // A raw byte outside ASCII (RFC 9112 allows none in a target, but clients send them) is
+        // written as the escape a conforming client would have sent, so `/café` and
+        // `/caf%C3%A9` are one path for routing, and the upstream receives one spelling.
+        if !b.is_ascii() {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            decoded.push('%');
+            decoded.push(HEX[usize::from(b >> 4)] as char);
+            decoded.push(HEX[usize::from(b & 15)] as char);
+            i += 1;
+            continue;
+        }
+        decoded.push(b as char);
+        i += 1;
     }
     let mut out: Vec<&str> = Vec::new();
     let mut trailing_slash = false;
@@ -171,15 +180,6 @@ fn normalize_segments(raw: &str) -> Result<String, PathError> {
         path.push('/');
     }
     Ok(path)
-}
-
-fn utf8_len(b: u8) -> usize {
-    match b {
-        0x00..=0x7f => 1,
-        0xc0..=0xdf => 2,
-        0xe0..=0xef => 3,
-        _ => 4,
-    }
 }
 
 /// A host pattern: `api.example.com` or `*.example.org` (any depth of subdomain, not the bare
@@ -330,6 +330,7 @@ pub enum PathMatch {
 
 impl PathMatch {
     pub fn prefix(p: &str) -> Result<Self, String> {
+        let p = &config_path(p);
         check_config_path(p)?;
         if p == "/" {
             return Ok(PathMatch::Any);
@@ -338,6 +339,7 @@ impl PathMatch {
     }
 
     pub fn path(p: &str) -> Result<Self, String> {
+        let p = &config_path(p);
         check_config_path(p)?;
         if !p.contains('{') {
             return Ok(PathMatch::Exact(p.to_string()));
@@ -407,7 +409,25 @@ impl PathMatch {
     }
 }
 
-/// A path written in the config must already be in normal form, or it could never match.
+/// A path as written in the config, its non-ASCII characters written as upper-case escapes
+/// (`/café` → `/caf%C3%A9`): the spelling requests are normalised to.
+fn config_path(p: &str) -> std::borrow::Cow<'_, str> {
+    if p.is_ascii() {
+        return p.into();
+    }
+    let mut out = String::with_capacity(p.len() * 3);
+    for b in p.bytes() {
+        if b.is_ascii() {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out.into()
+}
+
+/// A path written in the config must already be in normal form, or it could never match. Its
+/// non-ASCII characters are first written as escapes ([`config_path`]), as requests' are.
 fn check_config_path(p: &str) -> Result<(), String> {
     if !p.starts_with('/') {
         return Err(format!("'{p}' must start with '/'"));
@@ -592,6 +612,10 @@ mod tests {
         ok("/v1.2/a..b/my%20file", "/v1.2/a..b/my%20file");
         ok("/%252f", "/%252f");
         ok("/users/", "/users/");
+        // Raw non-ASCII bytes and their escapes are one path (attack-v3 D1).
+        ok("/caf\u{e9}", "/caf%C3%A9");
+        ok("/caf%c3%a9", "/caf%C3%A9");
+        ok("/caf%C3%A9/x", "/caf%C3%A9/x");
         let bad = |a: &str| assert!(normalize_path(a).is_err(), "{a}");
         bad("/%2fadmin");
         bad("/a%2Fb");
@@ -736,6 +760,22 @@ mod tests {
         let index = RouteIndex::build(many.iter());
         let k = key("/s7/x", "h57.test", &Method::GET, &none);
         assert_eq!(index.candidates(&k, many.len()).collect::<Vec<_>>(), vec![57]);
+    }
+
+    /// A route written with non-ASCII characters, or with their escapes, matches both spellings
+    /// of a request (a route on `/café` could be skipped with `/caf%C3%A9`).
+    #[test]
+    fn non_ascii_paths_match_in_either_spelling() {
+        let none = http::HeaderMap::new();
+        for written in ["/caf\u{e9}", "/caf%C3%A9"] {
+            let m = PathMatch::prefix(written).unwrap();
+            for sent in ["/caf\u{e9}", "/caf%C3%A9", "/caf%c3%a9", "/caf\u{e9}/menu"] {
+                let path = normalize_path(sent).unwrap();
+                let k = key(&path, "", &Method::GET, &none);
+                assert!(m.matches(k.path, &mut vec![]), "{written} vs {sent}");
+            }
+            assert!(PathMatch::path(&format!("{written}/{{id}}")).is_ok());
+        }
     }
 
     #[test]

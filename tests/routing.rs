@@ -264,3 +264,46 @@ fn ambiguous_spellings_of_a_protected_path_are_refused() {
     // Dots and spaces inside a segment are fine.
     assert_eq!(gw.get("/v1.2/my%20file").status, 200);
 }
+
+/// A route on a path with non-ASCII characters is not skipped by spelling them the other way
+/// (raw UTF-8 bytes or percent-escapes, in either case): attack-v3 D1. The upstream receives
+/// the escaped spelling.
+#[test]
+fn non_ascii_paths_route_the_same_in_every_spelling() {
+    let (a, b) = (EchoServer::start("a").unwrap(), EchoServer::start("b").unwrap());
+    let gw = Gw::start(&format!(
+        r#"
+upstreams:
+  a: {{ endpoints: ["{a}"] }}
+  b: {{ endpoints: ["{b}"] }}
+routes:
+  - name: raw-written
+    match: {{ path_prefix: "/café" }}
+    upstream: a
+  - name: escaped-written
+    match: {{ path_prefix: "/men%C3%BC" }}
+    upstream: a
+  - name: rest
+    upstream: b
+"#,
+        a = a.addr,
+        b = b.addr
+    ));
+    for path in [
+        "/caf\u{e9}",
+        "/caf%C3%A9",
+        "/caf%c3%a9/x",
+        "/men\u{fc}",
+        "/men%C3%BC",
+        "/men%c3%bc",
+    ] {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let answer = raw(&gw.addr, head.as_bytes(), std::time::Duration::from_secs(5)).unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 200"), "{path}: {text}");
+        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+        let e: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(e["service"], "a", "{path} reached the catch-all");
+        assert!(e["path"].as_str().unwrap().is_ascii(), "{path}: {}", e["path"]);
+    }
+}
