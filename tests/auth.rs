@@ -880,6 +880,46 @@ routes:
     assert!(r.header("access-control-allow-origin").is_none());
 }
 
+/// A preflight reaches the route its real request will reach, even when a later route without
+/// a method list would take an OPTIONS request (user-v3 D1).
+#[test]
+fn a_preflight_reaches_the_route_of_the_method_it_asks_about() {
+    let (posts, rest) = (EchoServer::start("posts").unwrap(), EchoServer::start("rest").unwrap());
+    let gw = Gw::start(&format!(
+        r#"upstreams:
+  posts: {{ endpoints: ["{}"] }}
+  rest: {{ endpoints: ["{}"] }}
+routes:
+  - name: posts
+    match: {{ path_prefix: /api, methods: [POST] }}
+    upstream: posts
+    plugins:
+      - cors: {{ origins: ["https://app.example.com"], methods: [POST], headers: [content-type] }}
+  - name: rest
+    match: {{ path_prefix: /api }}
+    upstream: rest
+"#,
+        posts.addr, rest.addr
+    ));
+    let r = gw.send(
+        Request::new("OPTIONS", "/api/x")
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type"),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(r.header("access-control-allow-origin"), Some("https://app.example.com"));
+    // A plain OPTIONS (no preflight) and a preflight for a method only `rest` takes go there.
+    assert_eq!(service(&gw.send(Request::new("OPTIONS", "/api/x"))), "rest");
+    let r = gw.send(
+        Request::new("OPTIONS", "/api/x")
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", "GET"),
+    );
+    assert_eq!(service(&r), "rest");
+    assert_eq!(posts.requests(), 0);
+}
+
 #[test]
 fn bad_plugin_configs_are_located() {
     let dir = TempDir::new("auth-t");

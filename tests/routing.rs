@@ -307,3 +307,46 @@ routes:
         assert!(e["path"].as_str().unwrap().is_ascii(), "{path}: {}", e["path"]);
     }
 }
+
+/// An HTTP/1.0 absolute-form request without `Host` is routed by its target's authority, and
+/// the upstream still gets a `Host` (attack-v3 D2).
+#[test]
+fn an_absolute_form_request_without_host_routes_by_its_authority() {
+    let (a, b) = (EchoServer::start("a").unwrap(), EchoServer::start("b").unwrap());
+    let gw = Gw::start(&format!(
+        r#"
+upstreams:
+  a: {{ endpoints: ["{a}"], preserve_host: true }}
+  b: {{ endpoints: ["{b}"] }}
+routes:
+  - name: secure
+    match: {{ hosts: [secure.test] }}
+    upstream: a
+  - name: rest
+    upstream: b
+"#,
+        a = a.addr,
+        b = b.addr
+    ));
+    for target in [
+        "http://secure.test/x",
+        "http://SECURE.test:80/x?y=1",
+        "HTTP://secure.test",
+    ] {
+        let head = format!("GET {target} HTTP/1.0\r\n\r\n");
+        let answer = raw(&gw.addr, head.as_bytes(), std::time::Duration::from_secs(5)).unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200"),
+            "{target}: {text}"
+        );
+        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+        let e: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(e["service"], "a", "{target} skipped the host route");
+        let host = e["headers"]["host"].as_str().unwrap_or("");
+        assert!(
+            host.eq_ignore_ascii_case("secure.test") || host.eq_ignore_ascii_case("secure.test:80"),
+            "{target}: Host {host:?}"
+        );
+    }
+}

@@ -139,6 +139,22 @@ fn bad_request(message: impl Into<String>) -> Reply {
     Reply::error(400, "bad_request", message)
 }
 
+/// The authority the request target names: HTTP/2's `:authority`, or an HTTP/1 absolute-form
+/// target's (which Pingora keeps only in the raw target: its `uri` holds the path alone).
+pub(crate) fn target_authority(req: &RequestHeader) -> Option<&str> {
+    if let Some(a) = req.uri.authority() {
+        return Some(a.as_str());
+    }
+    let raw = std::str::from_utf8(req.raw_path()).ok()?;
+    let scheme = raw.find("://").filter(|&i| {
+        let s = &raw[..i];
+        s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https")
+    })?;
+    let rest = &raw[scheme + 3..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    Some(&rest[..end]).filter(|a| !a.is_empty())
+}
+
 /// The request's host as routing compares it (see [`normalize_host`]): `:authority` /
 /// absolute-form authority, else `Host`. Ambiguity (two Host headers, or an authority that
 /// disagrees with Host) and invalid hosts are refused.
@@ -152,7 +168,7 @@ fn request_host(req: &RequestHeader) -> Result<String, Reply> {
         .map(|h| h.to_str().map_err(|_| bad_request("the Host header is not valid")))
         .transpose()?;
     let norm = |h: &str| normalize_host(h).map_err(|why| bad_request(format!("invalid host: {why}")));
-    match (req.uri.authority().map(|a| a.as_str()), header) {
+    match (target_authority(req), header) {
         (Some(a), Some(h)) => {
             let a = norm(a)?;
             if a != norm(h)? {
@@ -290,18 +306,20 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
         headers: &req.headers,
     };
     let mut params = Vec::new();
-    let mut route = snap.find_route(&key, &mut params).cloned();
-    // A CORS preflight asks about another method: route it as that method would be, so the
-    // route's cors plugin can answer it.
-    if route.is_none() && req.method == Method::OPTIONS {
-        let asked = req
-            .headers
-            .get("access-control-request-method")
-            .and_then(|v| Method::from_bytes(v.as_bytes()).ok());
-        if let Some(m) = asked {
-            let key = RequestKey { method: &m, ..key };
-            route = snap.find_route(&key, &mut params).cloned();
-        }
+    // A CORS preflight asks about another method: it is routed as that method would be, so the
+    // cors plugin of the route the real request will reach answers it (a route without a
+    // method list further down would otherwise take it). Only when no route takes that method
+    // is it routed as the OPTIONS request it is.
+    let asked = (req.method == Method::OPTIONS && req.headers.contains_key(http::header::ORIGIN))
+        .then(|| req.headers.get("access-control-request-method"))
+        .flatten()
+        .and_then(|v| Method::from_bytes(v.as_bytes()).ok());
+    let mut route = asked.and_then(|m| {
+        let key = RequestKey { method: &m, ..key };
+        snap.find_route(&key, &mut params).cloned()
+    });
+    if route.is_none() {
+        route = snap.find_route(&key, &mut params).cloned();
     }
     let route = route.ok_or_else(|| {
         Reply::error(

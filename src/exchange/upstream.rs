@@ -186,13 +186,14 @@ pub fn prepare_upstream_request(session: &Session, req: &mut RequestHeader, ctx:
         }
     }
     let up = ctx.upstream.as_ref().expect("upstream chosen");
-    let original_host: Option<HeaderValue> = session.req_header().headers.get(HOST).cloned().or_else(|| {
-        session
-            .req_header()
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    // The client's Host, else the authority its target names (HTTP/2, or an HTTP/1.0
+    // absolute-form request without Host): an HTTP/1.1 upstream always gets a Host.
+    let original_host: Option<HeaderValue> = session
+        .req_header()
+        .headers
+        .get(HOST)
+        .cloned()
+        .or_else(|| super::target_authority(session.req_header()).and_then(|a| HeaderValue::from_str(a).ok()));
 
     // X-Forwarded-For: a trusted proxy's list is extended; anyone else's is replaced.
     let prior_xff = ctx
