@@ -378,3 +378,22 @@ fn split_cookies_reach_an_h1_upstream_as_one_header() {
     let seen = reqs.iter().find(|r| r.header("x-id") == Some("one")).unwrap();
     assert_eq!(seen.header("cookie"), Some("only=1"));
 }
+
+/// HTTP/2 requests are held to the header count HTTP/1 ones are (128 → 431), so an HTTP/1
+/// upstream never gets more (attack-v3 D5).
+#[test]
+fn an_http2_request_with_too_many_headers_gets_431() {
+    let up = RecordingUpstream::start();
+    let gw = Gw::start_h2c(&config(&up));
+    runtime().block_on(async {
+        let mut c = h2_client(&gw.addr).await;
+        let names: Vec<String> = (0..200).map(|i| format!("x-h{i}")).collect();
+        let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        let a = send(&mut c, "GET", "/x", &many, &[], End::OnHeaders).await.unwrap();
+        assert_eq!(a.status, 431, "{}", String::from_utf8_lossy(&a.body));
+        let few = &many[..100];
+        let a = send(&mut c, "GET", "/x", few, &[], End::OnHeaders).await.unwrap();
+        assert_eq!(a.status, 200);
+    });
+    assert_eq!(up.requests().len(), 1);
+}

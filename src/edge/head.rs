@@ -8,7 +8,7 @@ use crate::plugin::Reply;
 use tokio::time::Instant;
 
 /// More request headers than this → 431.
-const MAX_HEADERS: usize = 128;
+pub const MAX_HEADERS: usize = 128;
 
 /// How reading a request head ended.
 pub enum Head {

@@ -34,7 +34,7 @@ mod stream;
 mod tls;
 
 pub use framing::framing_error;
-pub use head::check_framing;
+pub use head::{check_framing, MAX_HEADERS};
 pub use stream::EdgeStream;
 pub use tls::{TlsListener, TlsListeners};
 

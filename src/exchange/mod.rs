@@ -292,6 +292,15 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx) -> Result<(), Reply> {
         session.set_write_timeout(Some(snap.limits.send_timeout));
     }
 
+    // HTTP/1 heads are held to this count by the edge layer; HTTP/2 ones here (the h2 crate
+    // bounds their size, not their count), so an upstream never gets more than HTTP/1 allows.
+    if session.is_http2() && session.req_header().headers.len() > crate::edge::MAX_HEADERS {
+        return Err(Reply::error(
+            431,
+            "request_header_too_large",
+            format!("the request has more than {} headers", crate::edge::MAX_HEADERS),
+        ));
+    }
     one_content_length(session.req_header_mut())?;
     one_cookie_header(session.req_header_mut());
     drop_unannounced_upgrade(session.req_header_mut());
