@@ -18,15 +18,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-async fn h2_client(addr: &str) -> SendRequest<Bytes> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
-
 /// How the client ends its request stream.
 #[derive(Clone, Copy, Debug)]
 enum End {
@@ -124,7 +115,7 @@ fn every_way_an_h2_request_ends_reaches_an_h1_upstream_framed_once() {
     let gw = Gw::start_h2c(&config(&up));
     let rt = runtime();
     rt.block_on(async {
-        let mut c = h2_client(&gw.addr).await;
+        let mut c = h2c_client(&gw.addr).await;
         let hello: &[&[u8]] = &[b"hello"];
         let split: &[&[u8]] = &[b"he", b"llo"];
         let cases: Vec<Case> = vec![
@@ -306,7 +297,7 @@ fn racing_clients_never_get_each_others_answers() {
         let attacker = tokio::spawn({
             let addr = addr.clone();
             async move {
-                let mut c = h2_client(&addr).await;
+                let mut c = h2c_client(&addr).await;
                 let (mut wrong, mut n) = (0, 0);
                 while Instant::now() < until {
                     let id = format!("a-{n}");
@@ -320,7 +311,7 @@ fn racing_clients_never_get_each_others_answers() {
             }
         });
         let victim = tokio::spawn(async move {
-            let mut c = h2_client(&addr).await;
+            let mut c = h2c_client(&addr).await;
             let (mut wrong, mut n) = (0, 0);
             while Instant::now() < until {
                 let id = format!("b-{n}");
@@ -350,7 +341,7 @@ fn split_cookies_reach_an_h1_upstream_as_one_header() {
     let up = RecordingUpstream::start();
     let gw = Gw::start_h2c(&config(&up));
     runtime().block_on(async {
-        let mut c = h2_client(&gw.addr).await;
+        let mut c = h2c_client(&gw.addr).await;
         let h = [
             ("cookie", "a=1"),
             ("cookie", "b=2"),
@@ -386,7 +377,7 @@ fn an_http2_request_with_too_many_headers_gets_431() {
     let up = RecordingUpstream::start();
     let gw = Gw::start_h2c(&config(&up));
     runtime().block_on(async {
-        let mut c = h2_client(&gw.addr).await;
+        let mut c = h2c_client(&gw.addr).await;
         let names: Vec<String> = (0..200).map(|i| format!("x-h{i}")).collect();
         let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
         let a = send(&mut c, "GET", "/x", &many, &[], End::OnHeaders).await.unwrap();

@@ -375,11 +375,7 @@ async fn h2_send(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> (u16, http::HeaderMap, Vec<u8>) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let client = h2c_client(addr).await;
     let mut b = http::Request::builder()
         .method(method)
         .uri(format!("http://gw.test{path}"));
@@ -856,11 +852,7 @@ fn an_answer_found_untransformable_after_its_head_is_cut() {
     // HTTP/2: the stream ends in an error, never as a complete-looking empty answer.
     let addr = gw.addr.clone();
     runtime().block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let client = h2c_client(&addr).await;
         let mut client = client.ready().await.unwrap();
         let req = http::Request::get("http://gw.test/leak/big").body(()).unwrap();
         let (resp, _) = client.send_request(req, true).unwrap();

@@ -358,11 +358,7 @@ fn aggregate_over_h2c() {
     let gw = Gw::start_h2c(&body);
     let addr = gw.addr.clone();
     runtime().block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let client = h2c_client(&addr).await;
         // Several streams at once on one connection.
         let mut waits = Vec::new();
         for id in 0..4 {

@@ -225,9 +225,7 @@ routes:
         .build()
         .unwrap();
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(conn);
+        let client = h2c_client(&gw.addr).await;
         for (path, code) in [("/pkg.Svc/Ok", "0"), ("/pkg.Svc/Fail", "14")] {
             let mut c = client.clone().ready().await.unwrap();
             let req = http::Request::post(format!("http://gw{path}"))

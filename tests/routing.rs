@@ -202,9 +202,7 @@ routes:
         .build()
         .unwrap();
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(conn);
+        let client = h2c_client(&gw.addr).await;
         for authority in ["api.test.", "API.TEST:8080"] {
             let mut c = client.clone().ready().await.unwrap();
             let req = http::Request::get(format!("http://{authority}/x")).body(()).unwrap();
@@ -248,11 +246,7 @@ fn ambiguous_spellings_of_a_protected_path_are_refused() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let client = h2c_client(&gw.addr).await;
         for path in vectors {
             let mut client = client.clone().ready().await.unwrap();
             let req = http::Request::get(format!("http://x{path}")).body(()).unwrap();

@@ -156,11 +156,7 @@ fn a_stalled_http2_body_is_reset_at_body_timeout() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let client = h2c_client(&gw.addr).await;
         let mut client = client.ready().await.unwrap();
         let req = http::Request::post("http://x/upload")
             .header("x-id", "stalled")

@@ -260,3 +260,14 @@ impl KeepAlive {
         unreachable!("the second attempt returns or panics")
     }
 }
+
+/// An HTTP/2 client with prior knowledge (h2c) connected to `addr`; its connection is driven by
+/// a task on the current runtime until the last handle is dropped.
+pub async fn h2c_client(addr: &str) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
