@@ -36,6 +36,14 @@ impl PathError {
     }
 }
 
+/// `b` as a percent-escape in upper-case hex (`%C3`): the one spelling paths are normalised to.
+fn push_escape(out: &mut String, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push('%');
+    out.push(HEX[usize::from(b >> 4)] as char);
+    out.push(HEX[usize::from(b & 15)] as char);
+}
+
 fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
@@ -129,11 +137,7 @@ fn normalize_segments(raw: &str) -> Result<String, PathError> {
                 b'/' | b'\\' => return Err(PathError::EncodedSlash),
                 0..=0x1f | 0x7f => return Err(PathError::Forbidden(v as char)),
                 v if is_unreserved(v) => decoded.push(v as char),
-                v => {
-                    decoded.push('%');
-                    decoded.push(char::from_digit((v >> 4) as u32, 16).unwrap().to_ascii_uppercase());
-                    decoded.push(char::from_digit((v & 15) as u32, 16).unwrap().to_ascii_uppercase());
-                }
+                v => push_escape(&mut decoded, v),
             }
             i += 3;
             continue;
@@ -145,10 +149,7 @@ fn normalize_segments(raw: &str) -> Result<String, PathError> {
         // written as the escape a conforming client would have sent, so `/café` and
         // `/caf%C3%A9` are one path for routing, and the upstream receives one spelling.
         if !b.is_ascii() {
-            const HEX: &[u8; 16] = b"0123456789ABCDEF";
-            decoded.push('%');
-            decoded.push(HEX[usize::from(b >> 4)] as char);
-            decoded.push(HEX[usize::from(b & 15)] as char);
+            push_escape(&mut decoded, b);
             i += 1;
             continue;
         }
@@ -420,7 +421,7 @@ fn config_path(p: &str) -> std::borrow::Cow<'_, str> {
         if b.is_ascii() {
             out.push(b as char);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            push_escape(&mut out, b);
         }
     }
     out.into()

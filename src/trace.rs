@@ -23,20 +23,20 @@ fn random_hex(bytes: usize) -> String {
     hex(raw)
 }
 
-/// Two random ids of `A` and `B` bytes (each never all zero) as lower-case hex, from one draw.
-fn random_hex_pair<const A: usize, const B: usize>() -> [String; 2] {
-    let mut raw = [0u8; 32];
-    let raw = &mut raw[..A + B];
-    rand::Rng::fill(&mut rand::thread_rng(), &mut *raw);
-    let (a, b) = raw.split_at(A);
-    let redraw = |id: &[u8]| {
-        if id.iter().all(|&b| b == 0) {
-            random_hex(id.len())
+/// A fresh trace id (16 bytes) and span id (8 bytes), each never all zero, as lower-case hex,
+/// from one draw of the generator (this runs once per request).
+fn fresh_trace_and_span() -> (String, String) {
+    let mut raw = [0u8; 24];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut raw[..]);
+    let (trace, span) = raw.split_at(16);
+    let id = |bytes: &[u8]| {
+        if bytes.iter().all(|&b| b == 0) {
+            random_hex(bytes.len())
         } else {
-            hex(id)
+            hex(bytes)
         }
     };
-    [redraw(a), redraw(b)]
+    (id(trace), id(span))
 }
 
 /// Lower-case hex digits of `raw`, two per byte (a table lookup: this runs twice per request).
@@ -113,8 +113,7 @@ impl TraceConfig {
         let (trace_id, span_id, flags) = match incoming_trace {
             Some((trace_id, flags)) => (trace_id, random_hex(8), flags),
             None => {
-                // Both ids from one draw of the generator (it is called once per request).
-                let [trace_id, span_id] = random_hex_pair::<16, 8>();
+                let (trace_id, span_id) = fresh_trace_and_span();
                 (trace_id, span_id, "01".to_string())
             }
         };
