@@ -599,7 +599,11 @@ fn a_body_over_the_limit_to_an_h2_upstream_is_refused_at_once() {
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("payload_too_large"), "{text}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-    let log = s.gw.p.stdout_text();
+    // The access log line is written after the answer: poll for all nine.
+    let log = wait_for("nine access log lines", Duration::from_secs(10), || {
+        let log = s.gw.p.stdout_text();
+        (log.lines().filter(|l| l.contains("\"route\":\"small")).count() >= 9).then_some(log)
+    });
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("\"route\":\"small")).collect();
     assert_eq!(lines.len(), 9, "{log}");
     for line in lines {
