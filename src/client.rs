@@ -294,7 +294,7 @@ impl UpstreamClient {
         child.span_id = crate::trace::new_span_id();
         let _ = head.insert_header("traceparent", child.traceparent());
         if let Some(snap) = &st.snapshot {
-            let _ = head.insert_header(snap.trace.header.clone(), st.trace.request_id.as_str());
+            let _ = head.insert_header(&snap.trace.header, st.trace.request_id.as_str());
         }
         if !req.body.is_empty()
             || !matches!(

@@ -6,8 +6,9 @@ use http::HeaderMap;
 /// The `trace:` block, compiled.
 #[derive(Debug, Clone)]
 pub struct TraceConfig {
-    /// Lower-case header name for the request id (default `x-request-id`).
-    pub header: http::HeaderName,
+    /// Lower-case header name for the request id (default `x-request-id`), parsed once: it is
+    /// set on every request and answer.
+    pub header: pingora::http::PreparedHeaderName,
     /// Keep a well-formed incoming request id and W3C `traceparent`.
     pub trust_incoming: bool,
 }
@@ -42,9 +43,12 @@ fn fresh_trace_and_span() -> (String, String) {
 /// Lower-case hex digits of `raw`, two per byte (a table lookup: this runs twice per request).
 fn hex(raw: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = Vec::with_capacity(raw.len() * 2);
-    for b in raw {
-        out.extend_from_slice(&[DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]]);
+    // Into a zeroed buffer by index pairs, not pushed byte by byte: this runs twice for every
+    // request, and pushing checked the capacity at each digit.
+    let mut out = vec![0u8; raw.len() * 2];
+    for (pair, b) in out.chunks_exact_mut(2).zip(raw) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 15)];
     }
     String::from_utf8(out).expect("hex digits are ASCII")
 }
@@ -103,7 +107,7 @@ impl TraceConfig {
             if let (Some(v), None) = (tp.next(), tp.next()) {
                 incoming_trace = v.to_str().ok().and_then(parse_traceparent);
             }
-            let mut rid = headers.get_all(&self.header).iter();
+            let mut rid = headers.get_all(self.header.name()).iter();
             if let (Some(v), None) = (rid.next(), rid.next()) {
                 if valid_request_id(v.as_bytes()) {
                     incoming_id = v.to_str().ok().map(str::to_string);
@@ -133,7 +137,7 @@ mod tests {
 
     fn cfg() -> TraceConfig {
         TraceConfig {
-            header: http::HeaderName::from_static("x-request-id"),
+            header: pingora::http::PreparedHeaderName::from_static("x-request-id"),
             trust_incoming: true,
         }
     }

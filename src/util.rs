@@ -8,12 +8,26 @@ use http::{HeaderMap, HeaderName};
 pub fn push_ip(out: &mut String, ip: std::net::IpAddr) {
     match ip {
         std::net::IpAddr::V4(v4) => {
+            // Into a stack buffer, octet by octet (at most three digits, no division of a u64).
+            let mut text = [0u8; 15];
+            let mut len = 0;
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    text[len] = b'.';
+                    len += 1;
                 }
-                push_u64(out, octet.into());
+                if octet >= 100 {
+                    text[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    text[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                text[len] = b'0' + octet % 10;
+                len += 1;
             }
+            out.push_str(std::str::from_utf8(&text[..len]).expect("ASCII digits and dots"));
         }
         v6 => {
             use std::fmt::Write;
@@ -162,7 +176,15 @@ mod tests {
         for n in [0, 7, 10, 99, 1000, 65535, u64::MAX] {
             assert_eq!(super::u64_text(n), n.to_string());
         }
-        for ip in ["0.0.0.0", "10.0.0.255", "255.255.255.255", "::1", "2001:db8::7"] {
+        for ip in [
+            "0.0.0.0",
+            "10.0.0.255",
+            "255.255.255.255",
+            "1.22.199.200",
+            "100.9.10.99",
+            "::1",
+            "2001:db8::7",
+        ] {
             let mut out = String::from("ip:");
             super::push_ip(&mut out, ip.parse().unwrap());
             assert_eq!(out, format!("ip:{ip}"));

@@ -63,7 +63,7 @@ pub(super) async fn refuse(conn: &mut EdgeStream, reply: Reply, snap: &Snapshot,
     let mut st = RequestState::new(snap.client_ip.resolve(peer, &seen.headers));
     st.trace = snap.trace.ids_for(&seen.headers);
     let (mut head, body) = crate::respond::render(&reply, &st, None);
-    let _ = head.insert_header(snap.trace.header.clone(), st.trace.request_id.as_str());
+    let _ = head.insert_header(&snap.trace.header, st.trace.request_id.as_str());
     let _ = head.insert_header(http::header::CONNECTION, "close");
     // Every answer carries a Date (RFC 9110 §6.6.1), these too: Pingora adds it to the
     // answers it writes, not to bytes the edge writes itself.

@@ -21,7 +21,7 @@ pub fn finish_response_head(req: &RequestHeader, resp: &mut ResponseHeader, ctx:
     // The trace header, Pingora's `Connection`, and a header from each response plugin at
     // once: the maps were sized for the upstream's headers.
     resp.reserve(2 + chains.response.len());
-    let _ = resp.insert_header(ctx.snap.trace.header.clone(), ctx.st.trace.request_id.as_str());
+    let _ = resp.insert_header(&ctx.snap.trace.header, ctx.st.trace.request_id.as_str());
     // A trailers-only gRPC answer (or Portico's own gRPC error) carries its status in the head.
     if ctx.grpc.is_some() {
         if let Some(code) = grpc_status(&resp.headers) {

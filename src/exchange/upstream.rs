@@ -5,7 +5,7 @@ use crate::plugin::Failure;
 use crate::upstream::{FailureKind, RetryCause};
 use http::header::HOST;
 use http::HeaderValue;
-use pingora::http::RequestHeader;
+use pingora::http::{PreparedHeaderName, RequestHeader};
 use pingora::prelude::*;
 
 /// Choose the endpoint of this attempt: an endpoint this request has not tried yet, while one
@@ -167,6 +167,14 @@ fn ip_header_value(ip: std::net::IpAddr) -> HeaderValue {
     HeaderValue::try_from(text).expect("an IP address is a valid header value")
 }
 
+// The names set on every request, parsed once rather than on each insert.
+const X_FORWARDED_FOR: PreparedHeaderName = PreparedHeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: PreparedHeaderName = PreparedHeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: PreparedHeaderName = PreparedHeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: PreparedHeaderName = PreparedHeaderName::from_static("x-real-ip");
+const TRACEPARENT: PreparedHeaderName = PreparedHeaderName::from_static("traceparent");
+const X_CONSUMER: PreparedHeaderName = PreparedHeaderName::from_static("x-consumer");
+
 /// Headers Portico sets on the way upstream; copies a client sent are replaced, never passed.
 const GATEWAY_SET: [&str; 8] = [
     "x-forwarded-for",
@@ -216,7 +224,7 @@ pub fn prepare_upstream_request(session: &Session, req: &mut RequestHeader, ctx:
     let copies: Vec<http::HeaderName> = req
         .headers
         .keys()
-        .filter(|k| GATEWAY_SET.contains(&k.as_str()) || *k == trace_header)
+        .filter(|k| GATEWAY_SET.contains(&k.as_str()) || k == trace_header.name())
         .cloned()
         .collect();
     for name in &copies {
@@ -230,23 +238,23 @@ pub fn prepare_upstream_request(session: &Session, req: &mut RequestHeader, ctx:
         Some(p) => HeaderValue::try_from(format!("{p}, {}", ctx.peer_ip)).unwrap_or_else(|_| peer_ip.clone()),
         None => peer_ip.clone(),
     };
-    let _ = req.insert_header("x-forwarded-for", xff);
+    let _ = req.insert_header(&X_FORWARDED_FOR, xff);
     let proto = HeaderValue::from_static(if ctx.st.tls { "https" } else { "http" });
-    let _ = req.insert_header("x-forwarded-proto", proto);
+    let _ = req.insert_header(&X_FORWARDED_PROTO, proto);
     if let Some(h) = &original_host {
-        let _ = req.insert_header("x-forwarded-host", h.clone());
+        let _ = req.insert_header(&X_FORWARDED_HOST, h.clone());
     }
     let real_ip = if ctx.st.client_ip == ctx.peer_ip {
         peer_ip
     } else {
         ip_header_value(ctx.st.client_ip)
     };
-    let _ = req.insert_header("x-real-ip", real_ip);
-    let _ = req.insert_header("traceparent", ctx.st.trace.traceparent());
-    let _ = req.insert_header(trace_header.clone(), ctx.st.trace.request_id.as_str());
+    let _ = req.insert_header(&X_REAL_IP, real_ip);
+    let _ = req.insert_header(&TRACEPARENT, ctx.st.trace.traceparent());
+    let _ = req.insert_header(trace_header, ctx.st.trace.request_id.as_str());
     if let Some(c) = &ctx.st.consumer {
         if let Ok(v) = HeaderValue::from_str(c) {
-            let _ = req.insert_header("x-consumer", v);
+            let _ = req.insert_header(&X_CONSUMER, v);
         }
     }
 

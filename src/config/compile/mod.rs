@@ -229,7 +229,7 @@ fn build(
         HeaderName::from_static("x-request-id")
     });
     let trace = TraceConfig {
-        header: trace_header,
+        header: pingora::http::PreparedHeaderName::new(trace_header),
         trust_incoming: raw.trace.trust_incoming,
     };
 

@@ -38,6 +38,52 @@ impl CaseHeaderName {
 /// A trait that converts into case-sensitive header names.
 pub trait IntoCaseHeaderName {
     fn into_case_header_name(self) -> CaseHeaderName;
+
+    /// The name already parsed, when the caller has it: inserting or appending then neither
+    /// parses the name again nor copies it into a new allocation.
+    fn header_name(&self) -> Option<HeaderName> {
+        None
+    }
+}
+
+/// A header name parsed once, with the spelling it is written in: for headers a proxy sets on
+/// every request or response, which would otherwise be parsed (and, when not a standard name,
+/// copied) on each insert.
+#[derive(Debug, Clone)]
+pub struct PreparedHeaderName {
+    name: HeaderName,
+    case: CaseHeaderName,
+}
+
+impl PreparedHeaderName {
+    /// A lower-case name written as given. Panics on an invalid name, like
+    /// [`HeaderName::from_static`].
+    pub const fn from_static(name: &'static str) -> Self {
+        PreparedHeaderName {
+            name: HeaderName::from_static(name),
+            case: CaseHeaderName(Bytes::from_static(name.as_bytes())),
+        }
+    }
+
+    /// A parsed name, written as inserting the `HeaderName` itself would write it.
+    pub fn new(name: HeaderName) -> Self {
+        let case = CaseHeaderName(titled_header_name(&name));
+        PreparedHeaderName { name, case }
+    }
+
+    pub fn name(&self) -> &HeaderName {
+        &self.name
+    }
+}
+
+impl IntoCaseHeaderName for &PreparedHeaderName {
+    fn into_case_header_name(self) -> CaseHeaderName {
+        self.case.clone()
+    }
+
+    fn header_name(&self) -> Option<HeaderName> {
+        Some(self.name.clone())
+    }
 }
 
 impl IntoCaseHeaderName for CaseHeaderName {
@@ -114,5 +160,19 @@ mod tests {
         assert_eq!("FoO".into_case_header_name().as_slice(), b"FoO");
         assert_eq!("FoO".to_string().into_case_header_name().as_slice(), b"FoO");
         assert_eq!(header::SERVER.into_case_header_name().as_slice(), b"Server");
+    }
+
+    #[test]
+    fn test_prepared_header_name() {
+        const FWD: PreparedHeaderName = PreparedHeaderName::from_static("x-forwarded-for");
+        assert_eq!(
+            (&FWD).into_case_header_name().as_slice(),
+            b"x-forwarded-for"
+        );
+        assert_eq!((&FWD).header_name().unwrap(), "x-forwarded-for");
+        let host = PreparedHeaderName::new(header::HOST);
+        assert_eq!((&host).into_case_header_name().as_slice(), b"Host");
+        assert_eq!(host.name(), &header::HOST);
+        assert!("x-a".header_name().is_none());
     }
 }
