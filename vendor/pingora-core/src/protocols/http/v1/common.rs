@@ -32,6 +32,11 @@ pub(super) const MAX_HEADER_SIZE: usize = 1048575;
 pub(crate) const BODY_BUF_LIMIT: usize = 1024 * 64;
 
 pub const CRLF: &[u8; 2] = b"\r\n";
+
+/// Room for this many headers beyond those parsed: a proxy adds its own (`X-Forwarded-For`,
+/// trace headers…) to most requests and responses, and each map sized for the parsed headers
+/// alone would be grown and rehashed (two maps: values and case-preserving names) to take them.
+pub(crate) const HEADER_HEADROOM: usize = 12;
 /// The empty line that terminates a message's header section.
 pub(super) const HEADER_SECTION_END: &[u8; 4] = b"\r\n\r\n";
 pub const HEADER_KV_DELIMITER: &[u8; 2] = b": ";
