@@ -1,6 +1,7 @@
 //! What a limiter answers, in the terms of the IETF RateLimit header fields draft
 //! (`RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`) plus `Retry-After`.
 
+use pingora::http::PreparedHeaderName;
 use std::time::Duration;
 
 /// One limiter decision, whatever the algorithm (GCRA or quota) and the store.
@@ -23,13 +24,26 @@ impl Decision {
     /// `HeaderName::from_static` accepts). Seconds are rounded up, so a client that waits
     /// them is never early; `retry-after` is at least 1.
     pub fn headers(&self) -> Vec<(&'static str, String)> {
+        self.prepared_headers()
+            .into_iter()
+            .map(|(name, value)| (name.name().as_str(), value))
+            .collect()
+    }
+
+    /// As [`Self::headers`], with names parsed once (for the response of every limited
+    /// request).
+    pub fn prepared_headers(&self) -> Vec<(&'static PreparedHeaderName, String)> {
         use crate::util::u64_text;
+        static LIMIT: PreparedHeaderName = PreparedHeaderName::from_static("ratelimit-limit");
+        static REMAINING: PreparedHeaderName = PreparedHeaderName::from_static("ratelimit-remaining");
+        static RESET: PreparedHeaderName = PreparedHeaderName::from_static("ratelimit-reset");
+        static RETRY_AFTER: PreparedHeaderName = PreparedHeaderName::from_static("retry-after");
         let mut h = Vec::with_capacity(4);
-        h.push(("ratelimit-limit", u64_text(self.limit)));
-        h.push(("ratelimit-remaining", u64_text(self.remaining)));
-        h.push(("ratelimit-reset", u64_text(ceil_secs(self.reset_after))));
+        h.push((&LIMIT, u64_text(self.limit)));
+        h.push((&REMAINING, u64_text(self.remaining)));
+        h.push((&RESET, u64_text(ceil_secs(self.reset_after))));
         if let Some(retry) = self.retry_after {
-            h.push(("retry-after", u64_text(ceil_secs(retry).max(1))));
+            h.push((&RETRY_AFTER, u64_text(ceil_secs(retry).max(1))));
         }
         h
     }

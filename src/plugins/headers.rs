@@ -13,6 +13,7 @@
 use crate::config::ConfigError;
 use crate::plugin::{BuildContext, Phases, Plugin, PluginKind, RequestState};
 use http::{HeaderName, HeaderValue};
+use pingora::http::PreparedHeaderName;
 use pingora::http::{RequestHeader, ResponseHeader};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -113,8 +114,9 @@ impl Template {
 #[derive(Debug, Default)]
 struct Compiled {
     remove: Vec<HeaderName>,
-    set: Vec<(HeaderName, Template)>,
-    add: Vec<(HeaderName, Template)>,
+    // Names parsed once: they are set on every request or response.
+    set: Vec<(PreparedHeaderName, Template)>,
+    add: Vec<(PreparedHeaderName, Template)>,
 }
 
 impl Compiled {
@@ -122,14 +124,15 @@ impl Compiled {
         let name = |n: &str, field: &str| {
             crate::util::header_name(n).map_err(|e| ConfigError::new(format!("{loc}.{field}"), e))
         };
-        let pairs = |m: &BTreeMap<String, String>, field: &str| -> Result<Vec<(HeaderName, Template)>, ConfigError> {
-            m.iter()
-                .map(|(k, v)| {
-                    let t = Template::parse(v).map_err(|e| ConfigError::new(format!("{loc}.{field}.{k}"), e))?;
-                    Ok((name(k, field)?, t))
-                })
-                .collect()
-        };
+        let pairs =
+            |m: &BTreeMap<String, String>, field: &str| -> Result<Vec<(PreparedHeaderName, Template)>, ConfigError> {
+                m.iter()
+                    .map(|(k, v)| {
+                        let t = Template::parse(v).map_err(|e| ConfigError::new(format!("{loc}.{field}.{k}"), e))?;
+                        Ok((PreparedHeaderName::new(name(k, field)?), t))
+                    })
+                    .collect()
+            };
         Ok(Compiled {
             remove: r.remove.iter().map(|n| name(n, "remove")).collect::<Result<_, _>>()?,
             set: pairs(&r.set, "set")?,
@@ -173,18 +176,18 @@ macro_rules! apply_rules {
         for (n, t) in &$rules.set {
             match t.render($st) {
                 Some(v) => {
-                    let _ = $head.insert_header(n.clone(), v);
+                    let _ = $head.insert_header(n, v);
                 }
                 // Nothing to set: no header of that name at all (never the client's copy).
-                None if $head.headers.contains_key(n) => {
-                    $head.remove_header(n);
+                None if $head.headers.contains_key(n.name()) => {
+                    $head.remove_header(n.name());
                 }
                 None => {}
             }
         }
         for (n, t) in &$rules.add {
             if let Some(v) = t.render($st) {
-                let _ = $head.append_header(n.clone(), v);
+                let _ = $head.append_header(n, v);
             }
         }
     }};

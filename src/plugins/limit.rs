@@ -176,7 +176,7 @@ pub fn remember(st: &mut RequestState, d: Decision) {
 /// response: the upstream's answer or Portico's own 429.
 pub fn apply(st: &RequestState, resp: &mut ResponseHeader) {
     if let Some(Carried(d)) = st.vars.get::<Carried>() {
-        for (name, value) in d.headers() {
+        for (name, value) in d.prepared_headers() {
             let _ = resp.insert_header(name, value);
         }
     }
