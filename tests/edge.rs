@@ -84,6 +84,29 @@ fn header_and_body_limits() {
     assert_eq!(echoed(&r)["body"], "hello");
 }
 
+/// A head the framing check refuses whatever follows (a bare CR, a NUL, a folded line) is
+/// refused as soon as those bytes arrive, not held until the header timeout (attack-v4 #1).
+#[test]
+fn heads_refused_whatever_follows_are_refused_at_once() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&body(&up, "header_timeout: 30s"));
+    for head in [
+        "GET /a HTTP/1.1\r\nHost: x\r\n\r\r\n",
+        "GET /a HTTP/1.1\r\nHost: x\r\n\rX",
+        "GET /a HTTP/1.1\r\nHost: x\r\n\r\0",
+        "GET /a HTTP/1.1\r\nHost: x\0",
+        "GET /a HTTP/1.1\r\nHost: x\r\n X",
+    ] {
+        // Sent, and the connection left open: the answer must come well before 30 s.
+        let t = Instant::now();
+        let (status, text) = status_of(&gw.addr, head.as_bytes());
+        assert_eq!(status, 400, "{head:?}: {text}");
+        assert!(text.contains("bad_request"), "{head:?}: {text}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{head:?}: {:?}", t.elapsed());
+    }
+    assert_eq!(up.requests(), 0);
+}
+
 #[test]
 fn slow_heads_are_cut_at_header_timeout() {
     let up = EchoServer::start("up").unwrap();

@@ -30,15 +30,20 @@ pub async fn read_head(conn: &mut EdgeStream, deadline: Instant, snap: &Snapshot
     let mut end = None;
     let filled = conn
         .fill_until(deadline, |b| {
-            // Search only what is new (keeping 3 bytes of overlap for a split "\r\n\r\n"). A
-            // head ended by bare LFs is found too, so that it is refused rather than waited on.
-            // From one LF to the next (memchr), not through every byte.
+            // Search only what is new (keeping 3 bytes of overlap for a split "\r\n\r\n"), from
+            // one CR, LF or NUL to the next (memchr), not through every byte. A head ended by bare
+            // LFs is found too, and so are bytes the framing check refuses whatever follows (a
+            // NUL, a CR before anything but LF, a folded line): the head "ends" there, to be
+            // refused at once rather than held until the header timeout.
             let from = scanned.saturating_sub(3);
-            end = memchr::memchr_iter(b'\n', &b[from..]).find_map(|i| {
+            end = memchr::memchr3_iter(b'\n', b'\r', 0, &b[from..]).find_map(|i| {
                 let at = from + i;
-                match (b.get(at + 1), b.get(at + 2)) {
-                    (Some(b'\n'), _) => Some(at + 2),
-                    (Some(b'\r'), Some(b'\n')) => Some(at + 3),
+                match (b[at], b.get(at + 1), b.get(at + 2)) {
+                    (b'\n', Some(b'\n'), _) => Some(at + 2),
+                    (b'\n', Some(b'\r'), Some(b'\n')) => Some(at + 3),
+                    (b'\n', Some(b' ' | b'\t'), _) => Some(at + 2),
+                    (b'\r', Some(&next), _) if next != b'\n' => Some(at + 2),
+                    (0, _, _) => Some(at + 1),
                     _ => None,
                 }
             });

@@ -168,12 +168,12 @@ fn ip_header_value(ip: std::net::IpAddr) -> HeaderValue {
 }
 
 // The names set on every request, parsed once rather than on each insert.
-const X_FORWARDED_FOR: PreparedHeaderName = PreparedHeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: PreparedHeaderName = PreparedHeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: PreparedHeaderName = PreparedHeaderName::from_static("x-forwarded-host");
-const X_REAL_IP: PreparedHeaderName = PreparedHeaderName::from_static("x-real-ip");
-const TRACEPARENT: PreparedHeaderName = PreparedHeaderName::from_static("traceparent");
-const X_CONSUMER: PreparedHeaderName = PreparedHeaderName::from_static("x-consumer");
+static X_FORWARDED_FOR: PreparedHeaderName = PreparedHeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: PreparedHeaderName = PreparedHeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: PreparedHeaderName = PreparedHeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: PreparedHeaderName = PreparedHeaderName::from_static("x-real-ip");
+static TRACEPARENT: PreparedHeaderName = PreparedHeaderName::from_static("traceparent");
+static X_CONSUMER: PreparedHeaderName = PreparedHeaderName::from_static("x-consumer");
 
 /// Headers Portico sets on the way upstream; copies a client sent are replaced, never passed.
 const GATEWAY_SET: [&str; 8] = [
