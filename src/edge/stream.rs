@@ -112,33 +112,64 @@ impl EdgeStream {
         }
     }
 
+    /// Wait for the next bytes until `timer` fires (`Err`) or the peer closes (`Ok(false)`).
+    /// The caller keeps the timer and resets it for each wait: a keep-alive connection waits
+    /// once per request, and Tokio extends a registered timer to a later deadline in place
+    /// (an atomic store), where a new timer per wait took the timer wheel's lock twice.
+    pub async fn wait_for_bytes(&mut self, mut timer: Pin<&mut Sleep>) -> Result<bool, ()> {
+        std::future::poll_fn(|cx| {
+            if !self.prefix.is_empty() {
+                return Poll::Ready(Ok(true));
+            }
+            match self.poll_fill(cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Ok(false)),
+                Poll::Ready(Ok(_)) => return Poll::Ready(Ok(true)),
+                Poll::Pending => {}
+            }
+            match timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(())),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
     /// One read from the socket, appended to `prefix` (see [`poll_fill`]).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         poll_fill(&mut self.inner, &mut self.prefix, cx)
     }
 }
 
-/// One read from `inner`, appended to `prefix`. The read goes straight into the buffer's spare
-/// room (nothing zeroed, nothing copied), and room is only held while bytes are there to read:
-/// a connection waiting idle between requests keeps no buffer at all (Portico's memory per idle
-/// keep-alive connection).
+/// One read from `inner`, appended to `prefix`. Room is only held while bytes are there to
+/// read: a connection waiting idle between requests keeps no buffer at all (Portico's memory
+/// per idle keep-alive connection). Without room to spare, the read goes to scratch space on the
+/// stack (not zeroed) and room is taken only for the bytes that came: most reads find none (the
+/// wait for a keep-alive connection's next request, the watch for a client that goes away while
+/// its answer is on its way), and reserving 4 KiB for each, freed again at once, cost an
+/// allocation per read. With room, the read goes straight into it.
 pub(super) fn poll_fill(
     inner: &mut Stream,
     prefix: &mut Vec<u8>,
     cx: &mut Context<'_>,
 ) -> Poll<std::io::Result<usize>> {
     const READ_SIZE: usize = 4096;
-    if prefix.capacity() - prefix.len() < READ_SIZE / 4 {
-        prefix.reserve(READ_SIZE);
+    if prefix.capacity() - prefix.len() >= READ_SIZE / 4 {
+        return tokio_util::io::poll_read_buf(Pin::new(inner), cx, prefix);
     }
-    match tokio_util::io::poll_read_buf(Pin::new(inner), cx, prefix) {
+    let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); READ_SIZE];
+    let mut buf = ReadBuf::uninit(&mut scratch);
+    match Pin::new(inner).poll_read(cx, &mut buf) {
         Poll::Pending => {
             if prefix.is_empty() {
                 *prefix = Vec::new();
             }
             Poll::Pending
         }
-        ready => ready,
+        Poll::Ready(Ok(())) => {
+            prefix.extend_from_slice(buf.filled());
+            Poll::Ready(Ok(buf.filled().len()))
+        }
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
     }
 }
 

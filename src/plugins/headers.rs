@@ -173,6 +173,9 @@ macro_rules! apply_rules {
         for n in &$rules.remove {
             $head.remove_header(n);
         }
+        // Room for every header set or added, made at once (past a head's room, inserts would
+        // regrow its two maps, values and case-preserving names, one after another).
+        $head.reserve($rules.set.len() + $rules.add.len());
         for (n, t) in &$rules.set {
             match t.render($st) {
                 Some(v) => {

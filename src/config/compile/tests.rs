@@ -29,6 +29,25 @@ fn minimal_config_compiles() {
     assert_eq!(s.limits.max_request_header_bytes, 32 << 10);
 }
 
+/// Portico's own defaults for Pingora's `server:` settings, each overridable; `~` gives
+/// Pingora's `None` (for the timer threshold: Pingora's fast timers throughout).
+#[test]
+fn server_defaults_apply_unless_set() {
+    let conf = |yaml: &str| -> pingora::server::configuration::ServerConf {
+        let s = check(&format!("{BASE}{yaml}routes: []\n")).unwrap();
+        serde_yaml::from_value(serde_yaml::Value::Mapping(s.server.clone())).unwrap()
+    };
+    let default = conf("");
+    assert_eq!(default.fast_timeout_to_tokio_threshold_seconds, Some(0));
+    assert_eq!(default.grace_period_seconds, Some(5));
+    assert_eq!(default.pid_file, "/tmp/portico.pid");
+    let set = conf("server: {fast_timeout_to_tokio_threshold_seconds: 120, grace_period_seconds: 1}\n");
+    assert_eq!(set.fast_timeout_to_tokio_threshold_seconds, Some(120));
+    assert_eq!(set.grace_period_seconds, Some(1));
+    let none = conf("server: {fast_timeout_to_tokio_threshold_seconds: ~}\n");
+    assert_eq!(none.fast_timeout_to_tokio_threshold_seconds, None);
+}
+
 #[test]
 fn errors_are_located() {
     let e = errors(&format!(
