@@ -107,6 +107,40 @@ fn heads_refused_whatever_follows_are_refused_at_once() {
     assert_eq!(up.requests(), 0);
 }
 
+/// As nginx: empty lines before a request line are skipped (on a connection's first request
+/// and between keep-alive requests, as a client that ends a body with an extra CRLF sends),
+/// and a request line naming HTTP/2 or later is answered 505 with the reason.
+#[test]
+fn empty_lines_before_a_request_are_skipped_and_later_versions_get_505() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&body(&up, ""));
+    let (status, text) = status_of(&gw.addr, b"\r\n\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, 200, "{text}");
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut s, false).unwrap().status, 200);
+    s.write_all(b"\r\nGET /c HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(
+        read_response(&mut s, false).unwrap().status,
+        200,
+        "the next request on the connection"
+    );
+    assert_eq!(up.requests(), 3);
+    for line in ["GET /d HTTP/2.0", "GET /d HTTP/3.0"] {
+        let (status, text) = status_of(&gw.addr, format!("{line}\r\nHost: x\r\n\r\n").as_bytes());
+        assert_eq!(status, 505, "{line}: {text}");
+        assert!(
+            text.contains("http_version_not_supported") && text.contains("trace_id"),
+            "{text}"
+        );
+    }
+    // A bare LF is still no empty line: refused, as any bare LF in a head.
+    assert_eq!(status_of(&gw.addr, b"\nGET /e HTTP/1.1\r\nHost: x\r\n\r\n").0, 400);
+    assert_eq!(up.requests(), 3);
+}
+
 #[test]
 fn slow_heads_are_cut_at_header_timeout() {
     let up = EchoServer::start("up").unwrap();
@@ -265,7 +299,7 @@ fn framing_vectors() {
         ("obs-fold", "GET /a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n X-B: 2\r\n\r\n".into(), 400, 0),
         ("space in the request target", "GET /a b HTTP/1.1\r\nHost: x\r\n\r\n".into(), 400, 0),
         ("a quote in the request target's query", "GET /a?x=\"b HTTP/1.1\r\nHost: x\r\n\r\n".into(), 400, 0),
-        ("HTTP/2.0 request line over HTTP/1", "GET /a HTTP/2.0\r\nHost: x\r\n\r\n".into(), 400, 0),
+        ("HTTP/2.0 request line over HTTP/1 (505, as nginx)", "GET /a HTTP/2.0\r\nHost: x\r\n\r\n".into(), 505, 0),
         ("two Host headers", "GET /a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n".into(), 400, 0),
         ("HTTP/1.1 without Host", "GET /a HTTP/1.1\r\n\r\n".into(), 400, 0),
         ("absolute-form, other authority", "GET http://evil/a HTTP/1.1\r\nHost: x\r\n\r\n".into(), 400, 0),

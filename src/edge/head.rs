@@ -27,15 +27,19 @@ pub async fn read_head(conn: &mut EdgeStream, deadline: Instant, snap: &Snapshot
     conn.bounds = None;
     let max = snap.limits.max_request_header_bytes;
     let mut scanned: usize = 0;
+    let mut skip = 0;
     let mut end = None;
     let filled = conn
         .fill_until(deadline, |b| {
+            // Empty lines (CRLF) before the request line are skipped, as nginx does (RFC 9112
+            // §2.2: a server should ignore at least one; some clients send one after a body).
+            skip = leading_empty_lines(b);
             // Search only what is new (keeping 3 bytes of overlap for a split "\r\n\r\n"), from
             // one CR, LF or NUL to the next (memchr), not through every byte. A head ended by bare
             // LFs is found too, and so are bytes the framing check refuses whatever follows (a
             // NUL, a CR before anything but LF, a folded line): the head "ends" there, to be
             // refused at once rather than held until the header timeout.
-            let from = scanned.saturating_sub(3);
+            let from = scanned.saturating_sub(3).max(skip);
             end = memchr::memchr3_iter(b'\n', b'\r', 0, &b[from..]).find_map(|i| {
                 let at = from + i;
                 match (b[at], b.get(at + 1), b.get(at + 2)) {
@@ -64,18 +68,24 @@ pub async fn read_head(conn: &mut EdgeStream, deadline: Instant, snap: &Snapshot
         }
         Ok(false) => Head::Closed,
         Ok(true) => match end {
-            Some(n) if n <= max => match check_framing(&conn.prefix[..n]) {
-                Ok(framing) => {
-                    conn.bounds = Some(RequestBounds::new(n, framing));
-                    Head::Ready
-                }
-                Err(reply) => {
-                    if reply.status == 505 {
-                        log::info!("refused an HTTP/2 connection preface: this listener has no `http2: true`");
+            Some(end) if end <= max => {
+                conn.prefix.drain(..skip);
+                let n = end - skip;
+                match check_framing(&conn.prefix[..n]) {
+                    Ok(framing) => {
+                        conn.bounds = Some(RequestBounds::new(n, framing));
+                        Head::Ready
                     }
-                    Head::Refuse(reply)
+                    Err(reply) => {
+                        if reply.status == 505 && conn.prefix.starts_with(b"PRI * HTTP/2.0\r\n") {
+                            log::info!("refused an HTTP/2 connection preface: this listener has no `http2: true`");
+                        } else if reply.status == 505 {
+                            log::info!("answered 505 to a request line naming HTTP/2 or later");
+                        }
+                        Head::Refuse(reply)
+                    }
                 }
-            },
+            }
             _ => Head::Refuse(Reply::error(
                 431,
                 "request_header_too_large",
@@ -83,6 +93,25 @@ pub async fn read_head(conn: &mut EdgeStream, deadline: Instant, snap: &Snapshot
             )),
         },
     }
+}
+
+/// How many bytes at the start of `b` are empty lines (CRLF pairs).
+fn leading_empty_lines(b: &[u8]) -> usize {
+    let mut n = 0;
+    while b[n..].starts_with(b"\r\n") {
+        n += 2;
+    }
+    n
+}
+
+/// A request line naming HTTP/2 or later (`GET / HTTP/2.0`), which httparse calls a malformed
+/// version: nginx answers 505, and so does Portico, with the reason.
+fn names_a_later_version(head: &[u8]) -> bool {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or(head);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let version = line.rsplit(|&b| b == b' ').next().unwrap_or(b"");
+    matches!(version, [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+        if (b'2'..=b'9').contains(major) && minor.is_ascii_digit())
 }
 
 /// RFC 3986's path and query characters (unreserved, sub-delims, `:` `@` `/` `?` `%`).
@@ -164,6 +193,14 @@ pub fn check_framing(head: &[u8]) -> Result<Framing, Reply> {
     match req.parse_with_uninit_headers(head, &mut headers) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(bad("the request head is incomplete")),
+        Err(httparse::Error::Version) if names_a_later_version(head) => {
+            return Err(Reply::error(
+                505,
+                "http_version_not_supported",
+                "HTTP/2 and later have their own framing, not an HTTP/1 request line \
+                 (HTTP/2: TLS with ALPN, or h2c on a listener with `http2: true`)",
+            ))
+        }
         Err(httparse::Error::TooManyHeaders) => {
             return Err(Reply::error(
                 431,
@@ -329,6 +366,21 @@ mod tests {
             assert_eq!(verdict(bad), 400, "{bad:?}");
         }
         assert_eq!(verdict("PRI * HTTP/2.0\r\n\r\n"), 505, "h2c prior knowledge");
+        assert_eq!(verdict("GET / HTTP/2.0\r\nHost: a\r\n\r\n"), 505);
+        assert_eq!(verdict("GET / HTTP/3.0\r\nHost: a\r\n\r\n"), 505);
+        for not_later in [
+            "GET / HTTP/1.2",
+            "GET / HTTP/2",
+            "GET / HTTP/0.9",
+            "GET / HTTX/2.0",
+            "GET /HTTP/2.0",
+        ] {
+            assert_eq!(verdict(&format!("{not_later}\r\nHost: a\r\n\r\n")), 400, "{not_later}");
+        }
+        assert_eq!(leading_empty_lines(b"\r\n\r\nGET"), 4);
+        assert_eq!(leading_empty_lines(b"\r\n\r"), 2);
+        assert_eq!(leading_empty_lines(b"\n\r\nGET"), 0, "a bare LF is no empty line");
+        assert_eq!(leading_empty_lines(b"GET"), 0);
         assert_eq!(verdict("GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n"), 200);
         let framing = |h: &str| check_framing(h.as_bytes()).unwrap();
         assert_eq!(framing("GET / HTTP/1.1\r\nHost: a\r\n\r\n").body, Body::None);

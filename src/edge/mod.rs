@@ -237,11 +237,6 @@ impl EdgeApp {
     ) -> Option<Stream> {
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut served: u32 = 0;
-        // The idle wait between requests: one timer and one shutdown watch per connection,
-        // reset for each request rather than made anew (boxed: a connection that only ever
-        // idles keeps them on the heap, not in its future).
-        let mut idle_timer = Box::pin(tokio::time::sleep(KEEPALIVE_IDLE));
-        let mut down = shutdown.clone();
         loop {
             let snap = self.shared.snapshot();
             let limits = &snap.limits;
@@ -253,10 +248,10 @@ impl EdgeApp {
                 // complete within header_timeout of its first byte. Once draining, an idle
                 // connection is closed after a short grace — never with request bytes unread.
                 let idle = if conn.prefix.is_empty() {
-                    idle_timer.as_mut().reset(Instant::now() + KEEPALIVE_IDLE);
+                    let mut down = shutdown.clone();
                     let drained = tokio::select! {
                         biased;
-                        r = conn.wait_for_bytes(idle_timer.as_mut()) => Some(r),
+                        r = conn.fill_until(Instant::now() + KEEPALIVE_IDLE, |b| !b.is_empty()) => Some(r),
                         _ = down.wait_for(|s| *s) => None,
                     };
                     match drained {

@@ -112,28 +112,6 @@ impl EdgeStream {
         }
     }
 
-    /// Wait for the next bytes until `timer` fires (`Err`) or the peer closes (`Ok(false)`).
-    /// The caller keeps the timer and resets it for each wait: a keep-alive connection waits
-    /// once per request, and Tokio extends a registered timer to a later deadline in place
-    /// (an atomic store), where a new timer per wait took the timer wheel's lock twice.
-    pub async fn wait_for_bytes(&mut self, mut timer: Pin<&mut Sleep>) -> Result<bool, ()> {
-        std::future::poll_fn(|cx| {
-            if !self.prefix.is_empty() {
-                return Poll::Ready(Ok(true));
-            }
-            match self.poll_fill(cx) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Ok(false)),
-                Poll::Ready(Ok(_)) => return Poll::Ready(Ok(true)),
-                Poll::Pending => {}
-            }
-            match timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(())),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await
-    }
-
     /// One read from the socket, appended to `prefix` (see [`poll_fill`]).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         poll_fill(&mut self.inner, &mut self.prefix, cx)
