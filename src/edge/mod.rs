@@ -225,13 +225,15 @@ impl EdgeApp {
                 return ServerApp::process_new(&self.proxy, Box::new(conn), shutdown).await;
             }
         }
-        self.serve_http1(conn, accepted, shutdown).await
+        // Boxed once for the connection's life: Pingora takes the stream boxed for each request
+        // and hands it back boxed (boxing and unboxing it per request cost an allocation).
+        self.serve_http1(Box::new(conn), accepted, shutdown).await
     }
 
     /// The HTTP/1 keep-alive loop (as Pingora's own), with each head read and checked first.
     async fn serve_http1(
         self: &Arc<Self>,
-        mut conn: EdgeStream,
+        mut conn: Box<EdgeStream>,
         accepted: Instant,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
@@ -282,7 +284,7 @@ impl EdgeApp {
                     return None;
                 }
             }
-            let mut session = ServerSession::new_http1(Box::new(conn));
+            let mut session = ServerSession::new_http1(conn);
             // Draining: this answer says `Connection: close` (the proxy also closes answers to
             // requests that were under way when draining started).
             session.set_keepalive(if *shutdown.borrow() || self.shared.draining() {
@@ -298,7 +300,7 @@ impl EdgeApp {
             let reused = self.proxy.process_new_http(session, shutdown).await?;
             let (stream, next) = reused.consume();
             settings = next;
-            conn = *stream.into_any().downcast::<EdgeStream>().ok()?;
+            conn = stream.into_any().downcast::<EdgeStream>().ok()?;
             served += 1;
         }
     }
