@@ -139,6 +139,27 @@ fn empty_lines_before_a_request_are_skipped_and_later_versions_get_505() {
     // A bare LF is still no empty line: refused, as any bare LF in a head.
     assert_eq!(status_of(&gw.addr, b"\nGET /e HTTP/1.1\r\nHost: x\r\n\r\n").0, 400);
     assert_eq!(up.requests(), 3);
+
+    // Empty lines count toward no limit (attack-v5 F3), and a connection that sends nothing
+    // else is closed without an answer at header_timeout, as one that sends nothing (F4).
+    let gw = Gw::start(&body(&up, "max_request_header_bytes: 4KiB, header_timeout: 2s"));
+    let mut flood = "\r\n".repeat(40_000).into_bytes();
+    flood.extend_from_slice(b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (status, text) = status_of(&gw.addr, &flood);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(up.requests(), 4);
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let t = Instant::now();
+    let _ = s.read_to_end(&mut got);
+    assert!(got.is_empty(), "no answer: {:?}", String::from_utf8_lossy(&got));
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "closed at header_timeout: {:?}",
+        t.elapsed()
+    );
 }
 
 #[test]

@@ -29,37 +29,56 @@ pub async fn read_head(conn: &mut EdgeStream, deadline: Instant, snap: &Snapshot
     let mut scanned: usize = 0;
     let mut skip = 0;
     let mut end = None;
-    let filled = conn
-        .fill_until(deadline, |b| {
-            // Empty lines (CRLF) before the request line are skipped, as nginx does (RFC 9112
-            // §2.2: a server should ignore at least one; some clients send one after a body).
-            skip = leading_empty_lines(b);
-            // Search only what is new (keeping 3 bytes of overlap for a split "\r\n\r\n"), from
-            // one CR, LF or NUL to the next (memchr), not through every byte. A head ended by bare
-            // LFs is found too, and so are bytes the framing check refuses whatever follows (a
-            // NUL, a CR before anything but LF, a folded line): the head "ends" there, to be
-            // refused at once rather than held until the header timeout.
-            let from = scanned.saturating_sub(3).max(skip);
-            end = memchr::memchr3_iter(b'\n', b'\r', 0, &b[from..]).find_map(|i| {
-                let at = from + i;
-                match (b[at], b.get(at + 1), b.get(at + 2)) {
-                    (b'\n', Some(b'\n'), _) => Some(at + 2),
-                    (b'\n', Some(b'\r'), Some(b'\n')) => Some(at + 3),
-                    (b'\n', Some(b' ' | b'\t'), _) => Some(at + 2),
-                    (b'\r', Some(&next), _) if next != b'\n' => Some(at + 2),
-                    (0, _, _) => Some(at + 1),
-                    _ => None,
+    let filled = loop {
+        let filled = conn
+            .fill_until(deadline, |b| {
+                // Empty lines (CRLF) before the request line are skipped, as nginx does (RFC 9112
+                // §2.2: a server should ignore at least one; some clients send one after a body):
+                // dropped as they come, and counted toward no limit.
+                skip = leading_empty_lines(b);
+                if skip > 0 && skip == b.len() {
+                    return true;
                 }
-            });
-            scanned = b.len();
-            end.is_some() || b.len() > max
-        })
-        .await;
+                // Search only what is new (keeping 3 bytes of overlap for a split "\r\n\r\n"),
+                // from one CR, LF or NUL to the next (memchr), not through every byte. A head
+                // ended by bare LFs is found too, and so are bytes the framing check refuses
+                // whatever follows (a NUL, a CR before anything but LF, a folded line): the head
+                // "ends" there, to be refused at once rather than held until the header timeout.
+                let from = scanned.saturating_sub(3).max(skip);
+                end = memchr::memchr3_iter(b'\n', b'\r', 0, &b[from..]).find_map(|i| {
+                    let at = from + i;
+                    match (b[at], b.get(at + 1), b.get(at + 2)) {
+                        (b'\n', Some(b'\n'), _) => Some(at + 2),
+                        (b'\n', Some(b'\r'), Some(b'\n')) => Some(at + 3),
+                        (b'\n', Some(b' ' | b'\t'), _) => Some(at + 2),
+                        (b'\r', Some(&next), _) if next != b'\n' => Some(at + 2),
+                        (0, _, _) => Some(at + 1),
+                        _ => None,
+                    }
+                });
+                scanned = b.len();
+                end.is_some() || b.len() - skip > max
+            })
+            .await;
+        if matches!(filled, Ok(true)) && end.is_none() && skip > 0 && skip == conn.prefix.len() {
+            conn.prefix.clear();
+            scanned = 0;
+            continue;
+        }
+        break filled;
+    };
+    // Nothing but empty lines (and perhaps the CR of one more) came: no request was started.
+    let blank = leading_empty_lines(&conn.prefix) + usize::from(conn.prefix.ends_with(b"\r"));
+    let started = conn.prefix.len() > blank;
     match filled {
         Err(_) => {
             crate::metrics::REJECTED_CONNECTIONS
                 .with_label_values(&["header_timeout"])
                 .inc();
+            if !started {
+                // Closed without an answer, as a connection that sent nothing (and as nginx).
+                return Head::Closed;
+            }
             Head::Refuse(Reply::error(
                 408,
                 "request_timeout",
@@ -68,7 +87,7 @@ pub async fn read_head(conn: &mut EdgeStream, deadline: Instant, snap: &Snapshot
         }
         Ok(false) => Head::Closed,
         Ok(true) => match end {
-            Some(end) if end <= max => {
+            Some(end) if end - skip <= max => {
                 conn.prefix.drain(..skip);
                 let n = end - skip;
                 match check_framing(&conn.prefix[..n]) {
@@ -110,8 +129,18 @@ fn names_a_later_version(head: &[u8]) -> bool {
     let line = head.split(|&b| b == b'\n').next().unwrap_or(head);
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let version = line.rsplit(|&b| b == b' ').next().unwrap_or(b"");
-    matches!(version, [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
-        if (b'2'..=b'9').contains(major) && minor.is_ascii_digit())
+    let Some(number) = version.strip_prefix(b"HTTP/") else {
+        return false;
+    };
+    // `major[.minor]`, as nginx reads it (up to 3 digits each): 2.0, 3.0, 10.0, and a bare 2.
+    let (major, minor) = match number.iter().position(|&b| b == b'.') {
+        Some(dot) => (&number[..dot], Some(&number[dot + 1..])),
+        None => (number, None),
+    };
+    let digits = |d: &[u8]| (1..=3).contains(&d.len()) && d.iter().all(u8::is_ascii_digit);
+    digits(major)
+        && minor.is_none_or(digits)
+        && std::str::from_utf8(major).ok().and_then(|m| m.parse::<u32>().ok()) >= Some(2)
 }
 
 /// RFC 3986's path and query characters (unreserved, sub-delims, `:` `@` `/` `?` `%`).
@@ -368,12 +397,17 @@ mod tests {
         assert_eq!(verdict("PRI * HTTP/2.0\r\n\r\n"), 505, "h2c prior knowledge");
         assert_eq!(verdict("GET / HTTP/2.0\r\nHost: a\r\n\r\n"), 505);
         assert_eq!(verdict("GET / HTTP/3.0\r\nHost: a\r\n\r\n"), 505);
+        assert_eq!(verdict("GET / HTTP/10.0\r\nHost: a\r\n\r\n"), 505);
+        assert_eq!(verdict("GET / HTTP/2\r\nHost: a\r\n\r\n"), 505);
         for not_later in [
             "GET / HTTP/1.2",
-            "GET / HTTP/2",
             "GET / HTTP/0.9",
             "GET / HTTX/2.0",
             "GET /HTTP/2.0",
+            "GET / HTTP/2.",
+            "GET / HTTP/2.0x",
+            "GET / HTTP/1000.0",
+            "GET / http/2.0",
         ] {
             assert_eq!(verdict(&format!("{not_later}\r\nHost: a\r\n\r\n")), 400, "{not_later}");
         }

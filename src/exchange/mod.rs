@@ -47,6 +47,9 @@ pub struct Ctx {
     pub attempts: u32,
     /// The upstream's answer was turned into an error to retry it (`retries.on: [503]`).
     status_retry: bool,
+    /// The upstream's read timed out while the client still owed body bytes: the client's stall,
+    /// not the upstream's fault (`upstream::proxy_failed`).
+    client_stalled: bool,
     /// Retry the same endpoint (a stale pooled connection, not the endpoint's fault).
     retry_same: bool,
     in_flight: Option<InFlight>,
@@ -109,6 +112,7 @@ impl Ctx {
             tried: Vec::new(),
             attempts: 0,
             status_retry: false,
+            client_stalled: false,
             retry_same: false,
             in_flight: None,
             upstream_path: None,

@@ -221,7 +221,7 @@ pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
         }
         return status;
     }
-    if matches!(e.esource(), ErrorSource::Upstream) && ctx.failure.is_none() {
+    if matches!(e.esource(), ErrorSource::Upstream) && ctx.failure.is_none() && !ctx.client_stalled {
         ctx.failure = Some(match e.etype() {
             ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout => Failure::Timeout,
             ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure | ConnectProxyFailure => {
@@ -254,10 +254,14 @@ pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
     status
 }
 
-/// [`classify`], knowing what the request was doing. A timeout Portico enforces on a running
+/// [`classify`], knowing what the request was doing. An upstream read timeout while the client
+/// still owed body bytes is the client's (`upstream::proxy_failed`). A timeout Portico enforces on a running
 /// answer (the gRPC deadline) is the upstream's timeout; so is the read timeout that ends an
 /// idle upgraded connection (WebSocket) — on either side, it is the route's `timeouts.read`.
 fn classify_in(e: &Error, session: &Session, ctx: &Ctx) -> (u16, &'static str, &'static str) {
+    if ctx.client_stalled {
+        return (408, "request_timeout", "the request body did not arrive in time");
+    }
     let timed_out = matches!(e.etype(), ReadTimedout | WriteTimedout);
     let enforced = ctx.failure == Some(Failure::Timeout) && !matches!(e.esource(), ErrorSource::Downstream);
     if timed_out && (enforced || session.was_upgraded()) {

@@ -96,6 +96,21 @@ pub fn proxy_failed(session: &mut Session, ctx: &mut Ctx, e: &Error, upstream_re
     if !matches!(e.esource(), ErrorSource::Upstream) {
         return false;
     }
+    // The upstream's read timed out before its answer's head, while the client still owed body
+    // bytes. Pingora waits for both at once and re-arms the upstream's read timer each time the
+    // client sends more, so this is a client that stopped sending (nginx sends the whole
+    // request before its `proxy_read_timeout` runs): the client's timeout (408), no mark
+    // against the endpoint — a client stalling its body must not get a healthy upstream
+    // ejected — and no retry. (Once the answer's head went out, a stream is an exchange both
+    // ways, idle-limited by the read timeout: README, "Long-lived streams".)
+    if matches!(e.etype(), ReadTimedout)
+        && !session.was_upgraded()
+        && session.response_written().is_none()
+        && !session.is_body_done()
+    {
+        ctx.client_stalled = true;
+        return false;
+    }
     let timeout = matches!(e.etype(), ReadTimedout | WriteTimedout);
     ctx.failure = Some(if timeout { Failure::Timeout } else { Failure::Broken });
     let (Some(up), Some(i)) = (ctx.upstream.clone(), ctx.endpoint) else {
