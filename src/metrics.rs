@@ -201,6 +201,12 @@ pub fn upstream_healthy(upstream: &str, endpoint: &str, up: bool) {
     UPSTREAM_HEALTHY.with_label_values(&[upstream, endpoint]).set(up as i64);
 }
 
+/// An endpoint the config names: its ejection count exists from the start (0, not missing, for
+/// `rate()` and alerts).
+pub fn endpoint_known(upstream: &str, endpoint: &str) {
+    let _ = UPSTREAM_EJECTIONS.with_label_values(&[upstream, endpoint]);
+}
+
 pub fn upstream_ejected(upstream: &str, endpoint: &str) {
     UPSTREAM_EJECTIONS.with_label_values(&[upstream, endpoint]).inc();
 }

@@ -178,8 +178,57 @@ fn a_stalled_body_is_the_clients_timeout_whatever_the_upstreams_read_timeout() {
         let endpoint = up.addr.to_string();
         let labels = [("upstream", "up"), ("endpoint", endpoint.as_str())];
         assert_eq!(metric(&m, "portico_upstream_ejections_total", &labels), 0.0, "{m}");
+        assert!(
+            m.lines()
+                .any(|l| l.starts_with("portico_upstream_ejections_total{") && l.contains(&endpoint)),
+            "the endpoint's ejection count exists from the start, at 0: {m}"
+        );
+        // Counted with the edge layer's refusals, as HTTP/2's body timeouts are.
+        let refused = metric(&m, "portico_rejected_connections_total", &[("reason", "body_timeout")]);
+        assert_eq!(refused, 4.0, "{m}");
         assert_eq!(gw.get("/after").status, 200, "the endpoint still serves");
     }
+}
+
+/// An upstream that stops taking a request body is the upstream's timeout (504: its write
+/// timeout, here), not the client's: the client's bytes are held back, not awaited.
+#[test]
+fn an_upstream_that_stops_taking_a_body_is_the_upstreams_timeout() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { break };
+            // The head (and what came with it), then nothing more is read: held open.
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            held.push(c);
+        }
+    });
+    let gw = Gw::start(&format!(
+        "limits: {{ body_timeout: 5s, max_request_body_bytes: 256MiB }}\nupstreams:\n  up:\n    endpoints: [\"{addr}\"]\n    timeouts: {{ read: 1s, write: 1s }}\nroutes:\n  - {{ name: r, upstream: up }}\n"
+    ));
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut writer = s.try_clone().unwrap();
+    // More than every socket buffer on the way can hold: the upload blocks on the upstream.
+    let size = 128usize << 20;
+    std::thread::spawn(move || {
+        let head = format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n");
+        let _ = writer.write_all(head.as_bytes());
+        let chunk = vec![b'a'; 64 << 10];
+        for _ in 0..size / chunk.len() {
+            if writer.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let r = read_response(&mut s, false).expect("an answer");
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["error"], "upstream_timeout");
+    assert!(start.elapsed() < Duration::from_secs(4), "{:?}", start.elapsed());
 }
 
 #[test]

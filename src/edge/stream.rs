@@ -31,6 +31,9 @@ pub struct EdgeStream {
     pub(super) send_timeout: Duration,
     /// Runs while writes are refused (the client's window and our socket buffer are full).
     write_stall: Option<Pin<Box<Sleep>>>,
+    /// HTTP/1: the last read Pingora made of the client found nothing — it waits on the client,
+    /// rather than holding the client's bytes back while the upstream takes none.
+    awaiting_client: bool,
 }
 
 struct H2State {
@@ -59,7 +62,14 @@ impl EdgeStream {
             bounds: None,
             send_timeout: DEFAULT_SEND_TIMEOUT,
             write_stall: None,
+            awaiting_client: false,
         }
+    }
+
+    /// Whether Pingora's last read of the client (HTTP/1) found nothing: a request body that is
+    /// not complete then stalls on the client's side, not on the upstream's.
+    pub fn awaiting_client(&self) -> bool {
+        self.awaiting_client
     }
 
     /// A write the socket could not take (`Pending`) starts the `send_timeout` clock; any write
@@ -196,7 +206,9 @@ impl AsyncRead for EdgeStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         if let Some(bounds) = this.bounds.as_mut() {
-            return bounds.poll_read(&mut this.inner, &mut this.prefix, cx, buf);
+            let polled = bounds.poll_read(&mut this.inner, &mut this.prefix, cx, buf);
+            this.awaiting_client = polled.is_pending();
+            return polled;
         }
         if let Some(h2) = this.h2.as_mut() {
             if !h2.feed.is_empty() {

@@ -146,7 +146,8 @@ fn classify(e: &Error) -> (u16, &'static str, &'static str) {
             // A client that is gone, reset its stream, or reads nothing (send_timeout): nothing
             // can be written to it.
             ReadError | WriteError | WriteTimedout | ConnectionClosed | H2Error => CLIENT_CLOSED,
-            ReadTimedout => (408, "request_timeout", "the request did not arrive in time"),
+            // Pingora reads only bodies with its read timeout (the edge layer reads heads).
+            ReadTimedout => (408, "request_timeout", "the request body did not arrive in time"),
             _ => (400, "bad_request", "the request could not be read"),
         },
         ErrorSource::Internal | ErrorSource::Unset => {
@@ -231,6 +232,9 @@ pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
         });
     }
     let (status, code, message) = classify_in(e, session, ctx);
+    if status == 408 {
+        body_timed_out();
+    }
     if status == CLIENT_CLOSED.0 {
         ctx.error_code.get_or_insert(code);
         return status;
@@ -252,6 +256,14 @@ pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
     let reply = Reply::error(status, code, message);
     let _ = send_reply(session, ctx, reply).await;
     status
+}
+
+/// An HTTP/1 request body timed out (its connection is closed with the 408): counted with the
+/// edge layer's refusals, as HTTP/2's are (`portico_rejected_connections_total`).
+pub(super) fn body_timed_out() {
+    crate::metrics::REJECTED_CONNECTIONS
+        .with_label_values(&["body_timeout"])
+        .inc();
 }
 
 /// [`classify`], knowing what the request was doing. An upstream read timeout while the client

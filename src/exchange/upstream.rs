@@ -97,16 +97,19 @@ pub fn proxy_failed(session: &mut Session, ctx: &mut Ctx, e: &Error, upstream_re
         return false;
     }
     // The upstream's read timed out before its answer's head, while the client still owed body
-    // bytes. Pingora waits for both at once and re-arms the upstream's read timer each time the
-    // client sends more, so this is a client that stopped sending (nginx sends the whole
-    // request before its `proxy_read_timeout` runs): the client's timeout (408), no mark
-    // against the endpoint — a client stalling its body must not get a healthy upstream
-    // ejected — and no retry. (Once the answer's head went out, a stream is an exchange both
-    // ways, idle-limited by the read timeout: README, "Long-lived streams".)
+    // bytes and the gateway was waiting for them. Pingora waits for both at once and re-arms
+    // the upstream's read timer each time the client sends more, so this is a client that
+    // stopped sending (nginx sends the whole request before its `proxy_read_timeout` runs):
+    // the client's timeout (408), no mark against the endpoint — a client stalling its body
+    // must not get a healthy upstream ejected — and no retry. An upstream that stopped taking
+    // the body (the client's bytes held back, not awaited) stays the upstream's timeout. (Once
+    // the answer's head went out, a stream is an exchange both ways, idle-limited by the read
+    // timeout: README, "Long-lived streams".)
     if matches!(e.etype(), ReadTimedout)
         && !session.was_upgraded()
         && session.response_written().is_none()
         && !session.is_body_done()
+        && awaiting_client(session)
     {
         ctx.client_stalled = true;
         return false;
@@ -136,6 +139,15 @@ pub fn proxy_failed(session: &mut Session, ctx: &mut Ctx, e: &Error, upstream_re
         RetryCause::Reset
     };
     up.retries.allows(ctx.attempts, cause, true)
+}
+
+/// Whether the gateway's last read of the client found nothing (HTTP/1, through the edge
+/// layer's stream); HTTP/2 bodies are timed by the edge layer's frame watch instead.
+fn awaiting_client(session: &Session) -> bool {
+    session
+        .stream()
+        .and_then(|s| s.as_any().downcast_ref::<crate::edge::EdgeStream>())
+        .is_some_and(|edge| edge.awaiting_client())
 }
 
 /// The upstream answered: passive health counts 502–504 as failures. An answer the retry

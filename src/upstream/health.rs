@@ -47,6 +47,7 @@ impl EndpointHealth {
             last_probe: Mutex::new(None),
             labels: (upstream.to_string(), address.to_string()),
         };
+        metrics::endpoint_known(upstream, address);
         h.publish();
         h
     }
