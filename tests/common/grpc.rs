@@ -330,10 +330,7 @@ pub async fn unary(
     msg: &[u8],
     headers: &[(&str, &str)],
 ) -> Result<GrpcReply, h2::Error> {
-    let mut send = send.clone().ready().await?;
-    let (resp, mut body) = send.send_request(grpc_request(uri, headers), false)?;
-    body.send_data(frame(msg), true)?;
-    read_reply(resp).await
+    unary_on(send, uri, msg, headers).await.map(|(_, reply)| reply)
 }
 
 /// The answer of a gRPC call: its head, messages and status.
@@ -608,7 +605,11 @@ pub async fn unary_on(
     let mut send = send.clone().ready().await?;
     let (resp, mut body) = send.send_request(grpc_request(uri, headers), false)?;
     let id: u32 = body.stream_id().into();
-    body.send_data(frame(msg), true)?;
-    let reply = read_reply(resp).await?;
-    Ok((id, reply))
+    // The gateway may answer (a trailers-only status it makes before reading the request) and
+    // end the stream before the message goes out (h2: InactiveStreamId): its answer counts.
+    let sent = body.send_data(frame(msg), true);
+    match (read_reply(resp).await, sent) {
+        (Ok(reply), _) => Ok((id, reply)),
+        (Err(_), Err(e)) | (Err(e), Ok(())) => Err(e),
+    }
 }

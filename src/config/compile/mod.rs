@@ -43,6 +43,23 @@ pub fn load_file(path: &Path, registry: &Registry, resources: &Arc<Resources>) -
     compile(&source.read()?, path, registry, resources)
 }
 
+/// serde_yaml locates a repeated key inside a section but not at the top level
+/// (`duplicate entry with key "routes"`): the line of its second occurrence, found in the text.
+fn duplicate_top_level_key(text: &str, message: &str) -> Option<usize> {
+    let key = message.strip_prefix("duplicate entry with key \"")?.strip_suffix('"')?;
+    let starts = |line: &str| {
+        line.strip_prefix(key)
+            .or_else(|| line.strip_prefix(&format!("\"{key}\"")))
+            .or_else(|| line.strip_prefix(&format!("'{key}'")))
+            .is_some_and(|rest| rest.trim_start().starts_with(':'))
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| starts(line))
+        .nth(1)
+        .map(|(i, _)| i + 1)
+}
+
 /// Compile config text. `origin` is where it came from (for `/config` and messages).
 pub fn compile(
     text: &str,
@@ -51,7 +68,13 @@ pub fn compile(
     resources: &Arc<Resources>,
 ) -> Result<Snapshot, ConfigErrors> {
     super::bounds::check_yaml(text)?;
-    let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| ConfigError::from_yaml("", &e))?;
+    let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+        let mut err = ConfigError::from_yaml("", &e);
+        if let Some(line) = duplicate_top_level_key(text, &err.message) {
+            err.message = format!("{} at line {line}", err.message);
+        }
+        err
+    })?;
     let mut errs = ConfigErrors::default();
     let raw = sections(doc, &mut errs);
     let snapshot = build(raw, text, origin, registry, resources, &mut errs);

@@ -73,6 +73,9 @@ fn errors_are_located() {
         e.contains("limits.header_timeout") && e.contains("invalid duration"),
         "{e}"
     );
+    // A repeated top-level key, which serde_yaml does not locate: found in the text.
+    let e = errors(&format!("{BASE}routes: []\nlimits: {{}}\nroutes: []\n"));
+    assert!(e.contains("duplicate entry with key \"routes\" at line 6"), "{e}");
     let e = errors(&format!("{BASE}server: {{thread: 2}}\nroutes: []\n"));
     assert!(e.contains("server: unknown field 'thread'"), "{e}");
     let e = errors(&format!(
