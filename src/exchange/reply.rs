@@ -267,9 +267,10 @@ pub(super) fn body_timed_out() {
 }
 
 /// [`classify`], knowing what the request was doing. An upstream read timeout while the client
-/// still owed body bytes is the client's (`upstream::proxy_failed`). A timeout Portico enforces on a running
-/// answer (the gRPC deadline) is the upstream's timeout; so is the read timeout that ends an
-/// idle upgraded connection (WebSocket) — on either side, it is the route's `timeouts.read`.
+/// still owed body bytes is the client's (`upstream::proxy_failed`). A timeout Portico
+/// enforces on a running answer (the gRPC deadline) is the upstream's timeout; so is the read
+/// timeout that ends an idle upgraded connection (WebSocket) — on either side, it is the
+/// route's `timeouts.read`.
 fn classify_in(e: &Error, session: &Session, ctx: &Ctx) -> (u16, &'static str, &'static str) {
     if ctx.client_stalled {
         return (408, "request_timeout", "the request body did not arrive in time");
