@@ -103,17 +103,24 @@ fn idle_http2_connections_close_after_h2_idle_timeout() {
     );
 }
 
+/// Send `bytes` on a new connection and wait (up to 10 s) for the answer: it and how long it took.
+fn answer_to(addr: &str, bytes: &[u8]) -> (Response, Duration) {
+    let mut s = connect(addr, None).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let start = Instant::now();
+    s.write_all(bytes).unwrap();
+    let r = read_response(&mut s, false).expect("an answer");
+    (r, start.elapsed())
+}
+
 #[test]
 fn a_stalled_http1_body_gets_408_at_body_timeout() {
     let up = RecordingUpstream::start();
     let gw = Gw::start(&config(&up.addr.to_string(), "body_timeout: 2s"));
-    let mut s = connect(&gw.addr, None).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let start = Instant::now();
-    s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\nx-id: stalled\r\ncontent-length: 100\r\n\r\n0123456789")
-        .unwrap();
-    let r = read_response(&mut s, false).expect("an answer");
-    let took = start.elapsed();
+    let (r, took) = answer_to(
+        &gw.addr,
+        b"POST /upload HTTP/1.1\r\nhost: x\r\nx-id: stalled\r\ncontent-length: 100\r\n\r\n0123456789",
+    );
     assert_eq!(r.status, 408, "{}", r.text());
     assert_eq!(r.json()["error"], "request_timeout");
     assert!(
@@ -125,14 +132,12 @@ fn a_stalled_http1_body_gets_408_at_body_timeout() {
         "the upstream never got a complete request"
     );
     // A chunked body stalls the same way.
-    let mut s = connect(&gw.addr, None).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let start = Instant::now();
-    s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        .unwrap();
-    let r = read_response(&mut s, false).expect("an answer");
+    let (r, took) = answer_to(
+        &gw.addr,
+        b"POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    );
     assert_eq!(r.status, 408);
-    assert!(start.elapsed() <= Duration::from_secs(3));
+    assert!(took <= Duration::from_secs(3));
     // Bodies that keep moving are not cut, however long they take in all.
     let mut s = connect(&gw.addr, None).unwrap();
     s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\nx-id: steady\r\ncontent-length: 4\r\n\r\n")
@@ -159,12 +164,10 @@ fn a_stalled_body_is_the_clients_timeout_whatever_the_upstreams_read_timeout() {
             up = up.addr
         ));
         for i in 0..4 {
-            let mut s = connect(&gw.addr, None).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let start = Instant::now();
-            s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
-                .unwrap();
-            let r = read_response(&mut s, false).expect("an answer");
+            let (r, took) = answer_to(
+                &gw.addr,
+                b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789",
+            );
             assert_eq!(
                 r.status,
                 408,
@@ -172,7 +175,7 @@ fn a_stalled_body_is_the_clients_timeout_whatever_the_upstreams_read_timeout() {
                 r.text()
             );
             assert_eq!(r.json()["error"], "request_timeout");
-            assert!(start.elapsed() <= Duration::from_secs(5), "{:?}", start.elapsed());
+            assert!(took <= Duration::from_secs(5), "{took:?}");
         }
         let m = gw.metrics();
         let endpoint = up.addr.to_string();

@@ -67,15 +67,14 @@ pub async fn read_head(conn: &mut EdgeStream, deadline: Instant, snap: &Snapshot
         }
         break filled;
     };
-    // Nothing but empty lines (and perhaps the CR of one more) came: no request was started.
-    let blank = leading_empty_lines(&conn.prefix) + usize::from(conn.prefix.ends_with(b"\r"));
-    let started = conn.prefix.len() > blank;
     match filled {
         Err(_) => {
             crate::metrics::REJECTED_CONNECTIONS
                 .with_label_values(&["header_timeout"])
                 .inc();
-            if !started {
+            // Nothing but empty lines (and perhaps the CR of one more) came: no request started.
+            let blank = leading_empty_lines(&conn.prefix) + usize::from(conn.prefix.ends_with(b"\r"));
+            if conn.prefix.len() <= blank {
                 // Closed without an answer, as a connection that sent nothing (and as nginx).
                 return Head::Closed;
             }

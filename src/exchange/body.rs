@@ -160,7 +160,8 @@ pub async fn read_small_body(session: &mut Session, ctx: &mut Ctx) -> Result<(),
                 session.set_keepalive(None);
                 return Err(if matches!(e.etype(), ReadTimedout) {
                     super::reply::body_timed_out();
-                    Reply::error(408, "request_timeout", "the request body did not arrive in time")
+                    let (status, code, message) = super::reply::BODY_TIMEOUT;
+                    Reply::error(status, code, message)
                 } else {
                     Reply::error(400, "bad_request", "the request body could not be read")
                 });

@@ -116,6 +116,10 @@ fn reply_body(body: Bytes, ctx: &mut Ctx) -> Bytes {
 /// (nothing is written: there is no one to read it).
 const CLIENT_CLOSED: (u16, &str, &str) = (499, "client_closed", "the client closed the connection");
 
+/// A request body that stopped arriving (`body_timeout`, or the upstream's read timeout while
+/// the gateway waited on the client: `upstream::proxy_failed`).
+pub(super) const BODY_TIMEOUT: (u16, &str, &str) = (408, "request_timeout", "the request body did not arrive in time");
+
 /// Whether `e` says the client went away (its connection closed or broke).
 pub(super) fn client_went_away(e: &Error) -> bool {
     classify(e).0 == CLIENT_CLOSED.0
@@ -147,7 +151,7 @@ fn classify(e: &Error) -> (u16, &'static str, &'static str) {
             // can be written to it.
             ReadError | WriteError | WriteTimedout | ConnectionClosed | H2Error => CLIENT_CLOSED,
             // Pingora reads only bodies with its read timeout (the edge layer reads heads).
-            ReadTimedout => (408, "request_timeout", "the request body did not arrive in time"),
+            ReadTimedout => BODY_TIMEOUT,
             _ => (400, "bad_request", "the request could not be read"),
         },
         ErrorSource::Internal | ErrorSource::Unset => {
@@ -273,7 +277,7 @@ pub(super) fn body_timed_out() {
 /// route's `timeouts.read`.
 fn classify_in(e: &Error, session: &Session, ctx: &Ctx) -> (u16, &'static str, &'static str) {
     if ctx.client_stalled {
-        return (408, "request_timeout", "the request body did not arrive in time");
+        return BODY_TIMEOUT;
     }
     let timed_out = matches!(e.etype(), ReadTimedout | WriteTimedout);
     let enforced = ctx.failure == Some(Failure::Timeout) && !matches!(e.esource(), ErrorSource::Downstream);
