@@ -136,9 +136,19 @@ fn empty_lines_before_a_request_are_skipped_and_later_versions_get_505() {
             "{text}"
         );
     }
+    // A later HTTP/1 minor version is read as HTTP/1.1 (RFC 9110 §2.5), as nginx does.
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /v HTTP/1.2\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert_eq!(up.requests(), 4);
     // A bare LF is still no empty line: refused, as any bare LF in a head.
     assert_eq!(status_of(&gw.addr, b"\nGET /e HTTP/1.1\r\nHost: x\r\n\r\n").0, 400);
-    assert_eq!(up.requests(), 3);
+    assert_eq!(up.requests(), 4);
 
     // Empty lines count toward no limit (attack-v5 F3), and a connection that sends nothing
     // else is closed without an answer at header_timeout, as one that sends nothing (F4).
@@ -147,7 +157,7 @@ fn empty_lines_before_a_request_are_skipped_and_later_versions_get_505() {
     flood.extend_from_slice(b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n");
     let (status, text) = status_of(&gw.addr, &flood);
     assert_eq!(status, 200, "{text}");
-    assert_eq!(up.requests(), 4);
+    assert_eq!(up.requests(), 5);
     let mut s = connect(&gw.addr, None).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(b"\r\n\r\n").unwrap();

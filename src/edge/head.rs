@@ -89,7 +89,15 @@ pub async fn read_head(conn: &mut EdgeStream, deadline: Instant, snap: &Snapshot
             Some(end) if end - skip <= max => {
                 conn.prefix.drain(..skip);
                 let n = end - skip;
-                match check_framing(&conn.prefix[..n]) {
+                let verdict = match check_framing(&conn.prefix[..n]) {
+                    // `HTTP/1.2`…`HTTP/1.9`: read as HTTP/1.1, the highest minor version of the
+                    // major one Portico speaks (RFC 9110 §2.5; nginx does the same). httparse
+                    // knows only 1.0 and 1.1, so the digit is rewritten in the bytes Pingora
+                    // replays — only after a refusal, at no cost to other requests.
+                    Err(_) if read_as_http_1_1(&mut conn.prefix[..n]) => check_framing(&conn.prefix[..n]),
+                    verdict => verdict,
+                };
+                match verdict {
                     Ok(framing) => {
                         conn.bounds = Some(RequestBounds::new(n, framing));
                         Head::Ready
@@ -120,6 +128,27 @@ fn leading_empty_lines(b: &[u8]) -> usize {
         n += 2;
     }
     n
+}
+
+/// A request line ending in `HTTP/1.2` to `HTTP/1.9` gets `HTTP/1.1` in its place (same length:
+/// the head's bounds stand); `false` for any other line.
+fn read_as_http_1_1(head: &mut [u8]) -> bool {
+    let Some(eol) = memchr::memchr(b'\n', head) else {
+        return false;
+    };
+    let line_end = if eol > 0 && head[eol - 1] == b'\r' {
+        eol - 1
+    } else {
+        eol
+    };
+    let line = &mut head[..line_end];
+    match line.len().checked_sub(9).map(|at| &mut line[at..]) {
+        Some([b' ', b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor @ b'2'..=b'9']) => {
+            *minor = b'1';
+            true
+        }
+        _ => false,
+    }
 }
 
 /// A request line naming HTTP/2 or later (`GET / HTTP/2.0`), which httparse calls a malformed
@@ -359,6 +388,27 @@ mod tests {
 
     fn verdict(head: &str) -> u16 {
         check_framing(head.as_bytes()).err().map(|r| r.status).unwrap_or(200)
+    }
+
+    #[test]
+    fn later_http_1_minor_versions_read_as_1_1() {
+        for (line, read) in [
+            (
+                "GET / HTTP/1.2\r\nHost: a\r\n\r\n",
+                Some("GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            ),
+            ("GET / HTTP/1.9\nHost: a\n\n", Some("GET / HTTP/1.1\nHost: a\n\n")),
+            ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", None),
+            ("GET / HTTP/1.0\r\n\r\n", None),
+            ("GET / HTTP/1.10\r\n\r\n", None),
+            ("GET / HTTP/2.2\r\n\r\n", None),
+            ("GET / XHTTP/1.2\r\n\r\n", None),
+            ("HTTP/1.2\r\n\r\n", None),
+        ] {
+            let mut head = line.as_bytes().to_vec();
+            assert_eq!(read_as_http_1_1(&mut head), read.is_some(), "{line:?}");
+            assert_eq!(head, read.unwrap_or(line).as_bytes(), "{line:?}");
+        }
     }
 
     #[test]
