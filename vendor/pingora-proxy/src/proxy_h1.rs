@@ -333,6 +333,14 @@ where
                             }
                         },
                         Err(e) => {
+                           // An upstream that took none of the body for the whole write
+                           // timeout is failed now, as nginx's `proxy_send_timeout` does:
+                           // waiting on for its answer kept the client (and the upstream
+                           // connection, with a body cut short) a read timeout longer.
+                           if e.etype() == &WriteTimedout {
+                               let _ = tx.send(HttpTask::Failed(e.into_up())).await;
+                               return Ok(false);
+                           }
                            warn!("send error, draining read buf: {e}");
                            request_done = true;
 

@@ -640,6 +640,12 @@ where
                             // downstream session anyway.
                             session.downstream_session.on_proxy_failure(e);
                         },
+                        Err(e) if e.etype() == &WriteTimedout => {
+                            // As for HTTP/1 upstreams: a body the upstream took none of for
+                            // the whole write timeout fails the request now, not a read
+                            // timeout later.
+                            return Err(e.into_up());
+                        }
                         Err(e) => {
                             // mark request done, attempt to drain receive
                             warn!("Upstream h2 body send error: {e}");
