@@ -175,7 +175,40 @@ impl ConnectionNominations {
     }
 }
 
+/// Whether the request has any header that the hop-by-hop strips below remove. One pass over
+/// its (few) names costs far less than a map lookup for each of those names, and nearly every
+/// request has none of them.
+fn has_standard_hop_by_hop_header(req: &RequestHeader) -> bool {
+    req.headers.keys().any(|name| {
+        matches!(
+            name.as_str(),
+            KEEP_ALIVE
+                | PROXY_CONNECTION
+                | "proxy-authenticate"
+                | "proxy-authorization"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "connection"
+                | "upgrade"
+                | HTTP2_SETTINGS
+        )
+    })
+}
+
+fn strip_upgrade_headers(req: &mut RequestHeader) {
+    if !has_standard_hop_by_hop_header(req) {
+        return;
+    }
+    req.remove_header(&header::CONNECTION);
+    req.remove_header(&header::UPGRADE);
+    req.remove_header(HTTP2_SETTINGS);
+}
+
 fn strip_standard_hop_by_hop_headers(req: &mut RequestHeader) {
+    if !has_standard_hop_by_hop_header(req) {
+        return;
+    }
     req.remove_header(KEEP_ALIVE);
     req.remove_header(PROXY_CONNECTION);
     req.remove_header(&header::PROXY_AUTHENTICATE);
@@ -360,19 +393,13 @@ pub(crate) fn sanitize_h1_upstream_request(
 
     match policy.h1_upgrade {
         H1UpgradePolicy::WebSocketOnly => {
-            req.remove_header(&header::CONNECTION);
-            req.remove_header(&header::UPGRADE);
-            req.remove_header(HTTP2_SETTINGS);
+            strip_upgrade_headers(req);
             if websocket_upgrade {
                 req.insert_header(header::CONNECTION, "Upgrade")?;
                 req.insert_header(header::UPGRADE, "websocket")?;
             }
         }
-        H1UpgradePolicy::Deny => {
-            req.remove_header(&header::CONNECTION);
-            req.remove_header(&header::UPGRADE);
-            req.remove_header(HTTP2_SETTINGS);
-        }
+        H1UpgradePolicy::Deny => strip_upgrade_headers(req),
         H1UpgradePolicy::Preserve => {}
     }
 
