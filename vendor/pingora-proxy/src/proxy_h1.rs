@@ -261,9 +261,23 @@ where
         let mut upstream_can_reuse = true;
         let mut send_error = None;
         let mut upgraded = false;
+        let read_timeout = client_session.read_timeout;
 
         /* duplex mode, wait for either to complete */
         while !request_done || !response_done {
+            // The read timeout waits for an answer to a request sent whole (or for more of a
+            // final answer that has begun), as nginx's `proxy_read_timeout`: while the client is still
+            // sending the body, a silent upstream is waiting for it. A client that stops sending
+            // is the downstream read timeout's to end, an upstream that stops taking the body the
+            // write timeout's; otherwise a slow upload was cut at the read timeout.
+            let answer_begun = client_session
+                .resp_header()
+                .is_some_and(|h| h.status.as_u16() >= 200 || h.status.as_u16() == 101);
+            client_session.read_timeout = if request_done || answer_begun {
+                read_timeout
+            } else {
+                None
+            };
             tokio::select! {
                 res = client_session.read_response_task(), if !response_done => {
                     match res {
@@ -324,12 +338,20 @@ where
                 },
 
                 body = rx.recv(), if !request_done => {
+                    // The end of the request's own body (not of the upgraded stream) can arrive
+                    // after the upgrade's 101 was read, when both were ready at once.
+                    let request_body_end = matches!(body, Some(HttpTask::Body(_, true)));
                     match send_body_to1(client_session, body).await {
                         Ok(send_done) => {
                             request_done = send_done;
                             // An upgraded request is terminated when either side is done
                             if request_done && client_session.was_upgraded() {
-                                response_done = true;
+                                if request_body_end {
+                                    // The client's side of the upgraded stream is still to come.
+                                    request_done = false;
+                                } else {
+                                    response_done = true;
+                                }
                             }
                         },
                         Err(e) => {
@@ -364,6 +386,7 @@ where
             }
         }
 
+        client_session.read_timeout = read_timeout;
         Ok(upstream_can_reuse)
     }
 
