@@ -149,6 +149,7 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Box<Ctx>,
     ) -> Result<Option<Duration>> {
+        ctx.response_ended |= end_of_stream;
         if exchange::past_deadline(ctx) && !end_of_stream {
             // A gRPC stream still running at its deadline (grpc-timeout) is ended.
             ctx.failure = Some(crate::plugin::Failure::Timeout);

@@ -228,3 +228,48 @@ fn upstream_faults_get_their_status_in_time() {
         1.0
     );
 }
+
+/// An upstream that answers before reading the body (a 401 to an upload) ends the exchange;
+/// the client, with its whole answer, closes while the gateway still reads the body it no
+/// longer needs. Nothing failed: the access log shows the 401 and no error (trial-v5 F5: it
+/// showed `client_closed`, the 499 family that alerting watches).
+#[test]
+fn an_answer_before_the_body_is_read_is_no_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { break };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = c.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 5\r\nconnection: close\r\n\r\nnope\n");
+        }
+    });
+    let gw = Gw::start(&format!(
+        "upstreams:\n  up:\n    endpoints: [\"{addr}\"]\nroutes:\n  - {{ name: r, upstream: up }}\n"
+    ));
+    let mut s = connect(&gw.addr, None).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\nx-request-id: early-401\r\ncontent-length: 1000000\r\n\r\n")
+        .unwrap();
+    s.write_all(&[b'a'; 64 << 10]).unwrap();
+    let r = read_response(&mut s, false).expect("the upstream's answer");
+    assert_eq!(r.status, 401, "{}", r.text());
+    drop(s);
+    let line = wait_for("the access log line", Duration::from_secs(5), || {
+        gw.p.stdout_text()
+            .lines()
+            .find(|l| l.contains("early-401"))
+            .map(str::to_string)
+    });
+    assert!(
+        line.contains("\"status\":401") && line.contains("\"error\":null"),
+        "{line}"
+    );
+}

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 /// Once per request.
 pub fn done(session: &Session, e: Option<&Error>, ctx: &mut Ctx, shared: &Shared) {
+    let e = e.filter(|e| !super::reply::closed_after_answer(e, ctx));
     // The final status: an interim 1xx alone (the answer never came) is logged as 0 — or as
     // 499 (nginx's code) when the client went away before its answer.
     let status = match session.response_written().map(|h| h.status.as_u16()) {

@@ -63,6 +63,8 @@ pub struct Ctx {
     pub deadline: Option<std::time::Instant>,
     /// The gateway error code of the response, if Portico wrote one.
     pub error_code: Option<&'static str>,
+    /// The answer's last body bytes have passed the response filters (on their way out).
+    pub(crate) response_ended: bool,
     /// The TCP peer (may be a trusted proxy rather than the client).
     pub peer_ip: IpAddr,
     /// How the request body reaches the upstream (see `body.rs`).
@@ -121,6 +123,7 @@ impl Ctx {
             grpc: None,
             deadline: None,
             error_code: None,
+            response_ended: false,
             peer_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             body: body::BodyMode::Plain,
             body_pos: body::Replay::default(),

@@ -125,6 +125,17 @@ pub(super) fn client_went_away(e: &Error) -> bool {
     classify(e).0 == CLIENT_CLOSED.0
 }
 
+/// Whether `e` is the client closing its connection once its whole answer was on its way: an
+/// upstream that answers before reading the request body (a 401 to an upload) ends the
+/// exchange, the answer says `Connection: close`, and the client closes while Pingora still
+/// reads the body it no longer needs. Nothing failed: the answer's status is logged, with no
+/// error (as nginx logs it).
+pub(super) fn closed_after_answer(e: &Error, ctx: &Ctx) -> bool {
+    ctx.response_ended
+        && matches!(e.esource(), ErrorSource::Downstream)
+        && matches!(e.etype(), ReadError | ConnectionClosed)
+}
+
 /// A status and gateway error code for a Pingora error.
 fn classify(e: &Error) -> (u16, &'static str, &'static str) {
     if let HTTPStatus(code) = e.etype() {
@@ -234,6 +245,11 @@ pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
             }
             _ => Failure::Broken,
         });
+    }
+    if closed_after_answer(e, ctx) {
+        return session
+            .response_written()
+            .map_or(CLIENT_CLOSED.0, |h| h.status.as_u16());
     }
     let (status, code, message) = classify_in(e, session, ctx);
     if status == 408 {
