@@ -289,6 +289,7 @@ fn a_stalled_http2_body_is_reset_at_body_timeout() {
         let mut client = client.ready().await.unwrap();
         let req = http::Request::post("http://x/upload")
             .header("x-id", "stalled")
+            .header("x-request-id", "h2-stalled")
             .body(())
             .unwrap();
         let (_resp, mut stream) = client.send_request(req, false).unwrap();
@@ -323,6 +324,23 @@ fn a_stalled_http2_body_is_reset_at_body_timeout() {
     assert!(
         up.requests().iter().all(|r| r.header("x-id") != Some("stalled")),
         "the upstream never got a complete request"
+    );
+    // Logged as the body timeout it is, as HTTP/1's (trial-v5 F4: it read as a client reset, 499).
+    let line = wait_for("the access log line", Duration::from_secs(5), || {
+        gw.p.stdout_text()
+            .lines()
+            .find(|l| l.contains("h2-stalled"))
+            .map(str::to_string)
+    });
+    assert!(
+        line.contains("\"status\":408") && line.contains("\"error\":\"request_timeout\""),
+        "{line}"
+    );
+    let m = gw.metrics();
+    assert_eq!(
+        metric(&m, "portico_rejected_connections_total", &[("reason", "body_timeout")]),
+        1.0,
+        "counted once: {m}"
     );
 }
 

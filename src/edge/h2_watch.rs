@@ -28,8 +28,10 @@ const RST_STREAM: u8 = 0x3;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
-/// RST_STREAM's CANCEL error code.
-const CANCEL: u32 = 0x8;
+/// The error code of the RST_STREAM fed to the h2 server when a body stalls: one no client
+/// sends (RFC 9113 §7: unknown codes carry no special meaning), so the request's failure reads
+/// as the body timeout it is rather than as a client reset ([`body_timed_out`]).
+const BODY_TIMEOUT_RESET: u32 = 0x504f_0408;
 /// Streams whose body is timed at once; more are not tracked (h2 refuses streams past its own
 /// concurrency limit long before this).
 const MAX_TRACKED: usize = 1024;
@@ -281,16 +283,25 @@ impl H2Watch {
         })
     }
 
-    /// The RST_STREAM(CANCEL) frame that abandons `stream`, to feed to the h2 server. Only fed
+    /// The RST_STREAM frame that abandons `stream`, to feed to the h2 server. Only fed
     /// at a frame boundary (see [`H2Watch::check`]); it leaves the scan at a boundary.
     pub fn rst_frame(stream: u32) -> [u8; 13] {
         let mut f = [0u8; 13];
         f[2] = 4; // payload length
         f[3] = RST_STREAM;
         f[5..9].copy_from_slice(&stream.to_be_bytes());
-        f[9..13].copy_from_slice(&CANCEL.to_be_bytes());
+        f[9..13].copy_from_slice(&BODY_TIMEOUT_RESET.to_be_bytes());
         f
     }
+}
+
+/// Whether a request failed because the frame watch reset its stalled body (Pingora reports
+/// the reset as a read error, with the h2 error as its cause).
+pub fn body_timed_out(e: &pingora::Error) -> bool {
+    e.root_cause()
+        .downcast_ref::<h2::Error>()
+        .and_then(h2::Error::reason)
+        .is_some_and(|r| u32::from(r) == BODY_TIMEOUT_RESET)
 }
 
 #[cfg(test)]

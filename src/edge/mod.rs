@@ -34,6 +34,7 @@ mod stream;
 mod tls;
 
 pub use framing::framing_error;
+pub use h2_watch::body_timed_out as h2_body_timed_out;
 pub use head::{check_framing, MAX_HEADERS};
 pub use stream::EdgeStream;
 pub use tls::{TlsListener, TlsListeners};

@@ -17,11 +17,17 @@ pub fn done(session: &Session, e: Option<&Error>, ctx: &mut Ctx, shared: &Shared
         Some(s) => s,
         None => 0,
     };
-    let status = if status == 0 && e.is_some_and(super::reply::client_went_away) {
-        ctx.error_code = Some("client_closed");
-        499
-    } else {
-        status
+    let status = match status {
+        0 if e.is_some_and(super::reply::client_went_away) => {
+            ctx.error_code = Some("client_closed");
+            499
+        }
+        // An HTTP/2 body reset at `body_timeout`: the stream is gone, the 408 could not go out.
+        0 if e.is_some_and(crate::edge::h2_body_timed_out) => {
+            ctx.error_code = Some("request_timeout");
+            408
+        }
+        s => s,
     };
     let route = if ctx.st.route.is_empty() { "none" } else { &ctx.st.route };
     let upstream = ctx.upstream.as_ref().map(|u| u.name.as_str()).unwrap_or("none");

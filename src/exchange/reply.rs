@@ -157,6 +157,8 @@ fn classify(e: &Error) -> (u16, &'static str, &'static str) {
                 "the upstream could not be reached or failed",
             ),
         },
+        // The edge layer's frame watch reset a stalled HTTP/2 body (`edge/h2_watch.rs`).
+        ErrorSource::Downstream if crate::edge::h2_body_timed_out(e) => BODY_TIMEOUT,
         ErrorSource::Downstream => match e.etype() {
             // A client that is gone, reset its stream, or reads nothing (send_timeout): nothing
             // can be written to it.
@@ -252,7 +254,8 @@ pub async fn fail(session: &mut Session, e: &Error, ctx: &mut Ctx) -> u16 {
             .map_or(CLIENT_CLOSED.0, |h| h.status.as_u16());
     }
     let (status, code, message) = classify_in(e, session, ctx);
-    if status == 408 {
+    // HTTP/2's are counted by the frame watch that resets them.
+    if status == 408 && session.req_header().version != http::Version::HTTP_2 {
         body_timed_out();
     }
     if status == CLIENT_CLOSED.0 {
