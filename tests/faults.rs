@@ -262,14 +262,37 @@ fn an_answer_before_the_body_is_read_is_no_error() {
     let r = read_response(&mut s, false).expect("the upstream's answer");
     assert_eq!(r.status, 401, "{}", r.text());
     drop(s);
-    let line = wait_for("the access log line", Duration::from_secs(5), || {
-        gw.p.stdout_text()
-            .lines()
-            .find(|l| l.contains("early-401"))
-            .map(str::to_string)
-    });
+    let line = gw.access_line("early-401");
     assert!(
         line.contains("\"status\":401") && line.contains("\"error\":null"),
         "{line}"
     );
+}
+
+/// A 101 to a request that asked for no upgrade is a broken answer: 502, and nothing the
+/// upstream sends after it reaches the client (nginx passes the 101 on).
+#[test]
+fn an_unasked_protocol_switch_is_a_broken_answer() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { break };
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nSMUGGLED",
+            );
+            held.push(c);
+        }
+    });
+    let gw = Gw::start(&format!(
+        "upstreams:\n  up:\n    endpoints: [\"{addr}\"]\nroutes:\n  - {{ name: r, upstream: up }}\n"
+    ));
+    let (_, raw, _) = exchange(&gw.addr, "/plain");
+    let text = String::from_utf8_lossy(&raw);
+    assert_eq!(status_of(&raw), 502, "{text}");
+    assert_eq!(body_json(&raw)["error"], "upstream_unavailable", "{text}");
+    assert!(!text.contains("SMUGGLED"), "{text}");
 }

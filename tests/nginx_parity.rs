@@ -414,3 +414,39 @@ fn a_failed_request_says_connection_close() {
     assert!(head.starts_with("http/1.1 502"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
 }
+
+/// A `Connection` header naming Host or an X-Forwarded-* header is served, as nginx serves it
+/// (trial-v6: 400 "the request could not be read"): the nomination is ignored — Portico sets
+/// the X-Forwarded-* headers itself — and other nominated headers are still stripped.
+#[test]
+fn connection_naming_a_forwarding_header_is_served() {
+    let up = EchoServer::start("up").unwrap();
+    let gw = Gw::start(&format!(
+        "upstreams:\n  up: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, upstream: up }}\n",
+        up.addr
+    ));
+    for nominated in [
+        "X-Forwarded-For",
+        "Host",
+        "close, x-forwarded-host",
+        "x-forwarded-proto, x-secret",
+    ] {
+        let r = gw.send(
+            Request::get("/n")
+                .header("connection", nominated)
+                .header("x-secret", "s"),
+        );
+        assert_eq!(r.status, 200, "{nominated}: {}", r.text());
+        let seen = &echoed(&r)["headers"];
+        assert_eq!(seen["x-forwarded-for"], "127.0.0.1", "{nominated}: {seen}");
+        assert_eq!(seen["x-forwarded-proto"], "http", "{nominated}: {seen}");
+        assert!(
+            seen.get("connection")
+                .is_none_or(|c| !c.to_string().contains("forwarded")),
+            "{seen}"
+        );
+        if nominated.contains("x-secret") {
+            assert!(seen.get("x-secret").is_none(), "a nominated header is stripped: {seen}");
+        }
+    }
+}

@@ -326,12 +326,7 @@ fn a_stalled_http2_body_is_reset_at_body_timeout() {
         "the upstream never got a complete request"
     );
     // Logged as the body timeout it is, as HTTP/1's (trial-v5 F4: it read as a client reset, 499).
-    let line = wait_for("the access log line", Duration::from_secs(5), || {
-        gw.p.stdout_text()
-            .lines()
-            .find(|l| l.contains("h2-stalled"))
-            .map(str::to_string)
-    });
+    let line = gw.access_line("h2-stalled");
     assert!(
         line.contains("\"status\":408") && line.contains("\"error\":\"request_timeout\""),
         "{line}"

@@ -634,10 +634,7 @@ fn plain_http_on_the_tls_port_gets_a_400_json_error() {
         "a plain HTTP request was sent to a TLS port: use https://"
     );
     assert_eq!(v["trace_id"], "plain-to-tls-1");
-    let line = wait_for("the access log line", Duration::from_secs(5), || {
-        let log = gw.p.stdout_text();
-        log.lines().find(|l| l.contains("plain-to-tls-1")).map(str::to_string)
-    });
+    let line = gw.access_line("plain-to-tls-1");
     assert!(
         line.contains("\"status\":400") && line.contains("\"error\":\"bad_request\""),
         "{line}"

@@ -83,12 +83,7 @@ fn trace_ids_everywhere() {
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["trace_id"], "err-trace-1");
     assert_eq!(r.header("x-request-id"), Some("err-trace-1"));
-    let line = wait_for("the access log line", Duration::from_secs(5), || {
-        gw.p.stdout_text()
-            .lines()
-            .find(|l| l.contains("err-trace-1"))
-            .map(str::to_string)
-    });
+    let line = gw.access_line("err-trace-1");
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["trace_id"], "err-trace-1");
     assert_eq!(v["status"], 404);
@@ -109,12 +104,7 @@ fn combined_access_log_format() {
             .header("user-agent", "tester/1"),
     );
     assert_eq!(r.status, 200);
-    let line = wait_for("the access log line", Duration::from_secs(5), || {
-        gw.p.stdout_text()
-            .lines()
-            .find(|l| l.contains("combined-1"))
-            .map(str::to_string)
-    });
+    let line = gw.access_line("combined-1");
     assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
     assert!(line.contains("\"GET /c?q=1 HTTP/1.1\" 200 "), "{line}");
     assert!(line.contains("\"tester/1\""), "{line}");
@@ -150,9 +140,7 @@ fn a_user_agent_beyond_ascii_is_logged() {
         );
     }
     let logged = |id: &str| {
-        let line = wait_for("the access log line", Duration::from_secs(5), || {
-            gw.p.stdout_text().lines().find(|l| l.contains(id)).map(str::to_string)
-        });
+        let line = gw.access_line(id);
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         v["user_agent"].as_str().map(str::to_string)
     };

@@ -155,6 +155,16 @@ fn awaiting_client(session: &Session) -> bool {
 /// replayed, turned into an error so that Pingora tries again (the answer is dropped with its
 /// connection); the last attempt's answer goes to the client as it is.
 pub fn upstream_answered(session: &Session, status: u16, ctx: &mut Ctx) -> Result<()> {
+    // A 101 the client did not ask for would turn its connection into a tunnel it does not
+    // expect, carrying whatever the upstream sends next: a broken answer (nginx passes it on).
+    if status == 101 && !pingora::protocols::http::v1::common::is_upgrade_req(session.req_header()) {
+        ctx.failure = Some(Failure::Broken);
+        return Err(Error::explain(
+            InvalidHTTPHeader,
+            "the upstream switched protocols for a request that asked for no upgrade",
+        )
+        .into_up());
+    }
     if status >= 200 || status == 101 {
         ctx.upstream_status = Some(status);
         // An answer came after all: an earlier attempt's failure is not this request's.

@@ -162,6 +162,17 @@ impl Gw {
         get(&self.admin, "/metrics").expect("metrics").text()
     }
 
+    /// The access log line of the request with this id (`x-request-id`), once it is written.
+    pub fn access_line(&self, id: &str) -> String {
+        wait_for("the access log line", Duration::from_secs(5), || {
+            self.p
+                .stdout_text()
+                .lines()
+                .find(|l| l.contains(id))
+                .map(str::to_string)
+        })
+    }
+
     /// The active config's hash (changes when a reload takes effect).
     pub fn config_hash(&self) -> String {
         get(&self.admin, "/config").expect("config").json()["hash"]

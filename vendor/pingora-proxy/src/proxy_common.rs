@@ -151,14 +151,13 @@ impl ConnectionNominations {
                 Err(_) => continue,
             };
 
+            // A protected name stays: the nomination is ignored rather than the request
+            // refused (nginx serves such requests, and a client cannot strip these this way).
             if matches!(
                 name.as_str(),
                 "host" | "x-forwarded-for" | "x-forwarded-host" | "x-forwarded-proto"
             ) {
-                return Error::e_explain(
-                    InvalidHTTPHeader,
-                    "protected header cannot be nominated by the Connection header",
-                );
+                continue;
             }
 
             headers[len] = Some(name);
@@ -749,7 +748,7 @@ mod tests {
     }
 
     #[test]
-    fn connection_nomination_rejects_protected_header() {
+    fn connection_nomination_of_protected_header_is_ignored() {
         for token in [
             "Host",
             "x-forwarded-for",
@@ -757,12 +756,14 @@ mod tests {
             "X-FORWARDED-HOST",
             "x-Forwarded-Proto",
         ] {
-            let mut request = request_with_headers(&[("Connection", token)]);
+            let mut request =
+                request_with_headers(&[("Connection", token), ("X-Forwarded-For", "6.6.6.6")]);
             assert!(
                 sanitize_h2_upstream_request(&mut request, HttpUpstreamRequestPolicy::standard())
-                    .is_err(),
-                "protected nomination should be rejected regardless of casing: {token:?}"
+                    .is_ok(),
+                "protected nomination is ignored regardless of casing: {token:?}"
             );
+            assert_eq!(request.headers["x-forwarded-for"], "6.6.6.6");
         }
     }
 

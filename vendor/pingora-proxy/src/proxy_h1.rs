@@ -262,6 +262,7 @@ where
         let mut send_error = None;
         let mut upgraded = false;
         let read_timeout = client_session.read_timeout;
+        let mut request_body_sent = false;
 
         /* duplex mode, wait for either to complete */
         while !request_done || !response_done {
@@ -338,15 +339,17 @@ where
                 },
 
                 body = rx.recv(), if !request_done => {
-                    // The end of the request's own body (not of the upgraded stream) can arrive
-                    // after the upgrade's 101 was read, when both were ready at once.
-                    let request_body_end = matches!(body, Some(HttpTask::Body(_, true)));
+                    // The end of a bodiless upgrade request's (empty) body can arrive after the
+                    // upgrade's 101 was read, when both were ready at once.
+                    request_body_sent |= matches!(&body, Some(HttpTask::Body(Some(d), _)) if !d.is_empty());
+                    let empty_request_body_end =
+                        !request_body_sent && matches!(body, Some(HttpTask::Body(_, true)));
                     match send_body_to1(client_session, body).await {
                         Ok(send_done) => {
                             request_done = send_done;
                             // An upgraded request is terminated when either side is done
                             if request_done && client_session.was_upgraded() {
-                                if request_body_end {
+                                if empty_request_body_end {
                                     // The client's side of the upgraded stream is still to come.
                                     request_done = false;
                                 } else {
