@@ -267,10 +267,10 @@ where
         /* duplex mode, wait for either to complete */
         while !request_done || !response_done {
             // The read timeout waits for an answer to a request sent whole (or for more of a
-            // final answer that has begun), as nginx's `proxy_read_timeout`: while the client is still
-            // sending the body, a silent upstream is waiting for it. A client that stops sending
-            // is the downstream read timeout's to end, an upstream that stops taking the body the
-            // write timeout's; otherwise a slow upload was cut at the read timeout.
+            // final answer that has begun), as nginx's `proxy_read_timeout`: while the client is
+            // still sending the body, a silent upstream is waiting for it. A client that stops
+            // sending is the downstream read timeout's to end, an upstream that stops taking the
+            // body the write timeout's; otherwise a slow upload was cut at the read timeout.
             let answer_begun = client_session
                 .resp_header()
                 .is_some_and(|h| h.status.as_u16() >= 200 || h.status.as_u16() == 101);
@@ -341,7 +341,8 @@ where
                 body = rx.recv(), if !request_done => {
                     // The end of a bodiless upgrade request's (empty) body can arrive after the
                     // upgrade's 101 was read, when both were ready at once.
-                    request_body_sent |= matches!(&body, Some(HttpTask::Body(Some(d), _)) if !d.is_empty());
+                    request_body_sent |=
+                        matches!(&body, Some(HttpTask::Body(Some(d), _)) if !d.is_empty());
                     let empty_request_body_end =
                         !request_body_sent && matches!(body, Some(HttpTask::Body(_, true)));
                     match send_body_to1(client_session, body).await {
