@@ -137,12 +137,12 @@ fn empty_lines_before_a_request_are_skipped_and_later_versions_get_505() {
         );
     }
     // A later HTTP/1 minor version is read as HTTP/1.1 (RFC 9110 §2.5), as nginx does.
-    let mut s = connect(&gw.addr, None).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /v HTTP/1.2\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = Vec::new();
-    let _ = s.read_to_end(&mut answer);
+    let answer = raw(
+        &gw.addr,
+        b"GET /v HTTP/1.2\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
     assert_eq!(up.requests(), 4);

@@ -113,6 +113,22 @@ fn answer_to(addr: &str, bytes: &[u8]) -> (Response, Duration) {
     (r, start.elapsed())
 }
 
+/// A POST whose body goes one byte at a time, `gap` before each (the pace is what is tested).
+fn trickle(addr: &str, id: &str, body: &[u8], gap: Duration) -> Response {
+    let mut s = connect(addr, None).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: x\r\nx-id: {id}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    for b in body {
+        std::thread::sleep(gap);
+        s.write_all(&[*b]).unwrap();
+    }
+    read_response(&mut s, false).unwrap()
+}
+
 #[test]
 fn a_stalled_http1_body_gets_408_at_body_timeout() {
     let up = RecordingUpstream::start();
@@ -139,14 +155,7 @@ fn a_stalled_http1_body_gets_408_at_body_timeout() {
     assert_eq!(r.status, 408);
     assert!(took <= Duration::from_secs(3));
     // Bodies that keep moving are not cut, however long they take in all.
-    let mut s = connect(&gw.addr, None).unwrap();
-    s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\nx-id: steady\r\ncontent-length: 4\r\n\r\n")
-        .unwrap();
-    for b in b"abcd" {
-        std::thread::sleep(Duration::from_millis(900));
-        s.write_all(&[*b]).unwrap();
-    }
-    let r = read_response(&mut s, false).unwrap();
+    let r = trickle(&gw.addr, "steady", b"abcd", Duration::from_millis(900));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-echo-id"), Some("steady"));
 }
@@ -197,15 +206,7 @@ fn a_stalled_body_is_the_clients_timeout_whatever_the_upstreams_read_timeout() {
         assert_eq!(gw.get("/after").status, 200, "the endpoint still serves");
         if secs > 1.0 {
             // One byte every 1.5 s: slower than the read timeout, within body_timeout.
-            let mut s = connect(&gw.addr, None).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\nx-id: trickle\r\ncontent-length: 3\r\n\r\n")
-                .unwrap();
-            for b in b"abc" {
-                std::thread::sleep(Duration::from_millis(1500));
-                s.write_all(&[*b]).unwrap();
-            }
-            let r = read_response(&mut s, false).unwrap();
+            let r = trickle(&gw.addr, "trickle", b"abc", Duration::from_millis(1500));
             assert_eq!(r.status, 200, "{}", r.text());
         }
     }
